@@ -1,0 +1,103 @@
+"""Process group and megatron-core parallel state: set up once per run, torn down at the end.
+
+Works under torchrun/srun (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment) and as a plain
+single process (a world of one on loopback). CPU runs use gloo, GPU runs NCCL.
+"""
+
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import ParallelConfig
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    tp: int
+    pp: int
+    dp: int
+    vp: int | None
+    """Virtual pipeline stages per rank, None without interleaving."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when a GPU is visible, else cpu; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no GPU is visible; use device=cpu or device=auto")
+    return torch.device(device)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_env_defaults() -> None:
+    """Map srun's SLURM_* variables to the torch.distributed ones when torchrun did not set them."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
+@contextmanager
+def distributed(parallel: ParallelConfig, vp: int | None, device: str = "auto"):
+    """Initialise torch.distributed and megatron parallel state; yield a `World`; clean up."""
+    from megatron.core import parallel_state
+
+    _slurm_env_defaults()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if os.environ["WORLD_SIZE"] != "1":
+            raise ConfigError("MASTER_PORT is not set for a multi-process run; launch with torchrun or srun")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    model_parallel = parallel.tp * parallel.pp
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} not divisible by parallel.tp*parallel.pp={model_parallel}; "
+            f"launch a multiple of {model_parallel} processes"
+        )
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    try:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp,
+            pipeline_model_parallel_size=parallel.pp,
+            virtual_pipeline_model_parallel_size=vp,
+        )
+        yield World(
+            rank=rank,
+            world_size=world_size,
+            local_rank=local_rank,
+            device=dev,
+            tp=parallel.tp,
+            pp=parallel.pp,
+            dp=world_size // model_parallel,
+            vp=vp,
+        )
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()

@@ -1,0 +1,144 @@
+"""Build this rank's part of the hybrid model (a megatron-core HybridModel per pipeline chunk).
+
+Backend: `te` (Transformer Engine + mamba-ssm kernels) on GPU, `portable` (plain PyTorch) on CPU;
+both give identical parameter names, checkpoint keys and initial weights.
+"""
+
+import torch
+from megatron.core.activations import squared_relu
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from pipeline.config import ParallelConfig, PrecisionConfig, RunConfig
+from pipeline.errors import ConfigError
+from pipeline.model.config import ModelConfig
+from pipeline.model.init import initialize_weights
+from pipeline.model.pattern import megatron_pattern, split_stages
+from pipeline.model.spec import stack_spec
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def default_backend(device: torch.device) -> str:
+    """`te` on CUDA, `portable` elsewhere."""
+    return "te" if device.type == "cuda" else "portable"
+
+
+def virtual_stages(model: ModelConfig, parallel: ParallelConfig) -> int | None:
+    """Virtual pipeline stages per rank implied by the pattern's segments (None when 1)."""
+    vp = len(split_stages(model.parsed_pattern(), parallel.pp)[0])
+    return vp if vp > 1 else None
+
+
+def check_precision_supported(precision: PrecisionConfig, device: torch.device) -> None:
+    """FP8 needs a CUDA GPU with FP8 tensor cores (Hopper or newer; MXFP8 Blackwell)."""
+    if not precision.fp8:
+        return
+    if device.type != "cuda":
+        raise ConfigError(
+            f"precision={precision.name} uses FP8, which needs a GPU (this run is on {device.type}); "
+            f"use precision=bf16 or precision=fp32"
+        )
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise ConfigError(
+            f"precision={precision.name} needs FP8 tensor cores (compute capability >= 8.9), this GPU "
+            f"has {major}.{minor}; use precision=bf16"
+        )
+    if precision.fp8_recipe == "mxfp8" and major < 10:
+        raise ConfigError(f"precision={precision.name} (MXFP8) needs a Blackwell GPU; use precision=fp8_tensorwise")
+
+
+def transformer_config(
+    model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, device: torch.device, vp: int | None
+) -> TransformerConfig:
+    """megatron-core's TransformerConfig for this model, layout and precision."""
+    dtype = DTYPES[precision.params_dtype]
+    on_gpu = device.type == "cuda"
+    fp8 = {}
+    if precision.fp8:
+        fp8 = dict(
+            fp8=precision.fp8,
+            fp8_recipe=precision.fp8_recipe,
+            fp8_amax_history_len=precision.fp8_amax_history_len,
+            fp8_amax_compute_algo="max",
+            first_last_layers_bf16=precision.first_last_layers_bf16,
+            num_layers_at_start_in_bf16=precision.num_layers_at_start_in_bf16,
+            num_layers_at_end_in_bf16=precision.num_layers_at_end_in_bf16,
+        )
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        mamba_num_heads=model.mamba_num_heads,
+        mamba_head_dim=model.mamba_head_dim,
+        mamba_num_groups=model.mamba_num_groups,
+        mamba_state_dim=model.mamba_state_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.layernorm_epsilon,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        gated_linear_unit=False,
+        activation_func=squared_relu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        # pipeline.model.init draws every weight itself, layout-independently.
+        perform_initialization=False,
+        use_cpu_initialization=not on_gpu,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=vp,
+        sequence_parallel=parallel.sequence_parallel,
+        pipeline_dtype=dtype,
+        # The fused kernels behind these flags are CUDA-only.
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=on_gpu,
+        gradient_accumulation_fusion=False,
+        **fp8,
+    )
+
+
+def build_model(
+    run: RunConfig, device: torch.device, backend: str | None = None, pre_init_seed: int | None = None
+) -> list[HybridModel]:
+    """This rank's model chunks (one per virtual pipeline stage), initialised from `run.train.seed`.
+
+    Needs `pipeline.distributed.distributed(...)` to be active. `pre_init_seed` is for tests that
+    want a different seed than the run's.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    backend = backend or default_backend(device)
+    check_precision_supported(run.precision, device)
+    vp = virtual_stages(run.model, run.parallel)
+    config = transformer_config(run.model, run.parallel, run.precision, device, vp)
+    pattern = megatron_pattern(run.model.parsed_pattern(), run.parallel.pp)
+    spec = stack_spec(run.model, backend)
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    chunks = []
+    for stage in range(vp or 1):
+        vp_stage = stage if vp else None
+        chunk = HybridModel(
+            config=config,
+            hybrid_stack_spec=spec,
+            vocab_size=run.model.padded_vocab_size,
+            max_sequence_length=run.model.seq_length,
+            hybrid_layer_pattern=pattern,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="none",
+            pg_collection=pg,
+            vp_stage=vp_stage,
+        )
+        chunks.append(chunk.to(device))
+    initialize_weights(chunks, run.model, run.train.seed if pre_init_seed is None else pre_init_seed)
+    return chunks

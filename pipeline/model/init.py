@@ -1,0 +1,96 @@
+"""Weight initialisation that does not depend on the parallel layout or the backend.
+
+megatron-core initialises many tensors per rank (Mamba's conv, dt_bias and A_log under a CUDA RNG
+fork; TE layers on the GPU), so the same seed gives a different model at TP=1 and TP=2, and on CPU
+and GPU. Here every parameter is drawn at its full (unsharded) shape from a CPU generator seeded by
+(seed, global parameter name), then this rank's slice is copied in. Same seed, same model, for any
+TP/PP/VPP and either backend.
+"""
+
+import math
+import zlib
+
+import torch
+from megatron.core import parallel_state
+
+from pipeline.model.config import ModelConfig
+
+# Mamba-2 defaults (mamba-ssm and megatron-core MambaMixer).
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 0.1, 1e-4
+A_INIT_RANGE = (1.0, 16.0)
+
+_ONES = ("layer_norm_weight", "final_norm.weight", "mixer.norm.weight", "mixer.D")
+_SCALED_OUTPUT = ("mixer.out_proj.weight", "self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+_NORMAL = (
+    "embedding.word_embeddings.weight",
+    "output_layer.weight",
+    "mixer.in_proj.weight",
+    "self_attention.linear_qkv.weight",
+    "mlp.linear_fc1.weight",
+)
+
+
+def _full_value(name: str, shape: tuple[int, ...], model: ModelConfig, gen: torch.Generator) -> torch.Tensor:
+    """A freshly drawn full-size value for the parameter called `name`."""
+    std = model.init_method_std
+    if name.endswith(_ONES):
+        return torch.ones(shape)
+    if name.endswith(_SCALED_OUTPUT):
+        return torch.randn(shape, generator=gen) * (std / math.sqrt(2.0 * model.num_layers))
+    if name.endswith(_NORMAL):
+        return torch.randn(shape, generator=gen) * std
+    if name.endswith(("mixer.conv1d_weight", "mixer.conv1d_bias")):
+        # nn.Conv1d's default (kaiming uniform, a=sqrt(5)) for a depthwise kernel: U(+-1/sqrt(K)).
+        bound = 1.0 / math.sqrt(model.mamba_conv_kernel)
+        return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+    if name.endswith("mixer.dt_bias"):
+        # softplus(dt_bias) log-uniform in [DT_MIN, DT_MAX]: the inverse softplus of such a dt.
+        u = torch.rand(shape, generator=gen)
+        dt = torch.exp(u * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)).clamp(min=DT_FLOOR)
+        return dt + torch.log(-torch.expm1(-dt))
+    if name.endswith("mixer.A_log"):
+        lo, hi = A_INIT_RANGE
+        return torch.log(torch.rand(shape, generator=gen) * (hi - lo) + lo)
+    raise ValueError(f"no initialisation rule for parameter {name!r}; add one in pipeline/model/init.py")
+
+
+def _local_slice(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This TP rank's part of `full`, honouring per-component splits (`partition_sizes`)."""
+    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    local_sizes = getattr(param, "partition_sizes", None) or [param.shape[dim]]
+    pieces = torch.split(full, [s * tp_size for s in local_sizes], dim=dim)
+    return torch.cat([p.narrow(dim, tp_rank * s, s) for p, s in zip(pieces, local_sizes)], dim=dim)
+
+
+def _full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
+    shape = list(param.shape)
+    if tp_size > 1 and getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= tp_size
+    return tuple(shape)
+
+
+def global_param_names(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters of one model chunk keyed by name with the global layer index (layer_number - 1)."""
+    names = {}
+    layers = chunk.decoder.layers
+    local_to_global = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(layers)}
+    for name, param in chunk.named_parameters():
+        parts = name.split(".")
+        if parts[:2] == ["decoder", "layers"]:
+            parts[2] = local_to_global[parts[2]]
+        names[".".join(parts)] = param
+    return names
+
+
+@torch.no_grad()
+def initialize_weights(chunks: list[torch.nn.Module], model: ModelConfig, seed: int) -> None:
+    """Overwrite every parameter of this rank's model chunks with the layout-independent init."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    for chunk in chunks:
+        for name, param in global_param_names(chunk).items():
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            full = _full_value(name, _full_shape(param, tp_size), model, gen)
+            param.copy_(_local_slice(full, param, tp_rank, tp_size))
