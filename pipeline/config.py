@@ -7,6 +7,7 @@ involve one group live in that group's `__post_init__`; checks across groups in 
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -175,3 +176,21 @@ def register_configs() -> None:
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """The validated RunConfig of a composed Hydra config (raises ConfigError on bad values)."""
     return OmegaConf.to_object(cfg)
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def load_run_config(overrides: list[str] = ()) -> RunConfig:
+    """Compose conf/config.yaml with Hydra overrides (as on the command line) into a RunConfig.
+
+    For library callers and tests; the entry points get the same result through @hydra.main.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return to_run_config(cfg)

@@ -14,6 +14,7 @@ import torch
 from megatron.core import parallel_state
 
 from pipeline.model.config import ModelConfig
+from pipeline.model.sharding import full_shape, local_slice
 
 # Mamba-2 defaults (mamba-ssm and megatron-core MambaMixer).
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 0.1, 1e-4
@@ -54,23 +55,6 @@ def _full_value(name: str, shape: tuple[int, ...], model: ModelConfig, gen: torc
     raise ValueError(f"no initialisation rule for parameter {name!r}; add one in pipeline/model/init.py")
 
 
-def _local_slice(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This TP rank's part of `full`, honouring per-component splits (`partition_sizes`)."""
-    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
-        return full
-    dim = param.partition_dim
-    local_sizes = getattr(param, "partition_sizes", None) or [param.shape[dim]]
-    pieces = torch.split(full, [s * tp_size for s in local_sizes], dim=dim)
-    return torch.cat([p.narrow(dim, tp_rank * s, s) for p, s in zip(pieces, local_sizes)], dim=dim)
-
-
-def _full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
-    shape = list(param.shape)
-    if tp_size > 1 and getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= tp_size
-    return tuple(shape)
-
-
 def global_param_names(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameters of one model chunk keyed by name with the global layer index (layer_number - 1)."""
     names = {}
@@ -92,5 +76,5 @@ def initialize_weights(chunks: list[torch.nn.Module], model: ModelConfig, seed: 
     for chunk in chunks:
         for name, param in global_param_names(chunk).items():
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            full = _full_value(name, _full_shape(param, tp_size), model, gen)
-            param.copy_(_local_slice(full, param, tp_rank, tp_size))
+            full = _full_value(name, full_shape(param, tp_size), model, gen)
+            param.copy_(local_slice(full, param, tp_rank, tp_size))

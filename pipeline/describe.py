@@ -1,0 +1,183 @@
+"""Describe a run's model without building it: layers, pipeline stages, parameters, FLOPs, memory.
+
+Usage (takes the same Hydra overrides as training; writes nothing to disk):
+    python -m pipeline.describe model=nemotron_h_8b parallel.tp=2
+    WORLD_SIZE=64 python -m pipeline.describe model=nemotron_h_56b parallel.tp=8 parallel.pp=2
+
+The data-parallel size is WORLD_SIZE / (tp * pp); without WORLD_SIZE the world is tp * pp GPUs
+(dp = 1). A bad override exits with status 2 and one line `error: <message>`.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from pipeline.config import RunConfig, register_configs, to_run_config
+from pipeline.errors import ConfigError
+from pipeline.model import sizes
+from pipeline.model.pattern import split_stages
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GIB = 2**30
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The root config of conf/ with `overrides` applied, through Hydra's compose API.
+
+    Unlike `@hydra.main` this creates no run directory and changes no logging.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    # The context manager restores Hydra's global state on exit, so calls do not interfere.
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def world_size_from_env(run: RunConfig, env: dict[str, str]) -> tuple[int, str]:
+    """World size from WORLD_SIZE in `env`, or tp * pp; and a phrase saying where it came from."""
+    model_parallel = run.parallel.tp * run.parallel.pp
+    text = env.get("WORLD_SIZE")
+    if text is None:
+        return model_parallel, "tp*pp, no WORLD_SIZE set"
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(
+            f"WORLD_SIZE={text!r} is not a positive integer; unset it or give a GPU count"
+        )
+    if int(text) % model_parallel:
+        raise ConfigError(
+            f"WORLD_SIZE={text} not divisible by parallel.tp*parallel.pp={model_parallel}; "
+            f"use a multiple of {model_parallel}"
+        )
+    return int(text), "from WORLD_SIZE"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def _flops(n: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 1e6:.2f} MFLOP"
+
+
+def _symbol_counts(symbols: str) -> str:
+    return ", ".join(f"{symbols.count(s)} {s}" for s in "M*-" if s in symbols)
+
+
+def format_report(run: RunConfig, world_size: int, world_size_source: str) -> str:
+    """The human-readable description of `run` on `world_size` GPUs."""
+    m, par, train, prec = run.model, run.parallel, run.train, run.precision
+    dp = world_size // (par.tp * par.pp)
+    pattern = m.parsed_pattern()
+    counts = pattern.counts()
+    lines = [
+        f"model      {m.name}: {pattern.num_layers} layers ("
+        + ", ".join(f"{counts[k]} {k}" for k in ("mamba", "attention", "mlp"))
+        + ")",
+        f"pattern    {pattern}",
+        f"parallel   tp={par.tp} pp={par.pp} dp={dp} on {world_size} GPUs "
+        f"(world size {world_size_source}); sequence_parallel={par.sequence_parallel}, "
+        f"distributed_optimizer={par.distributed_optimizer}",
+        "pipeline stages",
+    ]
+    stages = split_stages(pattern, par.pp)
+    for rank, virtual in enumerate(stages):
+        for v, stage in enumerate(virtual):
+            extras = []
+            if rank == 0 and v == 0:
+                extras.append("embedding")
+            if rank == par.pp - 1 and v == len(virtual) - 1:
+                extras.append("final norm + output layer")
+            last = stage.offset + len(stage.symbols) - 1
+            lines.append(
+                f"  rank {rank}" + (f" stage {v}" if len(virtual) > 1 else "")
+                + f": layers {stage.offset}-{last} ({_symbol_counts(stage.symbols)}) "
+                + stage.symbols + ("  + " + ", ".join(extras) if extras else "")
+            )
+
+    params = sizes.param_counts(m)
+    total = params["total"]
+    vocab = f"vocab {m.vocab_size}" + (
+        f" padded to {m.padded_vocab_size}" if m.padded_vocab_size != m.vocab_size else ""
+    )
+    lines.append(f"parameters {_count(total)} ({total:,}; {vocab})")
+    for key in ("embedding", "output_layer", "final_norm", "mamba", "attention", "mlp"):
+        lines.append(f"  {key:<13}{params[key]:>16,}  {100 * params[key] / total:5.1f}%")
+
+    seq, batch = train.seq_length, train.global_batch_size
+    lines += [
+        "FLOPs      Megatron convention (fwd + bwd = 3x fwd GEMMs, causal attention, "
+        "Mamba d_in = heads*head_dim), full-length sequences",
+        f"  per token   {_flops(sizes.flops_per_token(m, seq))} at train.seq_length={seq}",
+        f"  per step    {_flops(sizes.flops_per_step(m, seq, batch))} "
+        f"(train.global_batch_size={batch} x {seq} tokens)",
+    ]
+
+    mem = sizes.memory_estimate(m, par, train, prec, dp)
+    optimizer_note = f"sharded over dp={dp}" if par.distributed_optimizer else "not sharded"
+    lines.append(
+        f"memory     per GPU, ESTIMATE for pipeline rank {mem.pp_rank} (the largest); "
+        f"{_count(mem.params)} parameters on it; excludes CUDA context, comm buffers, fragmentation"
+    )
+    rows = [
+        (f"weights ({prec.params_dtype})", mem.weights, ""),
+        ("grads (fp32)", mem.grads, ""),
+        ("optimizer (Adam)", mem.optimizer, optimizer_note),
+        (
+            "activations",
+            mem.activations,
+            f"micro-batch {train.micro_batch_size} x {seq} tokens, "
+            f"{mem.micro_batches_in_flight:g} in flight, no recomputation",
+        ),
+        ("total", mem.total, ""),
+    ]
+    for label, nbytes, note in rows:
+        lines.append(f"  {label:<18}{nbytes / GIB:9.2f} GiB" + (f"  ({note})" if note else ""))
+    return "\n".join(lines)
+
+
+def one_line_error(exc: Exception) -> str:
+    """A one-line message for a bad override: the field and the reason, without Hydra's extras."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    cause = exc
+    while cause is not None:
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+            return f"{cause.full_key}: {str(cause).splitlines()[0]}"
+        cause = cause.__cause__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if isinstance(exc, MissingConfigException) and exc.options:
+        return f"{lines[0]}; available: {', '.join(exc.options)}"
+    return "; ".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """Print the report for the overrides in `argv`; return the exit status."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
+    try:
+        run = to_run_config(compose(argv))
+        world_size, source = world_size_from_env(run, dict(os.environ))
+    except (ConfigError, HydraException, OmegaConfBaseException) as e:
+        print(f"error: {one_line_error(e)}", file=sys.stderr)
+        return 2
+    print(format_report(run, world_size, source))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,316 @@
+"""Model arithmetic without torch: parameter counts, training FLOPs and a per-GPU memory estimate.
+
+Everything here is a pure function of the config dataclasses, so `python -m pipeline.describe` can
+size a 56B model on a laptop. Parameter counts are exact for what megatron-core 0.19 builds with
+the Transformer Engine hybrid spec (norms fused into the following linear as `layer_norm_weight`,
+no biases except the Mamba conv, untied embedding and output layer). FLOPs follow Megatron's
+convention; the memory figure is an estimate (see `memory_estimate`).
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from pipeline.config import ParallelConfig, PrecisionConfig, TrainConfig
+from pipeline.model.config import ModelConfig
+from pipeline.model.pattern import ATTENTION, LAYER_SYMBOLS, MAMBA, MLP, SYMBOL_NAMES, split_stages
+
+# Adam keeps two fp32 moments per parameter, plus an fp32 master copy when the model is not fp32.
+ADAM_MOMENT_BYTES = 8
+MASTER_WEIGHT_BYTES = 4
+# Megatron DDP accumulates and reduces gradients in fp32 buffers (grad_reduce_in_fp32, what the
+# Megatron recipes use for BF16/FP8 training); the distributed optimizer does not shard them.
+MAIN_GRAD_BYTES = 4
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+
+
+class ParamTensor(NamedTuple):
+    """One parameter of a layer: its megatron-core name (relative to the layer), size, sharding."""
+
+    name: str
+    numel: int
+    tp_sharded: bool
+    """Split over tensor-parallel ranks (False: replicated, i.e. the RMSNorm weights)."""
+
+
+def layer_parameters(model: ModelConfig, symbol: str) -> list[ParamTensor]:
+    """The parameters of one layer of type `symbol` (`M`, `*` or `-`), named as megatron-core's
+    TE spec names them in `named_parameters()` under `decoder.layers.{i}.`."""
+    h = model.hidden_size
+    if symbol == MAMBA:
+        d_in, heads = model.mamba_d_inner, model.mamba_num_heads
+        conv_dim = d_in + 2 * model.mamba_num_groups * model.mamba_state_dim  # conv covers x, B, C
+        return [
+            ParamTensor("mixer.in_proj.layer_norm_weight", h, False),
+            ParamTensor("mixer.in_proj.weight", model.mamba_in_proj_width * h, True),
+            ParamTensor("mixer.conv1d_weight", conv_dim * model.mamba_conv_kernel, True),
+            ParamTensor("mixer.conv1d_bias", conv_dim, True),
+            ParamTensor("mixer.A_log", heads, True),
+            ParamTensor("mixer.D", heads, True),
+            ParamTensor("mixer.dt_bias", heads, True),
+            ParamTensor("mixer.norm.weight", d_in, True),
+            ParamTensor("mixer.out_proj.weight", d_in * h, True),
+        ]
+    if symbol == ATTENTION:
+        kv = model.kv_channels
+        q_width, kv_width = model.num_attention_heads * kv, model.num_query_groups * kv
+        return [
+            ParamTensor("self_attention.linear_qkv.layer_norm_weight", h, False),
+            ParamTensor("self_attention.linear_qkv.weight", h * (q_width + 2 * kv_width), True),
+            ParamTensor("self_attention.linear_proj.weight", q_width * h, True),
+        ]
+    if symbol == MLP:
+        f = model.ffn_hidden_size
+        return [
+            ParamTensor("mlp.linear_fc1.layer_norm_weight", h, False),
+            ParamTensor("mlp.linear_fc1.weight", h * f, True),
+            ParamTensor("mlp.linear_fc2.weight", f * h, True),
+        ]
+    raise ValueError(f"unknown layer symbol {symbol!r}; use one of {''.join(LAYER_SYMBOLS)}")
+
+
+def _outer_parameters(model: ModelConfig) -> dict[str, ParamTensor]:
+    """Embedding, final norm and output layer, keyed by component."""
+    vh = model.padded_vocab_size * model.hidden_size
+    return {
+        "embedding": ParamTensor("embedding.word_embeddings.weight", vh, True),
+        "final_norm": ParamTensor("decoder.final_norm.weight", model.hidden_size, False),
+        "output_layer": ParamTensor("output_layer.weight", vh, True),
+    }
+
+
+def layer_param_count(model: ModelConfig, symbol: str) -> int:
+    """Parameters of one layer of type `symbol`."""
+    return sum(p.numel for p in layer_parameters(model, symbol))
+
+
+def param_counts(model: ModelConfig) -> dict[str, int]:
+    """Exact parameter count of the whole model: `total` and per component.
+
+    Keys: `embedding`, `output_layer`, `final_norm`, and `mamba`, `attention`, `mlp` (all layers
+    of that type together). The vocabulary is the padded one (`model.padded_vocab_size`).
+    """
+    counts = {name: p.numel for name, p in _outer_parameters(model).items()}
+    layers = model.parsed_pattern().counts()
+    for symbol in LAYER_SYMBOLS:
+        name = SYMBOL_NAMES[symbol]
+        counts[name] = layers[name] * layer_param_count(model, symbol)
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def parameter_numels(model: ModelConfig, tp: int = 1) -> dict[str, int]:
+    """Every parameter's name -> number of elements on one tensor-parallel rank, as
+    `HybridModel.named_parameters()` lists them with pipeline parallel size 1.
+
+    Compare with a built model: `{n: p.numel() for n, p in model.named_parameters()}`.
+    """
+    outer = _outer_parameters(model)
+    params = [outer["embedding"]]
+    for i, symbol in enumerate(model.parsed_pattern().layers):
+        params += [
+            p._replace(name=f"decoder.layers.{i}.{p.name}") for p in layer_parameters(model, symbol)
+        ]
+    params += [outer["final_norm"], outer["output_layer"]]
+    return {p.name: p.numel // tp if p.tp_sharded else p.numel for p in params}
+
+
+def training_flops(model: ModelConfig, tokens: int, seqlen_squared_sum: int) -> int:
+    """Training FLOPs (forward + weight grad + input grad = 3x forward) for `tokens` tokens.
+
+    Megatron's convention (`num_floating_point_operations` / `hybrid_flops` in
+    megatron/training/training.py): 2 FLOPs per multiply-add, GEMMs and the attention scores
+    only (causal attention counted at half, `2*S2*h*p` with S2 the sum of squared sequence lengths),
+    the Mamba scan as `7*d_in*N` per token, norms/activations/conv ignored, no recomputation.
+    One correction: Megatron hard-codes the Mamba inner width d_in = 2*hidden; we use
+    d_in = mamba_num_heads * mamba_head_dim, which differs for Nano-2 and pruned models.
+    """
+    h, v = model.hidden_size, model.padded_vocab_size
+    n, g, kv = model.num_attention_heads, model.num_query_groups, model.kv_channels
+    d_in, groups, state = model.mamba_d_inner, model.mamba_num_groups, model.mamba_state_dim
+    # Megatron writes ATT = 4*T*h*p*(h + h*g/n) + 2*S2*h*p with p = kv*n/h; multiplied out
+    # (h*p = kv*n) it stays an integer.
+    attention = 4 * tokens * kv * h * (n + g) + 2 * seqlen_squared_sum * kv * n
+    mlp = 4 * tokens * h * model.ffn_hidden_size
+    mamba = (
+        2 * tokens * h * (2 * d_in + 2 * groups * state + model.mamba_num_heads)
+        + 7 * tokens * d_in * state
+        + 2 * tokens * d_in * h
+    )
+    layers = model.parsed_pattern().counts()
+    forward = (
+        layers["attention"] * attention
+        + layers["mlp"] * mlp
+        + layers["mamba"] * mamba
+        + 2 * tokens * h * v
+    )
+    return 3 * forward
+
+
+def flops_per_token(model: ModelConfig, seq_length: int) -> float:
+    """Training FLOPs per token for full-length sequences of `seq_length` (S2 = T * seq_length)."""
+    return training_flops(model, seq_length, seq_length**2) / seq_length
+
+
+def flops_per_step(model: ModelConfig, seq_length: int, global_batch: int) -> int:
+    """Training FLOPs of one optimizer step over `global_batch` full-length sequences."""
+    return training_flops(model, global_batch * seq_length, global_batch * seq_length**2)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated bytes on one GPU of pipeline rank `pp_rank`. An estimate: see `memory_estimate`."""
+
+    pp_rank: int
+    params: int
+    """Parameters held by this GPU (its tensor-parallel shard of its pipeline stage)."""
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    micro_batches_in_flight: float
+    """Micro-batches whose activations are held at the peak (1F1B / interleaved warm-up)."""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+
+def stage_param_counts(model: ModelConfig, tp: int, pp: int) -> list[int]:
+    """Parameters on one GPU of each pipeline rank: layers via `split_stages` (all virtual stages
+    of the rank), the embedding on the first rank, final norm and output layer on the last;
+    tensor-parallel-sharded tensors divided by `tp`, norms replicated."""
+
+    def local(p: ParamTensor) -> int:
+        return p.numel // tp if p.tp_sharded else p.numel
+
+    per_layer = {s: sum(local(p) for p in layer_parameters(model, s)) for s in LAYER_SYMBOLS}
+    outer = _outer_parameters(model)
+    counts = []
+    for rank, stages in enumerate(split_stages(model.parsed_pattern(), pp)):
+        n = sum(per_layer[s] for stage in stages for s in stage.symbols)
+        if rank == 0:
+            n += local(outer["embedding"])
+        if rank == pp - 1:
+            n += local(outer["final_norm"]) + local(outer["output_layer"])
+        counts.append(n)
+    return counts
+
+
+def activation_bytes_per_token(
+    model: ModelConfig, symbol: str, tp: int, sequence_parallel: bool, dtype_bytes: int = 2
+) -> float:
+    """Activation bytes one layer keeps for backward, per token of a micro-batch (estimate).
+
+    Written in the style of Korthikanti et al., "Reducing Activation Recomputation in Large
+    Transformer Models" (arXiv:2205.05198): list the tensors saved for backward, `dtype_bytes`
+    per element; tensor-parallel regions divide by tp, the norm/residual region only with
+    sequence parallel. Assumes no recomputation, no dropout, flash/fused attention (no s x s
+    scores) and megatron-core's fused Mamba path, which keeps in_proj's output and the scan
+    output and recomputes the conv. Small fp32 per-head tensors (softmax LSE, dt) are ignored.
+
+    Every layer: norm input + normed input (2h, /tp with sequence parallel). Then
+      M  in_proj output [z,x,B,C,dt] (2*d_in + 2GN + H), scan output, gated-norm input and
+         output (3 * d_in), all /tp
+      *  q, k, v ((n + 2g) * kv) and the attention output (n * kv), /tp
+      -  fc1 output and squared-ReLU output (2 * ffn), /tp
+    """
+    sp = tp if sequence_parallel else 1
+    norm_region = 2 * model.hidden_size / sp
+    if symbol == MAMBA:
+        tp_region = model.mamba_in_proj_width + 3 * model.mamba_d_inner
+    elif symbol == ATTENTION:
+        n, g = model.num_attention_heads, model.num_query_groups
+        tp_region = (2 * n + 2 * g) * model.kv_channels
+    elif symbol == MLP:
+        tp_region = 2 * model.ffn_hidden_size
+    else:
+        raise ValueError(f"unknown layer symbol {symbol!r}; use one of {''.join(LAYER_SYMBOLS)}")
+    return dtype_bytes * (norm_region + tp_region / tp)
+
+
+def _output_activation_bytes_per_token(
+    model: ModelConfig, tp: int, sp: bool, dtype_bytes: int
+) -> float:
+    """Final norm (input + output) plus the logits at the loss: the output layer's bf16 logits and
+    the fp32 softmax megatron's vocab-parallel cross-entropy keeps (both alive at the peak)."""
+    norm = 2 * model.hidden_size / (tp if sp else 1)
+    return dtype_bytes * norm + (dtype_bytes + 4) * model.padded_vocab_size / tp
+
+
+def _micro_batches_in_flight(rank: int, pp: int, vp: int, num_micro_batches: int) -> float:
+    """Micro-batches of this rank's activations held at the peak: 1F1B keeps pp - rank; the
+    interleaved schedule keeps its warm-up of model chunks (megatron's
+    `(pp - rank - 1) * 2 + (vp - 1) * pp` plus the one in flight), each 1/vp of the rank's
+    layers."""
+    if vp == 1:
+        return min(pp - rank, num_micro_batches)
+    chunks = min(2 * (pp - rank - 1) + (vp - 1) * pp + 1, num_micro_batches * vp)
+    return chunks / vp
+
+
+def stage_memory_estimates(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    train: TrainConfig,
+    precision: PrecisionConfig,
+    dp: int,
+) -> list[MemoryEstimate]:
+    """`memory_estimate` for every pipeline rank, in rank order."""
+    tp, pp = parallel.tp, parallel.pp
+    dtype_bytes = DTYPE_BYTES[precision.params_dtype]
+    master = MASTER_WEIGHT_BYTES if precision.params_dtype != "fp32" else 0
+    optimizer_shards = dp if parallel.distributed_optimizer else 1
+    tokens = train.micro_batch_size * train.seq_length
+    num_micro_batches = max(1, train.global_batch_size // (train.micro_batch_size * dp))
+    per_token = {
+        s: activation_bytes_per_token(model, s, tp, parallel.sequence_parallel, dtype_bytes)
+        for s in LAYER_SYMBOLS
+    }
+    stages = split_stages(model.parsed_pattern(), pp)
+    estimates = []
+    for rank, params in enumerate(stage_param_counts(model, tp, pp)):
+        in_flight = _micro_batches_in_flight(rank, pp, len(stages[rank]), num_micro_batches)
+        layers = sum(per_token[s] for stage in stages[rank] for s in stage.symbols)
+        activations = in_flight * layers * tokens
+        if rank == pp - 1:
+            # The last stage runs the loss and starts backward at once: one micro-batch of logits.
+            activations += tokens * _output_activation_bytes_per_token(
+                model, tp, parallel.sequence_parallel, dtype_bytes
+            )
+        estimates.append(
+            MemoryEstimate(
+                pp_rank=rank,
+                params=params,
+                weights=params * dtype_bytes,
+                grads=params * MAIN_GRAD_BYTES,
+                optimizer=params * (master + ADAM_MOMENT_BYTES) // optimizer_shards,
+                activations=round(activations),
+                micro_batches_in_flight=in_flight,
+            )
+        )
+    return estimates
+
+
+def memory_estimate(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    train: TrainConfig,
+    precision: PrecisionConfig,
+    dp: int,
+) -> MemoryEstimate:
+    """Estimated peak bytes on one GPU of the most loaded pipeline stage. An estimate, not a
+    measurement: allocator fragmentation, communication buffers, CUDA/NCCL context (~1-3 GiB),
+    FP8 weight copies and transient workspaces are not included.
+
+    - weights: parameters in `precision.params_dtype`;
+    - grads: fp32 main-grad buffers (Megatron DDP with grad_reduce_in_fp32), not sharded;
+    - optimizer: Adam, fp32 master copy (unless params are fp32) + 2 fp32 moments = 12 bytes per
+      parameter, divided by `dp` with the distributed optimizer;
+    - activations: one micro-batch of `train.micro_batch_size x train.seq_length` tokens times the
+      micro-batches the pipeline schedule keeps in flight (`activation_bytes_per_token`).
+    Tensor parallel shards every parameter but the RMSNorm weights; the model is split over pipeline
+    ranks by `split_stages` (embedding on the first, output layer on the last).
+
+    `dp` is the data-parallel size (world size / (tp * pp)).
+    """
+    return max(stage_memory_estimates(model, parallel, train, precision, dp), key=lambda e: e.total)
