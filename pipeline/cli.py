@@ -9,11 +9,13 @@ from pipeline.errors import ConfigError
 
 def config_error_line(exc: BaseException) -> str | None:
     """A one-line description of a configuration error, or None if `exc` is not one."""
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     if isinstance(exc, ConfigError):
         return str(exc)
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse override: {str(exc).splitlines()[0]}; write overrides as key=value"
     if isinstance(exc, MissingConfigException):
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         options = [line for line in lines[2:] if not line.startswith(("Config search path", "provider="))]

@@ -6,6 +6,7 @@ and `to_run_config()` turns the composed DictConfig into a validated `RunConfig`
 involve one group live in that group's `__post_init__`; checks across groups in `validate_run`.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -173,8 +174,24 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
+def _reject_unknown_keys(cfg: DictConfig, schema: type, prefix: str = "") -> None:
+    # Hydra's `+key=value` bypasses struct mode and to_object would silently drop the key.
+    names = {f.name: f for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        if key == "hydra":
+            continue
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key {prefix}{key}; check the spelling (valid keys: {', '.join(names)})"
+            )
+        sub = names[key].type
+        if dataclasses.is_dataclass(sub) and isinstance(cfg[key], DictConfig):
+            _reject_unknown_keys(cfg[key], sub, f"{prefix}{key}.")
+
+
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """The validated RunConfig of a composed Hydra config (raises ConfigError on bad values)."""
+    _reject_unknown_keys(cfg, RunConfig)
     return OmegaConf.to_object(cfg)
 
 

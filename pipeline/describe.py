@@ -10,31 +10,14 @@ The data-parallel size is WORLD_SIZE / (tp * pp); without WORLD_SIZE the world i
 
 import os
 import sys
-from pathlib import Path
 
-from omegaconf import DictConfig
-
-from pipeline.config import RunConfig, register_configs, to_run_config
+from pipeline.cli import exit_on_config_error, run_config_from_argv
+from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.model import sizes
 from pipeline.model.pattern import split_stages
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GIB = 2**30
-
-
-def compose(overrides: list[str]) -> DictConfig:
-    """The root config of conf/ with `overrides` applied, through Hydra's compose API.
-
-    Unlike `@hydra.main` this creates no run directory and changes no logging.
-    """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    register_configs()
-    # The context manager restores Hydra's global state on exit, so calls do not interfere.
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def world_size_from_env(run: RunConfig, env: dict[str, str]) -> tuple[int, str]:
@@ -145,36 +128,14 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
     return "\n".join(lines)
 
 
-def one_line_error(exc: Exception) -> str:
-    """A one-line message for a bad override: the field and the reason, without Hydra's extras."""
-    from hydra.errors import MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
-
-    cause = exc
-    while cause is not None:
-        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
-            return f"{cause.full_key}: {str(cause).splitlines()[0]}"
-        cause = cause.__cause__
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if isinstance(exc, MissingConfigException) and exc.options:
-        return f"{lines[0]}; available: {', '.join(exc.options)}"
-    return "; ".join(lines)
-
-
 def main(argv: list[str]) -> int:
-    """Print the report for the overrides in `argv`; return the exit status."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
+    """Print the report for the Hydra overrides in `argv`; bad overrides exit with status 2."""
     if {"-h", "--help"} & set(argv):
         print(__doc__)
         return 0
-    try:
-        run = to_run_config(compose(argv))
+    run = run_config_from_argv(argv)
+    with exit_on_config_error():
         world_size, source = world_size_from_env(run, dict(os.environ))
-    except (ConfigError, HydraException, OmegaConfBaseException) as e:
-        print(f"error: {one_line_error(e)}", file=sys.stderr)
-        return 2
     print(format_report(run, world_size, source))
     return 0
 

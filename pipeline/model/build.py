@@ -67,7 +67,7 @@ def transformer_config(
             num_layers_at_end_in_bf16=precision.num_layers_at_end_in_bf16,
         )
     return TransformerConfig(
-        num_layers=model.num_layers,
+        num_layers=model.parsed_pattern().num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads,

@@ -1,6 +1,7 @@
 """The model's shape: the `model` config group (conf/model/*.yaml) is validated against this."""
 
 from dataclasses import dataclass
+from typing import Optional
 
 from pipeline.errors import ConfigError
 from pipeline.model.pattern import ATTENTION, MAMBA, parse_pattern
@@ -14,6 +15,8 @@ class ModelConfig:
     """Preset name, used in run names and logs."""
     pattern: str = "M-M*-"
     """One symbol per layer: M Mamba-2, * attention, - FFN; '|' separates pipeline segments."""
+    num_layers: Optional[int] = None
+    """Optional check: when set, must equal the number of layers in `pattern`."""
     hidden_size: int = 64
     ffn_hidden_size: int = 256
     """Width of the squared-ReLU FFN (up -> relu^2 -> down, not gated)."""
@@ -38,7 +41,12 @@ class ModelConfig:
     init_method_std: float = 0.02
 
     def __post_init__(self) -> None:
-        self.parsed_pattern()  # raises on bad symbols
+        layers = self.parsed_pattern().layers
+        if self.num_layers is not None and self.num_layers != len(layers):
+            raise ConfigError(
+                f"model.num_layers={self.num_layers} but model.pattern has {len(layers)} layers; "
+                f"fix the pattern or set model.num_layers={len(layers)}"
+            )
         positive = (
             "hidden_size ffn_hidden_size num_attention_heads num_query_groups kv_channels "
             "mamba_num_heads mamba_head_dim mamba_num_groups mamba_state_dim mamba_conv_kernel "
@@ -48,7 +56,6 @@ class ModelConfig:
             value = getattr(self, name)
             if value <= 0:
                 raise ConfigError(f"model.{name}={value} must be positive")
-        layers = self.parsed_pattern().layers
         if MAMBA in layers and self.mamba_num_heads % self.mamba_num_groups:
             raise ConfigError(
                 f"model.mamba_num_heads={self.mamba_num_heads} not divisible by "
@@ -66,9 +73,13 @@ class ModelConfig:
         """The validated `Pattern` of this model."""
         return parse_pattern(self.pattern)
 
-    @property
-    def num_layers(self) -> int:
-        return self.parsed_pattern().num_layers
+    def check_tokenizer(self, tokenizer_vocab_size: int) -> None:
+        """The embedding must have a row for every token the tokenizer can produce."""
+        if tokenizer_vocab_size > self.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({tokenizer_vocab_size}); set model.vocab_size={tokenizer_vocab_size} or more"
+            )
 
     @property
     def mamba_d_inner(self) -> int:

@@ -37,7 +37,7 @@ def _full_value(name: str, shape: tuple[int, ...], model: ModelConfig, gen: torc
     if name.endswith(_ONES):
         return torch.ones(shape)
     if name.endswith(_SCALED_OUTPUT):
-        return torch.randn(shape, generator=gen) * (std / math.sqrt(2.0 * model.num_layers))
+        return torch.randn(shape, generator=gen) * (std / math.sqrt(2.0 * model.parsed_pattern().num_layers))
     if name.endswith(_NORMAL):
         return torch.randn(shape, generator=gen) * std
     if name.endswith(("mixer.conv1d_weight", "mixer.conv1d_bias")):
