@@ -105,13 +105,10 @@ def transformer_config(
     )
 
 
-def build_model(
-    run: RunConfig, device: torch.device, backend: str | None = None, pre_init_seed: int | None = None
-) -> list[HybridModel]:
+def build_model(run: RunConfig, device: torch.device, backend: str | None = None) -> list[HybridModel]:
     """This rank's model chunks (one per virtual pipeline stage), initialised from `run.train.seed`.
 
-    Needs `pipeline.distributed.distributed(...)` to be active. `pre_init_seed` is for tests that
-    want a different seed than the run's.
+    Needs `pipeline.distributed.distributed(...)` to be active.
     """
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -123,6 +120,12 @@ def build_model(
     pattern = megatron_pattern(run.model.parsed_pattern(), run.parallel.pp)
     spec = stack_spec(run.model, backend)
     pg = ProcessGroupCollection.use_mpu_process_groups()
+    seed = run.train.seed
+    if device.type == "cuda":
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        # MambaMixer and TE layers draw (then we overwrite) weights under megatron's CUDA RNG tracker.
+        model_parallel_cuda_manual_seed(seed)
     chunks = []
     for stage in range(vp or 1):
         vp_stage = stage if vp else None
@@ -140,5 +143,5 @@ def build_model(
             vp_stage=vp_stage,
         )
         chunks.append(chunk.to(device))
-    initialize_weights(chunks, run.model, run.train.seed if pre_init_seed is None else pre_init_seed)
+    initialize_weights(chunks, run.model, seed)
     return chunks

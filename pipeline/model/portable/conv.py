@@ -11,14 +11,15 @@ ACTIVATIONS = (None, "silu")
 
 
 def check_seq_idx(seq_idx_BL: torch.Tensor, batch: int, length: int) -> None:
-    """Raise ValueError unless `seq_idx_BL` is an integer (batch, length) tensor nondecreasing along L.
+    """Raise ValueError unless `seq_idx_BL` is integer, (batch, length) and nondecreasing along L.
 
     Document masks compare document indices for equality, which only isolates documents when
     each one is a contiguous run of tokens.
     """
     if seq_idx_BL.shape != (batch, length):
         raise ValueError(
-            f"seq_idx has shape {tuple(seq_idx_BL.shape)}; expected (batch, length) = {(batch, length)}"
+            f"seq_idx has shape {tuple(seq_idx_BL.shape)}; "
+            f"expected (batch, length) = {(batch, length)}"
         )
     if seq_idx_BL.is_floating_point() or seq_idx_BL.is_complex():
         raise ValueError(f"seq_idx has dtype {seq_idx_BL.dtype}; pass integer document indices")
@@ -36,7 +37,7 @@ def causal_conv1d(
     seq_idx_BL: torch.Tensor | None = None,
     activation: str | None = "silu",
 ) -> torch.Tensor:
-    """Depthwise causal convolution `y[t, c] = sum_k w[c, k] * x[t - (K-1) + k, c] + b[c]`, then SiLU.
+    """Depthwise causal conv `y[t, c] = sum_k w[c, k] * x[t - (K-1) + k, c] + b[c]`, then SiLU.
 
     Positions before the sequence start read zero (left padding of K-1, as `causal_conv1d_fn`).
     With `seq_idx_BL` (document index per token, nondecreasing along L) taps that reach into an
@@ -66,7 +67,9 @@ def causal_conv1d(
     for shift in range(1, min(kernel, length + 1)):
         tap_BLC = F.pad(x32_BLC[:, : length - shift], (0, 0, shift, 0))
         if seq_idx_BL is not None:
-            same_doc_BL = F.pad(seq_idx_BL[:, shift:] == seq_idx_BL[:, : length - shift], (shift, 0))
+            same_doc_BL = F.pad(
+                seq_idx_BL[:, shift:] == seq_idx_BL[:, : length - shift], (shift, 0)
+            )
             tap_BLC = tap_BLC * same_doc_BL[..., None]
         y_BLC = y_BLC + tap_BLC * w_CK[:, kernel - 1 - shift]
     if bias_C is not None:

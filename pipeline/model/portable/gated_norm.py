@@ -22,7 +22,9 @@ def gated_rms_norm(
     """
     channels = y_BLD.shape[-1]
     if z_BLD.shape != y_BLD.shape:
-        raise ValueError(f"gate z has shape {tuple(z_BLD.shape)}; it must match y {tuple(y_BLD.shape)}")
+        raise ValueError(
+            f"gate z has shape {tuple(z_BLD.shape)}; it must match y {tuple(y_BLD.shape)}"
+        )
     if weight_D.shape != (channels,):
         raise ValueError(f"norm weight has shape {tuple(weight_D.shape)}; expected ({channels},)")
     if group_size <= 0 or channels % group_size:

@@ -43,7 +43,8 @@ def mamba2_mix(
     if zxbcdt_BLF.dim() != 3 or zxbcdt_BLF.shape[-1] != width:
         raise ValueError(
             f"zxbcdt has shape {tuple(zxbcdt_BLF.shape)}; expected (batch, length, {width}) = "
-            f"2*{inner} + 2*{ngroups}*{d_state} + {nheads} for the given nheads/headdim/ngroups/d_state"
+            f"2*{inner} + 2*{ngroups}*{d_state} + {nheads} for the given "
+            f"nheads/headdim/ngroups/d_state"
         )
     batch, length, _ = zxbcdt_BLF.shape
     z_BLD, xBC_BLC, dt_BLH = zxbcdt_BLF.split([inner, inner + 2 * bc_width, nheads], dim=-1)
@@ -61,4 +62,6 @@ def mamba2_mix(
         dt_softplus=True,
         seq_idx_BL=seq_idx_BL,
     )
-    return gated_rms_norm(y_BLHP.reshape(batch, length, inner), z_BLD, norm_weight_D, inner // ngroups, eps)
+    return gated_rms_norm(
+        y_BLHP.reshape(batch, length, inner), z_BLD, norm_weight_D, inner // ngroups, eps
+    )

@@ -31,7 +31,9 @@ def _masked_decay(a_XT: torch.Tensor, keep_XTS: torch.Tensor) -> torch.Tensor:
 
 def _check_shapes(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D_H, dt_bias_H) -> None:
     if x_BLHP.dim() != 4:
-        raise ValueError(f"x has shape {tuple(x_BLHP.shape)}; expected (batch, length, heads, headdim)")
+        raise ValueError(
+            f"x has shape {tuple(x_BLHP.shape)}; expected (batch, length, heads, headdim)"
+        )
     batch, length, nheads, _ = x_BLHP.shape
     if B_BLGN.dim() != 4 or B_BLGN.shape[:2] != (batch, length) or C_BLGN.shape != B_BLGN.shape:
         raise ValueError(
@@ -40,12 +42,16 @@ def _check_shapes(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D_H, dt_bias_
         )
     ngroups = B_BLGN.shape[2]
     if nheads % ngroups:
-        raise ValueError(f"{nheads} heads not divisible by {ngroups} groups; use heads = k * groups")
+        raise ValueError(
+            f"{nheads} heads not divisible by {ngroups} groups; use heads = k * groups"
+        )
     if dt_BLH.shape != (batch, length, nheads):
         raise ValueError(f"dt has shape {tuple(dt_BLH.shape)}; expected {(batch, length, nheads)}")
     for name, per_head in (("A", A_H), ("D", D_H), ("dt_bias", dt_bias_H)):
         if per_head is not None and per_head.shape != (nheads,):
-            raise ValueError(f"{name} has shape {tuple(per_head.shape)}; expected ({nheads},), one per head")
+            raise ValueError(
+                f"{name} has shape {tuple(per_head.shape)}; expected ({nheads},), one per head"
+            )
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
 
@@ -62,7 +68,7 @@ def ssd_scan(
     dt_softplus: bool = True,
     seq_idx_BL: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mamba-2 selective scan, chunked: y_t = C_t h_t + D x_t with h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t.
+    """Mamba-2 scan, chunked: y_t = C_t h_t + D x_t, h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t.
 
     `dt` becomes softplus(dt + dt_bias) when `dt_softplus` (no clamping). Head h uses B/C group
     h // (H // G). L need not be a multiple of `chunk_size`. With `seq_idx_BL` (nondecreasing
@@ -110,8 +116,9 @@ def ssd_scan(
         prev_end_BZ = torch.cat([seq_BZT[:, :1, 0], end_BZ[:, :-1]], dim=1)
         enters_1ZT = (seq_BZT == prev_end_BZ[..., None])[:, None]
 
-    def by_group(t_BH_):
-        return t_BH_.view(batch, -1, ngroups, *t_BH_.shape[2:]).transpose(1, 2)
+    def by_group(t_BHX):
+        """(B, H, ...) -> (B, G, J, ...): heads g*J .. g*J+J-1 share group g's B and C."""
+        return t_BHX.view(batch, ngroups, -1, *t_BHX.shape[2:])
 
     # 1. Within each chunk: y_t = sum_{s<=t} (C_t . B_s) decay(s->t) dt_s x_s.
     decay_BGJZTS = by_group(_masked_decay(dA_BHZT, keep_1ZTS))

@@ -1,0 +1,188 @@
+"""Turning a chunk of input into documents and tokens (the worker side of preprocessing).
+
+Every record that does not become a document is counted under one reason, with its `file:line`
+(`file:row` for parquet and HF datasets):
+
+- malformed_json: the line is not valid JSON, or not a JSON object
+- missing_field: the text field is absent or null
+- not_string: the text field is not a string (number, list, ...)
+- invalid_utf8: the bytes are not UTF-8, or the text holds lone surrogates ("\\ud800" escapes)
+- empty: the text is empty or whitespace only (a blank jsonl line counts here)
+- too_long: the text has more than `max_chars` characters
+- unreadable_file: a file could not be opened, read or decompressed (counted once per file)
+"""
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+REASONS = (
+    "malformed_json",
+    "missing_field",
+    "not_string",
+    "invalid_utf8",
+    "empty",
+    "too_long",
+    "unreadable_file",
+)
+MAX_EXAMPLES = 5
+"""Locations kept per reason."""
+
+
+@dataclass
+class Parsed:
+    """The documents of a chunk and what was skipped."""
+
+    texts: list[str] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    first_bad: Optional[str] = None
+    """`reason at file:line (detail)` of the first skipped record, for fail-fast mode."""
+
+    def skip(self, reason: str, location: str, detail: str = "") -> None:
+        self.skipped[reason] += 1
+        kept = self.examples.setdefault(reason, [])
+        if len(kept) < MAX_EXAMPLES:
+            kept.append(location)
+        if self.first_bad is None:
+            self.first_bad = f"{reason} at {location}" + (f" ({detail})" if detail else "")
+
+
+@dataclass
+class ChunkResult:
+    """What a worker sends back for one chunk: tokens (EOD after each document) and bookkeeping."""
+
+    index: int
+    size: int
+    tokens: np.ndarray
+    lengths: np.ndarray
+    skipped: Counter
+    examples: dict[str, list[str]]
+    first_bad: Optional[str]
+
+
+def parse_chunk(chunk, text_key: str = "text", max_chars: int = 0) -> Parsed:
+    """Valid document texts of `chunk` (a sources.Chunk) in order; `max_chars` 0 means no limit."""
+    parsed = Parsed()
+    if chunk.kind == "error":
+        parsed.skip("unreadable_file", f"{chunk.path}:{chunk.first}", chunk.data)
+    elif chunk.kind == "jsonl":
+        _parse_jsonl(chunk, text_key, max_chars, parsed)
+    elif chunk.kind == "values":
+        for row, value in enumerate(chunk.data, start=chunk.first):
+            location = f"{chunk.path}:{row}"
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    parsed.skip("invalid_utf8", location, str(error))
+                    continue
+            _add_value(value, location, max_chars, parsed)
+    else:
+        for path, data in chunk.data:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as error:
+                line = data[: error.start].count(b"\n") + 1
+                parsed.skip("invalid_utf8", f"{path}:{line}", str(error))
+                continue
+            _add_text(text, f"{path}:1", max_chars, parsed)
+    return parsed
+
+
+def _parse_jsonl(chunk, text_key: str, max_chars: int, parsed: Parsed) -> None:
+    data = chunk.data
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the chunk ends with a newline
+    loads = json.loads
+    for number, line in enumerate(lines, start=chunk.first):
+        location = f"{chunk.path}:{number}"
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                parsed.skip("invalid_utf8", location, str(error))
+                continue
+        if not line.strip():
+            parsed.skip("empty", location, "blank line")
+            continue
+        try:
+            record = loads(line)
+        except (ValueError, RecursionError) as error:
+            parsed.skip("malformed_json", location, str(error))
+            continue
+        if not isinstance(record, dict):
+            parsed.skip("malformed_json", location, f"a JSON {type(record).__name__}, not an object")
+            continue
+        _add_value(record.get(text_key), location, max_chars, parsed, text_key)
+
+
+def _add_value(value, location: str, max_chars: int, parsed: Parsed, key: str = "") -> None:
+    if value is None:
+        parsed.skip("missing_field", location, f"no {key!r} field" if key else "null")
+    elif not isinstance(value, str):
+        parsed.skip("not_string", location, f"a {type(value).__name__}")
+    else:
+        _add_text(value, location, max_chars, parsed)
+
+
+def _add_text(text: str, location: str, max_chars: int, parsed: Parsed) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            parsed.skip("invalid_utf8", location, str(error))
+            return
+    if not text.strip():
+        parsed.skip("empty", location)
+    elif max_chars and len(text) > max_chars:
+        parsed.skip("too_long", location, f"{len(text)} > {max_chars} characters")
+    else:
+        parsed.texts.append(text)
+
+
+def encode_chunk(chunk, tokenizer, dtype, text_key: str, max_chars: int) -> ChunkResult:
+    """Parse and tokenize `chunk`; each document's ids are followed by the tokenizer's EOD."""
+    parsed = parse_chunk(chunk, text_key, max_chars)
+    flat, lengths = tokenizer.encode_flat(parsed.texts)
+    return ChunkResult(
+        index=chunk.index,
+        size=chunk.size,
+        tokens=np.array(flat, dtype=dtype),
+        lengths=np.array(lengths, dtype=np.int32),
+        skipped=parsed.skipped,
+        examples=parsed.examples,
+        first_bad=parsed.first_bad,
+    )
+
+
+class Worker:
+    """Per-process state of a preprocessing worker: the tokenizer, loaded once in each process."""
+
+    current: Optional["Worker"] = None
+
+    def __init__(self, tokenizer_path: str, dtype, text_key: str, max_chars: int) -> None:
+        from pipeline.data.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.dtype = dtype
+        self.text_key = text_key
+        self.max_chars = max_chars
+
+    @classmethod
+    def start(cls, *args) -> None:
+        """Pool initializer."""
+        cls.current = cls(*args)
+
+    @classmethod
+    def run(cls, chunk) -> ChunkResult:
+        """Pool task: encode one chunk with this process's worker."""
+        self = cls.current
+        return encode_chunk(chunk, self.tokenizer, self.dtype, self.text_key, self.max_chars)
