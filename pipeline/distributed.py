@@ -6,7 +6,7 @@ single process (a world of one on loopback). CPU runs use gloo, GPU runs NCCL.
 
 import os
 import socket
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from pipeline.config import ParallelConfig
 from pipeline.errors import ConfigError
+from pipeline.megatron_patches import cpu_mode
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,10 @@ def _slurm_env_defaults() -> None:
 
 @contextmanager
 def distributed(parallel: ParallelConfig, vp: int | None, device: str = "auto"):
-    """Initialise torch.distributed and megatron parallel state; yield a `World`; clean up."""
+    """Initialise torch.distributed and megatron parallel state; yield a `World`; clean up.
+
+    On CPU, megatron-core's CUDA-only paths run under `megatron_patches.cpu_mode()` meanwhile.
+    """
     from megatron.core import parallel_state
 
     _slurm_env_defaults()
@@ -82,7 +86,11 @@ def distributed(parallel: ParallelConfig, vp: int | None, device: str = "auto"):
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    try:
+    with ExitStack() as stack:
+        if dev.type == "cpu":
+            stack.enter_context(cpu_mode())
+        stack.callback(dist.destroy_process_group)
+        stack.callback(parallel_state.destroy_model_parallel)
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tp,
             pipeline_model_parallel_size=parallel.pp,
@@ -98,6 +106,3 @@ def distributed(parallel: ParallelConfig, vp: int | None, device: str = "auto"):
             dp=world_size // model_parallel,
             vp=vp,
         )
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()

@@ -1,0 +1,103 @@
+"""The only place where megatron-core is patched: running its CUDA-only code paths on CPU.
+
+megatron-core 0.19 hard-codes CUDA in code the CPU backend needs (DDP grad buffers, the optimizers'
+found-inf flags and dtype checks, grad clipping, the pipeline schedules' token counters, p2p
+shapes, checkpoint saving). Rather than copying those modules, `cpu_mode()` runs them unchanged
+with three narrow redirections, active only inside the context and only on CPU runs:
+
+1. A TorchFunctionMode that turns `device="cuda"` / `device=<int>` arguments into the CPU, and
+   `tensor.cuda()` into a no-op (e.g. `torch.zeros(1, device="cuda")` in clip_grads.py,
+   `device=torch.cuda.current_device()` in param_and_grad_buffer.py).
+2. `torch.cuda.current_device()` returns 0, `torch.cuda.synchronize()` does nothing and
+   `torch.cuda.current_stream()` is a stream that never waits, instead of failing to find a
+   driver (schedules, p2p_communication.py, filesystem_async.py, param_and_grad_buffer.py).
+3. `tensor.type()` (no arguments) reports `torch.cuda.*Tensor` names, because the optimizers sort
+   parameters into fp32/bf16 groups by comparing against those strings (optimizer.py,
+   distrib_optimizer.py) and reject anything else.
+
+Without Apex or Transformer Engine (so: on CPU) the distributed optimizer wraps torch's Adam,
+which keeps a `step` tensor per parameter where the fused Adam it expects keeps none.
+Checkpoint loading trips over it twice (state_dict() of a fresh optimizer, and
+`_set_main_param_and_optimizer_states`); `prime_optimizer_for_loading` and the patch in
+`cpu_mode()` handle those two places.
+"""
+
+from contextlib import contextmanager
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, int):
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaToCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for the CUDA stream on CPU, where every operation is already synchronous."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def prime_optimizer_for_loading(optimizer) -> None:
+    """Give a fresh distributed optimizer its state tensors before a checkpoint is loaded into them.
+
+    DistributedOptimizer.state_dict() reads torch Adam's per-parameter `step`, which exists only
+    after a first step; the dummy step changes nothing that the load does not overwrite.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(sub, DistributedOptimizer) and not sub.optimizer.state:
+            sub._init_optimizer_states_with_dummy_values()
+
+
+def _skip_adam_step_state(original):
+    # The checkpoint's per-parameter tensors never include torch Adam's `step` (it is restored
+    # separately from param_groups); a None entry makes the copy loop skip it instead of KeyError.
+    def set_states(self, model_param, tensors):
+        return original(self, model_param, {"step": None, **tensors})
+
+    return set_states
+
+
+@contextmanager
+def cpu_mode():
+    """Run megatron-core's CUDA-assuming code on CPU (see the module docstring)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+    DistributedOptimizer._set_main_param_and_optimizer_states = _skip_adam_step_state(set_states)
+    saved = torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.current_stream
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_stream = lambda device=None: _NullStream()
+    try:
+        with _CudaToCpu():
+            yield
+    finally:
+        torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.current_stream = saved
+        DistributedOptimizer._set_main_param_and_optimizer_states = set_states

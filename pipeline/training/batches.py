@@ -1,0 +1,79 @@
+"""Micro-batches: which samples each rank reads, and how a batch becomes model inputs.
+
+Global step s consumes samples [s*G, (s+1)*G) of the training dataset (G = global batch). Micro-batch
+m of data-parallel rank r holds samples s*G + (m*dp + r)*mb + [0, mb). The sample set of a step is
+the same for every layout, so DP/TP/PP runs see identical data, and a resumed run continues at
+sample (step * G) without any iterator state to save.
+
+Shapes: B micro-batch, L sequence length, T = B*L packed tokens.
+"""
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from pipeline.data.blend import cu_seqlens_for_batch
+
+
+@dataclass
+class ModelInputs:
+    """What the model's forward and the loss need for one micro-batch."""
+
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    packed_seq_params: PackedSeqParams | None
+
+
+def micro_batch_indices(step: int, global_batch: int, micro_batch: int, dp_rank: int, dp: int) -> list[list[int]]:
+    """Dataset indices of each micro-batch this rank runs at `step`."""
+    per_rank = global_batch // (micro_batch * dp)
+    base = step * global_batch
+    return [
+        list(range(base + (m * dp + dp_rank) * micro_batch, base + (m * dp + dp_rank + 1) * micro_batch))
+        for m in range(per_rank)
+    ]
+
+
+def collate(dataset, indices: list[int]) -> dict[str, torch.Tensor]:
+    """Stack GPTDataset samples into [B, L] tensors."""
+    samples = [dataset[i] for i in indices]
+    return {key: torch.stack([torch.as_tensor(np.asarray(s[key])) for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+
+
+def to_model_inputs(batch: dict, eod: int, packed_documents: bool, device: torch.device) -> ModelInputs:
+    """Model inputs for a [B, L] batch; with packed documents, one THD sequence of B*L tokens whose
+    boundaries (every EOD, and every sample edge) reset Mamba state and attention."""
+    tokens_BL = batch["tokens"].long()
+    labels_BL = batch["labels"].long()
+    mask_BL = batch["loss_mask"].float()
+    packed = None
+    if packed_documents:
+        batch_size, length = tokens_BL.shape
+        cu = cu_seqlens_for_batch(tokens_BL, eod)
+        max_len = int((cu[1:] - cu[:-1]).max())
+        cu = cu.to(device)
+        tokens_BL, labels_BL, mask_BL = (t.reshape(1, -1) for t in (tokens_BL, labels_BL, mask_BL))
+        packed = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
+            max_seqlen_kv=max_len, total_tokens=batch_size * length,
+        )
+    position_ids = torch.arange(tokens_BL.shape[1]).expand_as(tokens_BL)
+    return ModelInputs(
+        tokens=tokens_BL.to(device),
+        position_ids=position_ids.to(device),
+        labels=labels_BL.to(device),
+        loss_mask=mask_BL.to(device),
+        packed_seq_params=packed,
+    )
+
+
+def step_batches(dataset, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp: int,
+                 eod: int, packed_documents: bool, device: torch.device) -> Iterator[ModelInputs]:
+    """The micro-batches of one global step for this rank, as model inputs."""
+    for indices in micro_batch_indices(step, global_batch, micro_batch, dp_rank, dp):
+        yield to_model_inputs(collate(dataset, indices), eod, packed_documents, device)

@@ -1,0 +1,106 @@
+"""One optimizer step (or one evaluation pass) through megatron-core's pipeline schedules."""
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from pipeline.training.batches import ModelInputs
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Summed token loss and token count: megatron divides by the global count (per-token loss)."""
+    losses = output.float().reshape(-1)
+    mask = loss_mask.reshape(-1)
+    total = (losses * mask).sum()
+    count = mask.sum()
+    return total, count.to(torch.int), {"lm loss": torch.stack([total.detach(), count.detach()])}
+
+
+def _forward_step(data_iterator, model):
+    inputs: ModelInputs = next(data_iterator)
+    output = model(
+        inputs.tokens, inputs.position_ids, None, labels=inputs.labels,
+        packed_seq_params=inputs.packed_seq_params,
+    )
+    return output, partial(_loss_func, inputs.loss_mask)
+
+
+def _global_mean_loss(losses: list[dict], device: torch.device) -> float:
+    """Token-weighted loss over all micro-batches and data-parallel ranks, known on every rank.
+
+    Only last-stage ranks hold losses; all TP ranks of a stage hold the same, so summing [loss, tokens]
+    over the whole world scales both by TP and the ratio is exact.
+    """
+    acc = torch.zeros(2, dtype=torch.float64, device=device)
+    for record in losses:
+        acc += record["lm loss"].to(device, torch.float64)
+    dist.all_reduce(acc)
+    return (acc[0] / acc[1].clamp_min(1)).item()
+
+
+def _grads_finite(chunks: list, device: torch.device) -> bool:
+    ok = torch.ones(1, device=device)
+    for chunk in chunks:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            if not torch.isfinite(buffer.grad_data).all():
+                ok.zero_()
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    skipped: bool
+
+
+def _run_schedule(chunks, micro_batches: list[ModelInputs], forward_only: bool):
+    forward_backward = get_forward_backward_func()
+    if len(chunks) == 1:
+        iterator, model = iter(micro_batches), chunks[0]
+    else:
+        # Interleaved schedule: each virtual stage consumes every micro-batch in order.
+        iterator, model = [iter(micro_batches) for _ in chunks], chunks
+    tokens_per_micro = micro_batches[0].tokens.shape[-1]
+    return forward_backward(
+        forward_step_func=_forward_step,
+        data_iterator=iterator,
+        model=model,
+        num_microbatches=len(micro_batches),
+        seq_length=tokens_per_micro,
+        micro_batch_size=micro_batches[0].tokens.shape[0],
+        decoder_seq_length=tokens_per_micro,
+        forward_only=forward_only,
+    )
+
+
+def train_step(chunks, optimizer, scheduler, micro_batches: list[ModelInputs], device: torch.device) -> StepResult:
+    """Forward/backward over the micro-batches, then an optimizer step unless loss or grads are not finite."""
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = _run_schedule(chunks, micro_batches, forward_only=False)
+    loss = _global_mean_loss(losses, device)
+    if not math.isfinite(loss) or not _grads_finite(chunks, device):
+        return StepResult(loss=loss, grad_norm=None, skipped=True)
+    updated, grad_norm, _ = optimizer.step()
+    if not updated:
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=True)
+    scheduler.step(increment=1)
+    return StepResult(loss=loss, grad_norm=grad_norm, skipped=False)
+
+
+@torch.no_grad()
+def eval_step(chunks, micro_batches: list[ModelInputs], device: torch.device) -> float:
+    """Mean token loss over the micro-batches, without gradients."""
+    for chunk in chunks:
+        chunk.eval()
+    losses = _run_schedule(chunks, micro_batches, forward_only=True)
+    for chunk in chunks:
+        chunk.train()
+    return _global_mean_loss(losses, device)
