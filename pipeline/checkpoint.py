@@ -46,9 +46,9 @@ def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:07d}"
 
 
-def _fault_point(name: str) -> None:
-    """Die here when PIPELINE_FAULT=name: lets tests kill a save at an exact point."""
-    if os.environ.get("PIPELINE_FAULT") == name:
+def _fault_point(name: str, where: str) -> None:
+    """Die here when PIPELINE_FAULT is `name` or `name@where`: lets tests kill a save at an exact point."""
+    if os.environ.get("PIPELINE_FAULT") in (name, f"{name}@{where}"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -158,7 +158,7 @@ def save_checkpoint(
     if rank0:
         (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
         (tmp / RUN_CONFIG).write_text(run_config_yaml)
-        _fault_point("checkpoint-before-commit")
+        _fault_point("checkpoint-before-commit", final.name)
         (tmp / COMPLETE).touch()
         _fsync_dir(tmp)
         if final.exists():

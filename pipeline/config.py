@@ -97,6 +97,9 @@ class TrainConfig:
     false = plain concatenation, state flows across documents."""
     max_nonfinite_steps: int = 3
     """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
+    exit_after_steps: Optional[int] = None
+    """Save and stop after this many steps of this invocation (to fit a job's time limit); the
+    next start resumes. None runs to train.iters."""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "global_batch_size", "seq_length", "iters", "max_nonfinite_steps"):

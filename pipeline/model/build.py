@@ -101,6 +101,10 @@ def transformer_config(
         masked_softmax_fusion=on_gpu,
         persist_layer_norm=on_gpu,
         gradient_accumulation_fusion=False,
+        # gloo matches messages between two ranks by order only: with PP=2 and virtual stages the
+        # previous and next rank are the same process and batched sends in both directions can be
+        # received swapped. The unbatched path puts the two directions on different groups.
+        batch_p2p_comm=on_gpu,
         **fp8,
     )
 

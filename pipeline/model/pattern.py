@@ -74,6 +74,9 @@ def split_stages(pattern: Pattern, pp: int, field: str = "model.pattern") -> lis
     """
     if pp < 1:
         raise ConfigError(f"parallel.pp={pp} must be >= 1")
+    if pp == 1:
+        # Without pipeline parallelism '|' separators carry no meaning: one stage holds every layer.
+        return [[StageLayers(pattern.layers, 0)]]
     segments = list(pattern.segments)
     if len(segments) == 1 and pp > 1:
         layers = segments[0]

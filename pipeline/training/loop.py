@@ -251,6 +251,7 @@ def _train(run: RunConfig, world: World, log: MetricsLogger) -> dict:
     log.info(f"training {run.model.name} for {run.train.iters} steps from step {state.step} "
              f"(tp={world.tp} pp={world.pp} dp={world.dp} vp={world.vp or 1}, {world.device.type})")
     last_loss, last_val = float("nan"), None
+    exit_at = state.step + run.train.exit_after_steps if run.train.exit_after_steps else None
     if state.step == 0 and eval_batches:
         last_val = validate()
     while state.step < run.train.iters:
@@ -277,13 +278,13 @@ def _train(run: RunConfig, world: World, log: MetricsLogger) -> dict:
             log.log(state.step, record)
         if eval_batches and (state.step % run.train.eval_interval == 0 or state.step == run.train.iters):
             last_val = validate()
-        stopping = stop.agreed(world.device)
+        stopping = (stop.agreed(world.device) or state.step == exit_at) and state.step < run.train.iters
         interval = run.checkpoint.save_interval
         if stopping or state.step == run.train.iters or (interval and state.step % interval == 0):
             _save(run, chunks, optimizer, scheduler, state, world, log)
         if stopping:
-            log.info(f"stopping at step {state.step} on signal {stop.signal or 'from another rank'}; "
-                     f"restart with the same run_dir to resume")
+            reason = "train.exit_after_steps" if state.step == exit_at else f"signal {stop.signal or 'on another rank'}"
+            log.info(f"stopping at step {state.step} ({reason}); restart with the same run_dir to resume")
             return {"step": state.step, "loss": last_loss, "val_loss": last_val, "done": False}
     if world.rank == 0:
         (run_dir / DONE).write_text(f"{state.step}\n")

@@ -1,0 +1,52 @@
+"""Helpers for tests that run `python -m pipeline.train` under torchrun on CPU processes (gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Small and fast, fp32 so layouts can be compared tightly; 8 sequences of 128 tokens per step.
+BASE = [
+    "precision=fp32",
+    "train.seq_length=128",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.eval_interval=0",
+    "logging.interval=1",
+    "checkpoint.save_interval=0",
+]
+
+
+def train(run_dir: Path, nproc: int, *overrides: str, env: dict | None = None, check: bool = True,
+          timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the training entry point on `nproc` CPU processes with BASE + overrides."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "pipeline.train", *BASE, f"run_dir={run_dir}", *overrides,
+    ]
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n"
+            f"--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def losses(run_dir: Path, kind: str = "train") -> dict[int, float]:
+    """Step -> loss from the run's metrics.jsonl (later records win, e.g. after a resume)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["kind"] == kind:
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def max_rel_diff(a: dict[int, float], b: dict[int, float]) -> float:
+    assert a.keys() == b.keys(), f"different steps logged: {sorted(a)} vs {sorted(b)}"
+    return max(abs(a[s] - b[s]) / abs(b[s]) for s in a)
