@@ -17,9 +17,9 @@ with three narrow redirections, active only inside the context and only on CPU r
 
 Without Apex or Transformer Engine (so: on CPU) the distributed optimizer wraps torch's Adam,
 which keeps a `step` tensor per parameter where the fused Adam it expects keeps none.
-Checkpoint loading trips over it twice (state_dict() of a fresh optimizer, and
-`_set_main_param_and_optimizer_states`); `prime_optimizer_for_loading` and the patch in
-`cpu_mode()` handle those two places.
+Checkpoint loading trips over it three times (state_dict() of a fresh optimizer,
+`_set_main_param_and_optimizer_states`, and one `step` tensor shared by every parameter after
+loading); `prime_optimizer_for_loading`, the patch in `cpu_mode()` and `untie_adam_steps` handle them.
 """
 
 from contextlib import contextmanager
@@ -73,6 +73,20 @@ def prime_optimizer_for_loading(optimizer) -> None:
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(sub, DistributedOptimizer) and not sub.optimizer.state:
             sub._init_optimizer_states_with_dummy_values()
+
+
+def untie_adam_steps(optimizer) -> None:
+    """After loading, give every parameter its own Adam `step` tensor.
+
+    megatron-core restores torch Adam's step as one tensor shared by all parameters; Adam then
+    increments it once per parameter per step, the bias correction runs ahead and a resumed run
+    drifts from an uninterrupted one (seen as a 1e-4 parameter difference after one step).
+    """
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 def _skip_adam_step_state(original):

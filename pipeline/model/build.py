@@ -148,4 +148,7 @@ def build_model(run: RunConfig, device: torch.device, backend: str | None = None
         )
         chunks.append(chunk.to(device))
     initialize_weights(chunks, run.model, seed)
-    return chunks
+    # Like megatron's Float16Module: every parameter in the compute dtype (Mamba's A_log and D are
+    # created in fp32), the optimizer keeps fp32 main copies. One dtype also keeps the distributed
+    # optimizer to a single grad buffer per chunk.
+    return [chunk.to(config.params_dtype) for chunk in chunks]

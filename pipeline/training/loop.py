@@ -25,7 +25,7 @@ from pipeline.data.blend import build_datasets
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.distributed import World, distributed
 from pipeline.errors import ConfigError
-from pipeline.megatron_patches import prime_optimizer_for_loading
+from pipeline.megatron_patches import prime_optimizer_for_loading, untie_adam_steps
 from pipeline.metrics import MetricsLogger
 from pipeline.model.build import build_model, virtual_stages
 from pipeline.model.sizes import flops_per_step
@@ -160,6 +160,7 @@ def _resume(run, chunks, optimizer, scheduler, world, log) -> TrainState:
     loaded = ckpt.load_checkpoint(found, sharded)
     _load_model(chunks, loaded)
     optimizer.load_state_dict(loaded["optimizer"])
+    untie_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _set_rng_state(pickle.loads(loaded["rng"].tobytes()))
