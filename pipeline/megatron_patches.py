@@ -106,6 +106,10 @@ def cpu_mode():
     set_states = DistributedOptimizer._set_main_param_and_optimizer_states
     DistributedOptimizer._set_main_param_and_optimizer_states = _skip_adam_step_state(set_states)
     saved = torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.current_stream
+    # megatron-core wraps small activations (squared ReLU) in torch.compile; on CPU each process
+    # would spend ~20 s building C++ kernels for a negligible gain.
+    compile_disabled = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
     torch.cuda.current_device = lambda: 0
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.current_stream = lambda device=None: _NullStream()
@@ -115,3 +119,4 @@ def cpu_mode():
     finally:
         torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.current_stream = saved
         DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+        torch._dynamo.config.disable = compile_disabled

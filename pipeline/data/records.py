@@ -151,12 +151,12 @@ def _add_text(text: str, location: str, max_chars: int, parsed: Parsed) -> None:
 def encode_chunk(chunk, tokenizer, dtype, text_key: str, max_chars: int) -> ChunkResult:
     """Parse and tokenize `chunk`; each document's ids are followed by the tokenizer's EOD."""
     parsed = parse_chunk(chunk, text_key, max_chars)
-    flat, lengths = tokenizer.encode_flat(parsed.texts)
+    tokens_N, lengths_D = tokenizer.encode_flat(parsed.texts, dtype=dtype)
     return ChunkResult(
         index=chunk.index,
         size=chunk.size,
-        tokens=np.array(flat, dtype=dtype),
-        lengths=np.array(lengths, dtype=np.int32),
+        tokens=tokens_N,
+        lengths=lengths_D.astype(np.int32),
         skipped=parsed.skipped,
         examples=parsed.examples,
         first_bad=parsed.first_bad,

@@ -27,6 +27,7 @@ EXTENSIONS = {
 }
 COMPRESSIONS = (".gz", ".zst")
 PARQUET_BATCH_ROWS = 1024
+BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,9 @@ def _expand(path: str, fmt: Optional[str], explicit: bool) -> list[Source]:
     detected = fmt or _format_of(path)
     if detected is None:
         if explicit:
-            raise ConfigError(f"cannot tell the format of {path}; name it .jsonl/.parquet/.txt or pass --format")
+            raise ConfigError(
+                f"cannot tell the format of {path}; name it .jsonl/.parquet/.txt or pass --format"
+            )
         return []
     return [Source(path, detected)]
 
@@ -161,7 +164,7 @@ def iter_texts(inputs: list[str], text_key: str = "text", chunk_bytes: int = 1 <
     from pipeline.data.records import parse_chunk
 
     for chunk in iter_chunks(discover(inputs), chunk_bytes, text_key):
-        yield from parse_chunk(chunk, max_chars=0).texts
+        yield from parse_chunk(chunk, text_key).texts
 
 
 def _chunks_of(source: Source, chunk_bytes: int, text_key: str) -> Iterator[Chunk]:
@@ -199,7 +202,10 @@ def _jsonl_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
                     return
                 if not data.endswith(b"\n"):
                     data += f.readline()
-                yield Chunk("jsonl", source.path, line, data, len(data))
+                size = len(data)
+                if line == 1 and data.startswith(BOM):
+                    data = data[len(BOM):]  # written by some Windows tools; not part of the JSON
+                yield Chunk("jsonl", source.path, line, data, size)
                 line += data.count(b"\n")
     except Exception as error:  # open/read/decompress failures: the rest of the file is unreadable
         yield Chunk("error", source.path, line, _describe(error), 0)

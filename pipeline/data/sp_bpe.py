@@ -8,18 +8,12 @@ Ids: <unk>=0, <s>=1 (bos), </s>=2 (eos, used as EOD), <pad>=3.
 
 import io
 import os
-import re
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
+from pipeline.data.wordcache import finest_rule, rule_holds
 from pipeline.errors import ConfigError
 
 SPACE = "\u2581"
-WORD = re.compile(f"[ {SPACE}]*[^ {SPACE}]+|[ {SPACE}]+")
-"""A sentencepiece word: a run of spaces (or U+2581, which sentencepiece does not tell apart from a
-space) followed by a run of anything else, or trailing spaces. BPE pieces of a model trained with
-split_by_whitespace never cross these boundaries, so a text's ids are the concatenation of its words'
-ids (`word_separable` checks this per model; tests compare against the library)."""
-
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 MAX_LINE_BYTES = 1 << 14
 """Longer training lines are skipped by sentencepiece (its max_sentence_length)."""
@@ -80,21 +74,38 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
-def word_separable(proto_bytes: bytes) -> bool:
-    """Whether a model's ids for a text are the concatenation of its `WORD`s' ids: a BPE model (scores
-    are compared, never summed) that leaves text as is (identity normalization, no dummy prefix, spaces
-    kept and escaped) and has no piece spanning a word boundary."""
-    model = _parse(proto_bytes)
+def _text_kept_as_is(model) -> bool:
+    """A BPE model (scores are compared, never summed) that leaves text as is: identity
+    normalization, no dummy prefix, spaces kept and escaped, whitespace not a suffix."""
     pb = _pb()
     norm, trainer = model.normalizer_spec, model.trainer_spec
-    if trainer.model_type != pb.TrainerSpec.BPE or trainer.treat_whitespace_as_suffix:
-        return False
-    if norm.name != "identity" or norm.add_dummy_prefix or norm.remove_extra_whitespaces:
-        return False
-    if not norm.escape_whitespaces:
-        return False
-    wordlike = (pb.ModelProto.SentencePiece.NORMAL, pb.ModelProto.SentencePiece.USER_DEFINED)
-    return all(len(WORD.findall(p.piece)) == 1 for p in model.pieces if p.type in wordlike)
+    return (
+        trainer.model_type == pb.TrainerSpec.BPE
+        and not trainer.treat_whitespace_as_suffix
+        and norm.name == "identity"
+        and not norm.add_dummy_prefix
+        and not norm.remove_extra_whitespaces
+        and norm.escape_whitespaces
+    )
+
+
+def _mergeable_pieces(model) -> list[str]:
+    kinds = _pb().ModelProto.SentencePiece
+    return [p.piece for p in model.pieces if p.type in (kinds.NORMAL, kinds.USER_DEFINED)]
+
+
+def word_rule(proto_bytes: bytes) -> Optional[str]:
+    """The finest `pipeline.data.wordcache` word rule under which encoding word by word gives this
+    model's ids exactly (no piece spans a word start), or None if there is none."""
+    model = _parse(proto_bytes)
+    return finest_rule(_mergeable_pieces(model)) if _text_kept_as_is(model) else None
+
+
+def word_separable(proto_bytes: bytes) -> bool:
+    """Whether ids are the concatenation of the ids of space-delimited words (a run of spaces and the
+    non-spaces after it): what the Hugging Face conversion's pre-tokenizer relies on."""
+    model = _parse(proto_bytes)
+    return _text_kept_as_is(model) and rule_holds(_mergeable_pieces(model), "space")
 
 
 def sentencepiece_to_hf(proto_bytes: bytes):
@@ -133,6 +144,7 @@ def sentencepiece_to_hf(proto_bytes: bytes):
         )
     )
     tokenizer.normalizer = normalizers.Replace(" ", SPACE)
+    # The "space" word rule of pipeline.data.wordcache, on text whose spaces became U+2581.
     tokenizer.pre_tokenizer = pre_tokenizers.Split(
         Regex(f"{SPACE}*[^{SPACE}]+|{SPACE}+"), behavior="isolated"
     )

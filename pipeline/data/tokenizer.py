@@ -14,6 +14,8 @@ Which file is loaded: a path ending in `.model` is sentencepiece; a `tokenizer.j
 holding one is Hugging Face (a directory with only `tokenizer.model` is sentencepiece). Document text is
 encoded literally: a special-token string such as "</s>" inside a document is not turned into the special
 token (only the EOD appended by preprocessing is), so data cannot inject control tokens.
+
+Shapes: N tokens, D texts.
 """
 
 import argparse
@@ -21,14 +23,15 @@ import hashlib
 import json
 import os
 import sys
+from functools import cached_property
 from itertools import chain
 from typing import Iterable, Optional, Sequence
 
-from pipeline.data.sp_bpe import WORD, word_separable
-from pipeline.errors import ConfigError
+import numpy as np
 
-WORD_CACHE_LIMIT = 1 << 20
-"""Words cached per process before the cache is cleared (about 150 MB at the limit)."""
+from pipeline.data.sp_bpe import sentencepiece_to_hf, word_rule
+from pipeline.data.wordcache import WordCache
+from pipeline.errors import ConfigError
 
 HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
 
@@ -59,14 +62,17 @@ class Tokenizer:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to `directory`."""
         raise NotImplementedError
 
-    def encode_flat(self, texts: Sequence[str], append_eod: bool = True) -> tuple[list[int], list[int]]:
-        """All texts' ids concatenated (each followed by EOD when `append_eod`) and each text's length."""
+    def encode_flat(self, texts: Sequence[str], dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens_N, lengths_D): all texts' ids concatenated, each followed by EOD, and the length
+        (EOD included) of each."""
         encoded = self.encode(texts)
-        tail = [self.eod] if append_eod else []
-        lengths = [len(ids) + len(tail) for ids in encoded]
-        return list(chain.from_iterable(ids + tail for ids in encoded)), lengths
+        lengths_D = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+        eod = [self.eod]
+        tokens_N = np.fromiter(chain.from_iterable(ids + eod for ids in encoded), dtype=dtype,
+                               count=int(lengths_D.sum()))
+        return tokens_N, lengths_D
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """sha256 of the vocabulary (every token string by id) and the EOD id: equal for a
         sentencepiece model and its Hugging Face conversion, different for any other vocabulary."""
@@ -104,43 +110,23 @@ class SentencePieceTokenizer(Tokenizer):
             )
         self.pad = _sp_id(self._sp.pad_id())
         self.bos = _sp_id(self._sp.bos_id())
-        # Word-level cache: exact for such models (see sp_bpe.WORD), and 2-4x faster than the library.
-        self._cache: Optional[dict] = {} if word_separable(self._proto_bytes) else None
+        # Exact (see pipeline.data.wordcache) and several times faster than the library alone.
+        rule = word_rule(self._proto_bytes)
+        self._words = None if rule is None else WordCache(self._encode_batch, rule)
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts, num_threads=1)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        if self._cache is None:
-            return self._sp.encode(list(texts), num_threads=1)
-        words = [WORD.findall(text) for text in texts]
-        get = self._lookup(words)
-        return [list(chain.from_iterable(map(get, w))) for w in words]
+        if self._words is None:
+            return self._encode_batch(list(texts))
+        tokens_N, lengths_D = self._words.encode(list(texts), eod=None)
+        return [ids.tolist() for ids in np.split(tokens_N, np.cumsum(lengths_D)[:-1])] if texts else []
 
-    def encode_flat(self, texts: Sequence[str], append_eod: bool = True) -> tuple[list[int], list[int]]:
-        if self._cache is None:
-            return super().encode_flat(texts, append_eod)
-        words = [WORD.findall(text) for text in texts]
-        get = self._lookup(words)
-        flat: list[int] = []
-        lengths = []
-        for w in words:
-            start = len(flat)
-            flat.extend(chain.from_iterable(map(get, w)))
-            if append_eod:
-                flat.append(self.eod)
-            lengths.append(len(flat) - start)
-        return flat, lengths
-
-    def _lookup(self, word_lists: list[list[str]]):
-        """`dict.__getitem__` of the word cache after adding the missing words (encoded in one call)."""
-        cache = self._cache
-        wanted = set(chain.from_iterable(word_lists))
-        missing = wanted.difference(cache)
-        if len(cache) + len(missing) > WORD_CACHE_LIMIT:
-            cache.clear()
-            missing = wanted
-        if missing:
-            missing = list(missing)
-            cache.update(zip(missing, map(tuple, self._sp.encode(missing, num_threads=1))))
-        return cache.__getitem__
+    def encode_flat(self, texts: Sequence[str], dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+        if self._words is None:
+            return super().encode_flat(texts, dtype)
+        return self._words.encode(list(texts), eod=self.eod, dtype=dtype)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -149,8 +135,6 @@ class SentencePieceTokenizer(Tokenizer):
         return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
 
     def save_hf(self, directory: str) -> None:
-        from pipeline.data.sp_bpe import sentencepiece_to_hf
-
         os.makedirs(directory, exist_ok=True)
         hf = sentencepiece_to_hf(self._proto_bytes)
         hf.save(os.path.join(directory, "tokenizer.json"))

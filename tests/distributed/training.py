@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +30,20 @@ def train(run_dir: Path, nproc: int, *overrides: str, env: dict | None = None, c
         "-m", "pipeline.train", *BASE, f"run_dir={run_dir}", *overrides,
     ]
     full_env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # Output to files and a process group of its own: a rank killed on purpose leaves megatron's
+    # checkpoint-writer processes orphaned; they would hold pipes open and linger after the test.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=err, start_new_session=True)
+        try:
+            returncode = child.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, returncode, out.read(), err.read())
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n"

@@ -1,0 +1,90 @@
+"""Convert between the pipeline's checkpoints and Hugging Face NemotronH directories.
+
+Usage (CPU is enough; either spelling works):
+    python pipeline/convert.py export CHECKPOINT OUT_DIR [--dtype bf16|fp32] [--overwrite] [--tokenizer PATH]
+    python -m pipeline.convert import HF_DIR OUT_DIR [--name NAME] [--overwrite] [parallel.tp=2 parallel.pp=2 ...]
+
+export: CHECKPOINT is a run dir, its checkpoints/ dir or one step dir (the newest complete checkpoint
+is used); any TP/PP/DP layout. OUT_DIR loads offline with
+`transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`. --dtype defaults to the checkpoint's.
+import: writes OUT_DIR/checkpoints/step_0000000 (weights only), OUT_DIR/model/NAME.yaml and
+OUT_DIR/tokenizer; the overrides choose the layout it is written at (torchrun processes for tp*pp>1)
+and the precision (default: the HF weights' dtype).
+
+A bad input exits with status 2 and one line `error: <message>`; nothing is written.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script: Python put pipeline/ first on sys.path; the package lives one level up.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from pipeline.cli import exit_on_config_error  # noqa: E402
+
+
+def _export(args: argparse.Namespace) -> None:
+    from pipeline.hf.export import export_checkpoint
+
+    result = export_checkpoint(
+        args.checkpoint,
+        args.out_dir,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        tokenizer=args.tokenizer,
+        max_shard_bytes=int(args.max_shard_gb * 2**30),
+    )
+    print(
+        f"exported {result.checkpoint} -> {result.out_dir}: {result.tensors} tensors, "
+        f"{result.weight_bytes / 2**30:.2f} GiB of {result.dtype} weights, {result.seconds:.1f} s"
+    )
+
+
+def _import(args: argparse.Namespace) -> None:
+    from pipeline.hf.import_ import import_hf
+
+    result = import_hf(args.hf_dir, args.out_dir, args.overrides, overwrite=args.overwrite, name=args.name)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"imported {args.hf_dir} -> {result.checkpoint}")
+    print(
+        f"use: python -m pipeline.train hydra.searchpath=[file://{result.out_dir}] model={result.model.name} "
+        f"checkpoint.init_from={result.out_dir}"
+    )
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line of this entry point."""
+    parser = argparse.ArgumentParser(
+        prog="python pipeline/convert.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="pipeline checkpoint -> Hugging Face directory")
+    export.add_argument("checkpoint", help="run dir, checkpoints dir or step dir")
+    export.add_argument("out_dir", help="Hugging Face output directory")
+    export.add_argument("--dtype", choices=("bf16", "fp32"), help="weight dtype (default: the checkpoint's)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    export.add_argument("--tokenizer", help="tokenizer to ship (default: the one recorded in the checkpoint)")
+    export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (GiB)")
+    export.set_defaults(run=_export)
+    imp = commands.add_parser("import", help="Hugging Face directory -> pipeline checkpoint")
+    imp.add_argument("hf_dir", help="Hugging Face NemotronH directory (config.json + safetensors)")
+    imp.add_argument("out_dir", help="output directory (checkpoints/, model/NAME.yaml, tokenizer/)")
+    imp.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.tp=2 parallel.pp=2 precision=fp32")
+    imp.add_argument("--name", help="model name (default: from HF_DIR's name)")
+    imp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    imp.set_defaults(run=_import)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the chosen conversion, turning bad input into `error: <one line>`, exit 2."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    with exit_on_config_error():
+        args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""Conversion between the pipeline's checkpoints and Hugging Face NemotronH directories.
+
+`config` (config.json <-> ModelConfig), `mapping` (tensor names and layouts), `checkpoint_reader`
+(whole tensors from torch_dist files), `safetensors_io` (streaming shard writer/reader), `export`
+and `import_` (the two directions), `bench` (timing).
+Entry point: `python pipeline/convert.py {export,import} ...`.
+"""
+
+from pipeline.errors import ConfigError
+
+
+class ConversionError(ConfigError):
+    """A conversion cannot proceed: the message is one line naming the problem and the fix."""

@@ -1,0 +1,238 @@
+"""Tensor names and layouts: the pipeline's checkpoint keys (full, unsharded tensors) <-> HF NemotronH.
+
+One table of renames plus four named special cases:
+- `Concat`: Mamba `in_proj.weight.{z,x,B,C,dt}` -> HF `in_proj.weight` (rows in that order), and
+  `conv1d.{weight,bias}.{x,B,C}` -> HF `conv1d.{weight,bias}`. The checkpoint stores the components
+  separately (each TP rank holds a slice of every component), so concatenating them here is right
+  whatever TP wrote the checkpoint.
+- `SplitQKV`: megatron's fused QKV is grouped per KV group, rows [q heads of group g, k_g, v_g] for
+  each g; HF has separate q/k/v_proj with heads in order.
+- `Vocab`: the embedding and output layer are padded to `padded_vocab_size` rows in the pipeline;
+  the padding is trimmed on export and zero-filled on import.
+- The per-layer pre-norm: megatron fuses it into the first linear of the layer
+  (`in_proj`/`linear_qkv`/`linear_fc1.layer_norm_weight`), HF has `backbone.layers.{i}.norm.weight`.
+
+Checkpoint keys use the global layer index (layer number - 1), as megatron-core's sharded state dict.
+
+Shapes: V vocab, Vp padded vocab, h hidden, f FFN width, n attention heads, g KV groups, d head dim,
+q query heads per KV group (n/g), R heads of one KV group's fused QKV rows (q + 2), E Mamba inner
+width (heads x head dim), H Mamba heads, G Mamba groups, N state size, K conv kernel.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from pipeline.model.config import ModelConfig
+from pipeline.model.pattern import ATTENTION, MAMBA, MLP, PIPE
+
+Shape = tuple[int, ...]
+Named = tuple[tuple[str, Shape], ...]
+Piece = tuple[int, int, int]
+"""(index of a megatron input, first element, element count): a run of one input's row-major elements."""
+
+# Renames within one layer: megatron suffix -> HF suffix (under backbone.layers.{i}.).
+LAYER_RENAMES = {
+    MAMBA: {
+        "mixer.in_proj.layer_norm_weight": "norm.weight",
+        "mixer.A_log": "mixer.A_log",
+        "mixer.D": "mixer.D",
+        "mixer.dt_bias": "mixer.dt_bias",
+        "mixer.norm.weight": "mixer.norm.weight",
+        "mixer.out_proj.weight": "mixer.out_proj.weight",
+    },
+    ATTENTION: {
+        "self_attention.linear_qkv.layer_norm_weight": "norm.weight",
+        "self_attention.linear_proj.weight": "mixer.o_proj.weight",
+    },
+    MLP: {
+        "mlp.linear_fc1.layer_norm_weight": "norm.weight",
+        "mlp.linear_fc1.weight": "mixer.up_proj.weight",
+        "mlp.linear_fc2.weight": "mixer.down_proj.weight",
+    },
+}
+IN_PROJ_COMPONENTS = ("z", "x", "B", "C", "dt")
+CONV_COMPONENTS = ("x", "B", "C")
+
+EMBEDDING = "embedding.word_embeddings.weight"
+FINAL_NORM = "decoder.final_norm.weight"
+OUTPUT_LAYER = "output_layer.weight"
+HF_EMBEDDING = "backbone.embeddings.weight"
+HF_FINAL_NORM = "backbone.norm_f.weight"
+HF_LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """Tensors converted together: megatron keys/shapes <-> HF names/shapes (a plain rename here)."""
+
+    megatron: Named
+    hf: Named
+
+    def to_hf(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """HF tensors (in `hf` order) from the megatron ones (in `megatron` order)."""
+        return list(tensors)
+
+    def to_megatron(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Megatron tensors (in `megatron` order) from the HF ones (in `hf` order)."""
+        return list(tensors)
+
+    def pieces(self) -> list[list[Piece]]:
+        """For each HF tensor, the runs of megatron elements it is made of, in order. Every conversion
+        here only moves elements, so an export without a dtype change can copy byte ranges."""
+        return [[(0, 0, math.prod(self.megatron[0][1]))]]
+
+
+@dataclass(frozen=True)
+class Concat(Conversion):
+    """Megatron components concatenated along dim 0 into one HF tensor (Mamba in_proj, conv1d)."""
+
+    def to_hf(self, tensors):
+        return [torch.cat(tensors, dim=0)]
+
+    def to_megatron(self, tensors):
+        (fused,) = tensors
+        return list(torch.split(fused, [shape[0] for _, shape in self.megatron], dim=0))
+
+    def pieces(self):
+        return [[(i, 0, math.prod(shape)) for i, (_, shape) in enumerate(self.megatron)]]
+
+
+@dataclass(frozen=True)
+class SplitQKV(Conversion):
+    """Megatron's per-KV-group fused QKV [g * (n/g + 2) * d, h] <-> HF q [n*d, h], k and v [g*d, h]."""
+
+    groups: int = 1
+    head_dim: int = 1
+
+    def to_hf(self, tensors):
+        (qkv,) = tensors
+        hidden = qkv.shape[-1]
+        qkv_gRdh = qkv.view(self.groups, -1, self.head_dim, hidden)
+        q_per_group = qkv_gRdh.shape[1] - 2
+        q_gqdh, k_g1dh, v_g1dh = qkv_gRdh.split([q_per_group, 1, 1], dim=1)
+        return [t.reshape(-1, hidden) for t in (q_gqdh, k_g1dh, v_g1dh)]
+
+    def to_megatron(self, tensors):
+        q, k, v = tensors
+        hidden = q.shape[-1]
+        parts = [t.view(self.groups, -1, self.head_dim, hidden) for t in (q, k, v)]
+        return [torch.cat(parts, dim=1).reshape(-1, hidden)]
+
+    def pieces(self):
+        rows, hidden = self.megatron[0][1]
+        head = self.head_dim * hidden  # elements of one head's rows
+        per_group = rows // (self.groups * self.head_dim)  # R = q + 2 heads
+        q = per_group - 2
+        return [
+            [(0, g * per_group * head, q * head) for g in range(self.groups)],
+            [(0, (g * per_group + q) * head, head) for g in range(self.groups)],
+            [(0, (g * per_group + q + 1) * head, head) for g in range(self.groups)],
+        ]
+
+
+@dataclass(frozen=True)
+class Vocab(Conversion):
+    """Embedding/output layer: padded rows [Vp, h] <-> the vocabulary's rows [V, h] (padding zero-filled)."""
+
+    def to_hf(self, tensors):
+        (padded,) = tensors
+        return [padded[: self.hf[0][1][0]]]
+
+    def to_megatron(self, tensors):
+        (trimmed,) = tensors
+        padded_rows = self.megatron[0][1][0]
+        extra = trimmed.new_zeros((padded_rows - trimmed.shape[0], *trimmed.shape[1:]))
+        return [torch.cat([trimmed, extra], dim=0)]
+
+    def pieces(self):
+        return [[(0, 0, math.prod(self.hf[0][1]))]]
+
+
+def _layer_shapes(model: ModelConfig) -> dict[str, Shape]:
+    """Full shape of every per-layer megatron tensor, by suffix."""
+    h, E, H = model.hidden_size, model.mamba_d_inner, model.mamba_num_heads
+    GN, K = model.mamba_num_groups * model.mamba_state_dim, model.mamba_conv_kernel
+    n, g, d, f = model.num_attention_heads, model.num_query_groups, model.kv_channels, model.ffn_hidden_size
+    in_proj = {"z": E, "x": E, "B": GN, "C": GN, "dt": H}
+    conv = {"x": E, "B": GN, "C": GN}
+    shapes = {
+        "mixer.in_proj.layer_norm_weight": (h,),
+        "mixer.A_log": (H,),
+        "mixer.D": (H,),
+        "mixer.dt_bias": (H,),
+        "mixer.norm.weight": (E,),
+        "mixer.out_proj.weight": (h, E),
+        "self_attention.linear_qkv.layer_norm_weight": (h,),
+        "self_attention.linear_qkv.weight": ((n + 2 * g) * d, h),
+        "self_attention.linear_proj.weight": (h, n * d),
+        "mlp.linear_fc1.layer_norm_weight": (h,),
+        "mlp.linear_fc1.weight": (f, h),
+        "mlp.linear_fc2.weight": (h, f),
+    }
+    shapes.update({f"mixer.in_proj.weight.{c}": (rows, h) for c, rows in in_proj.items()})
+    shapes.update({f"mixer.conv1d.weight.{c}": (rows, 1, K) for c, rows in conv.items()})
+    shapes.update({f"mixer.conv1d.bias.{c}": (rows,) for c, rows in conv.items()})
+    return shapes
+
+
+def _concat(prefix: str, hf_prefix: str, name: str, components: tuple[str, ...], shapes: dict) -> Concat:
+    parts = tuple((f"{prefix}mixer.{name}.{c}", shapes[f"mixer.{name}.{c}"]) for c in components)
+    rows = sum(shape[0] for _, shape in parts)
+    return Concat(parts, ((f"{hf_prefix}mixer.{name}", (rows, *parts[0][1][1:])),))
+
+
+def conversions(model: ModelConfig) -> list[Conversion]:
+    """Every conversion of `model`, in HF order (embedding, layers in order, final norm, lm_head)."""
+    shapes = _layer_shapes(model)
+    h = model.hidden_size
+    vocab, padded = (model.vocab_size, h), (model.padded_vocab_size, h)
+    out: list[Conversion] = [Vocab(((EMBEDDING, padded),), ((HF_EMBEDDING, vocab),))]
+    for i, symbol in enumerate(model.pattern.replace(PIPE, "")):
+        prefix, hf_prefix = f"decoder.layers.{i}.", f"backbone.layers.{i}."
+        renames = [
+            Conversion(((prefix + src, shapes[src]),), ((hf_prefix + dst, shapes[src]),))
+            for src, dst in LAYER_RENAMES[symbol].items()
+        ]
+        out.append(renames[0])  # the pre-norm first, as HF lists it
+        if symbol == MAMBA:
+            out.append(_concat(prefix, hf_prefix, "in_proj.weight", IN_PROJ_COMPONENTS, shapes))
+            out.append(_concat(prefix, hf_prefix, "conv1d.weight", CONV_COMPONENTS, shapes))
+            out.append(_concat(prefix, hf_prefix, "conv1d.bias", CONV_COMPONENTS, shapes))
+        elif symbol == ATTENTION:
+            n, g, d = model.num_attention_heads, model.num_query_groups, model.kv_channels
+            key = prefix + "self_attention.linear_qkv.weight"
+            hf = tuple(
+                (f"{hf_prefix}mixer.{p}_proj.weight", (rows * d, h)) for p, rows in (("q", n), ("k", g), ("v", g))
+            )
+            out.append(SplitQKV(((key, shapes["self_attention.linear_qkv.weight"]),), hf, groups=g, head_dim=d))
+        out.extend(renames[1:])
+    out.append(Conversion(((FINAL_NORM, (h,)),), ((HF_FINAL_NORM, (h,)),)))
+    out.append(Vocab(((OUTPUT_LAYER, padded),), ((HF_LM_HEAD, vocab),)))
+    return out
+
+
+def megatron_shapes(model: ModelConfig) -> dict[str, Shape]:
+    """Full shape of every model tensor in the pipeline's checkpoint, by key."""
+    return {key: shape for c in conversions(model) for key, shape in c.megatron}
+
+
+def hf_shapes(model: ModelConfig) -> dict[str, Shape]:
+    """Shape of every tensor of the HF model, by name, in HF order."""
+    return {name: shape for c in conversions(model) for name, shape in c.hf}
+
+
+def to_hf(model: ModelConfig, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, tensor) pairs one conversion at a time; `get(key)` returns a full megatron tensor."""
+    for conversion in conversions(model):
+        tensors = conversion.to_hf([get(key) for key, _ in conversion.megatron])
+        yield from zip((name for name, _ in conversion.hf), tensors, strict=True)
+
+
+def to_megatron(model: ModelConfig, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Megatron (key, full tensor) pairs one conversion at a time; `get(name)` returns an HF tensor."""
+    for conversion in conversions(model):
+        tensors = conversion.to_megatron([get(name) for name, _ in conversion.hf])
+        yield from zip((key for key, _ in conversion.megatron), tensors, strict=True)
