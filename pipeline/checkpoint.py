@@ -212,3 +212,20 @@ def model_sharded_state(chunks: list[torch.nn.Module]) -> dict:
     if len(modules) == 1:
         return {"model": modules[0].sharded_state_dict()}
     return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(modules)}
+
+
+def apply_model_state(chunks: list[torch.nn.Module], loaded: dict) -> None:
+    """Copy the model weights of a loaded state (from `model_sharded_state`) into the chunks."""
+    modules = [getattr(c, "module", c) for c in chunks]
+    keys = ["model"] if len(modules) == 1 else [f"model{i}" for i in range(len(modules))]
+    for module, key in zip(modules, keys):
+        weights = {k: v for k, v in loaded[key].items() if not k.endswith("_extra_state")}
+        missing, unexpected = module.load_state_dict(weights, strict=False)
+        bad = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
+        if bad:
+            raise CheckpointError(f"checkpoint does not match the model: {bad[:3]}")
+
+
+def load_model(ckpt_dir: str | Path, chunks: list[torch.nn.Module]) -> None:
+    """Load only the weights of a checkpoint into this rank's model chunks (any TP/PP layout)."""
+    apply_model_state(chunks, load_checkpoint(ckpt_dir, model_sharded_state(chunks)))

@@ -147,8 +147,7 @@ def _resume(run, chunks, optimizer, scheduler, world, log) -> TrainState:
     if found is None and run.checkpoint.init_from:
         source = ckpt.resolve_checkpoint(run.checkpoint.init_from)
         ckpt.check_compatible(ckpt.read_meta(source), asdict(run.model), source)
-        loaded = ckpt.load_checkpoint(source, ckpt.model_sharded_state(chunks))
-        _load_model(chunks, loaded)
+        ckpt.load_model(source, chunks)
         log.info(f"initialised weights from {source}")
         return state
     if found is None:
@@ -158,7 +157,7 @@ def _resume(run, chunks, optimizer, scheduler, world, log) -> TrainState:
     same_layout = meta["parallel"]["world_size"] == world.world_size
     sharded = _sharded_state(chunks, optimizer, scheduler, state, world, with_rng=same_layout, loading=True)
     loaded = ckpt.load_checkpoint(found, sharded)
-    _load_model(chunks, loaded)
+    ckpt.apply_model_state(chunks, loaded)
     optimizer.load_state_dict(loaded["optimizer"])
     untie_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
@@ -168,17 +167,6 @@ def _resume(run, chunks, optimizer, scheduler, world, log) -> TrainState:
     layout = "" if same_layout else f" (saved at tp={meta['parallel']['tp']} pp={meta['parallel']['pp']}, RNG states not restored)"
     log.info(f"resumed from {found} at step {state.step}{layout}")
     return state
-
-
-def _load_model(chunks, loaded: dict) -> None:
-    modules = [getattr(c, "module", c) for c in chunks]
-    keys = ["model"] if len(modules) == 1 else [f"model{i}" for i in range(len(modules))]
-    for module, key in zip(modules, keys):
-        weights = {k: v for k, v in loaded[key].items() if not k.endswith("_extra_state")}
-        missing, unexpected = module.load_state_dict(weights, strict=False)
-        bad = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
-        if bad:
-            raise ckpt.CheckpointError(f"checkpoint does not match the model: {bad[:3]}")
 
 
 def _throughput(run: RunConfig, world: World, seconds: float) -> dict:
@@ -263,12 +251,6 @@ def _train(run: RunConfig, world: World, log: MetricsLogger) -> dict:
         if result.skipped:
             state.skipped_steps += 1
             state.nonfinite_in_row += 1
-            if state.nonfinite_in_row >= run.train.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"{state.nonfinite_in_row} steps in a row with a non-finite loss or gradient "
-                    f"(last loss {result.loss}); stopping. Lower optim.lr or check the data, then resume "
-                    f"from the last checkpoint in {run_dir / 'checkpoints'}"
-                )
         else:
             state.nonfinite_in_row = 0
         if state.step % run.logging.interval == 0 or result.skipped or state.step == run.train.iters:
@@ -277,6 +259,12 @@ def _train(run: RunConfig, world: World, log: MetricsLogger) -> dict:
                       "skipped_steps": state.skipped_steps}
             record.update(_throughput(run, world, time.perf_counter() - started))
             log.log(state.step, record)
+        if state.nonfinite_in_row >= run.train.max_nonfinite_steps:
+            raise RuntimeError(
+                f"{state.nonfinite_in_row} steps in a row with a non-finite loss or gradient "
+                f"(last loss {result.loss}); stopping. Lower optim.lr or check the data, then resume "
+                f"from the last checkpoint in {run_dir / 'checkpoints'}"
+            )
         if eval_batches and (state.step % run.train.eval_interval == 0 or state.step == run.train.iters):
             last_val = validate()
         stopping = (stop.agreed(world.device) or state.step == exit_at) and state.step < run.train.iters
