@@ -14,24 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from pipeline.hf.checkpoint_reader import CheckpointTensors
 from pipeline.hf.export import export_checkpoint
 from tests.distributed.launch import REPO, torchrun
-from tests.distributed.worker_hf_checkpoint import make_hf_model, make_tokenizer
+from tests.distributed.worker_hf_checkpoint import make_hf_model, make_tokenizer, read_all
 
 WORKER = Path(__file__).with_name("worker_hf_checkpoint.py")
 LAYOUT = ["parallel.tp=2", "parallel.pp=2"]
 VOCAB = 1000
-
-
-def read_all(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,17 @@ SMALL_DT_BIAS = -8.0
 time_step_min (1e-3), so the parity checks see whether the HF side clamps dt or not."""
 
 
+def read_all(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors shards in an exported Hugging Face directory."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out
+
+
 def reference_tokens(vocab_size: int) -> torch.Tensor:
     """The fixed [BATCH, LENGTH] token ids every parity check runs on."""
     return torch.randint(0, vocab_size, (BATCH, LENGTH), generator=torch.Generator().manual_seed(11))

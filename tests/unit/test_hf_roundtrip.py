@@ -7,25 +7,16 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from pipeline.config import load_run_config
 from pipeline.hf.config import TIME_STEP_MIN
 from pipeline.hf.export import export_checkpoint
 from pipeline.hf.import_ import import_hf
-from tests.distributed.worker_hf_checkpoint import make_hf_model
+from tests.distributed.worker_hf_checkpoint import make_hf_model, read_all
 
 # Fields that may differ after a round trip, and why: where the file was loaded from; the dt clamp,
 # which exports always switch off because the pipeline never clamps (pipeline/hf/config.py).
 EXPECTED_CONFIG_CHANGES = {"_name_or_path", "time_step_min"}
-
-
-def read_all(directory) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")
