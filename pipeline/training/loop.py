@@ -227,9 +227,11 @@ def _train(run: RunConfig, world: World, log: MetricsLogger) -> dict:
     state = _resume(run, chunks, optimizer, scheduler, world, log)
     stop = StopRequest()
     dp_rank = parallel_state.get_data_parallel_rank()
-    batches = lambda dataset, step: list(step_batches(  # noqa: E731
-        dataset, step, run.train.global_batch_size, run.train.micro_batch_size, dp_rank, world.dp,
-        tokenizer.eod, run.train.packed_documents, world.device))
+
+    def batches(dataset, step: int) -> list:
+        return list(step_batches(
+            dataset, step, run.train.global_batch_size, run.train.micro_batch_size, dp_rank, world.dp,
+            tokenizer.eod, run.train.packed_documents, world.device))
 
     def validate() -> float:
         losses = [eval_step(chunks, batches(valid_data, i), world.device) for i in range(eval_batches)]
