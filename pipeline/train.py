@@ -26,8 +26,9 @@ def main(argv: list[str]) -> int:
     from pipeline.training.loop import train
 
     with exit_on_config_error():
-        result = train(run)
-    return 0 if result["done"] or result["step"] > 0 else 1
+        train(run)
+    # 0 also after a signal-triggered save: the job script decides from run_dir/DONE whether to requeue.
+    return 0
 
 
 if __name__ == "__main__":
