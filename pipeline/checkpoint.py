@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import ConfigError
+from pipeline.errors import CheckpointError
 
 FORMAT = 1
 LATEST = "latest"
@@ -36,10 +36,6 @@ SHAPE_FIELDS = (
     "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim",
     "mamba_conv_kernel", "vocab_size", "make_vocab_size_divisible_by",
 )
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint is missing, incomplete or does not fit the run."""
 
 
 def step_dir_name(step: int) -> str:

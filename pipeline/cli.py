@@ -4,7 +4,7 @@ import dataclasses
 import sys
 from contextlib import contextmanager
 
-from pipeline.errors import ConfigError
+from pipeline.errors import EXIT_USER_ERROR, PipelineError
 
 
 def config_error_line(exc: BaseException) -> str | None:
@@ -12,7 +12,7 @@ def config_error_line(exc: BaseException) -> str | None:
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, PipelineError):
         return str(exc)
     if isinstance(exc, OverrideParseException):
         return f"cannot parse override: {str(exc).splitlines()[0]}; write overrides as key=value"
@@ -47,7 +47,7 @@ def exit_on_config_error():
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def run_config_from_argv(argv: list[str]):

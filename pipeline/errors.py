@@ -1,5 +1,41 @@
-"""Errors the pipeline raises for bad user input (configs, data, checkpoints, paths)."""
+"""Errors the pipeline raises for bad user input or a damaged environment (configs, data, checkpoints, paths).
+
+Every `PipelineError` carries a one-line message that names the problem and the fix. The entry points
+print it as `error: <line>` and exit with status 2 (`EXIT_USER_ERROR`); anything else is a bug or an
+unexpected failure and ends with a traceback and status 1.
+"""
+
+EXIT_USER_ERROR = 2
+"""Exit status of every entry point for a `PipelineError` (bad config, data, checkpoint or path)."""
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid. The message is one line naming the field and the fix."""
+class PipelineError(Exception):
+    """A problem the user can fix; the message is one line naming the problem and the fix."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """A configuration value (Hydra override, YAML, CLI flag) is invalid."""
+
+
+class CheckpointError(PipelineError):
+    """A checkpoint is missing, incomplete, damaged or does not fit the run."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint's pickled parts reference code outside the allow-list: refused unopened."""
+
+
+class DataError(PipelineError):
+    """Input data or a dataset on disk is missing, malformed, truncated or inconsistent."""
+
+
+class ConversionError(PipelineError):
+    """A Hugging Face conversion request cannot be carried out (paths, configs, shapes)."""
+
+
+class RunDirLockedError(PipelineError):
+    """Another live process owns the run directory."""
+
+
+class StorageError(PipelineError):
+    """The file system refused a write (disk full, read-only, permissions)."""

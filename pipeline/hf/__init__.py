@@ -6,8 +6,6 @@ and `import_` (the two directions), `bench` (timing).
 Entry point: `python pipeline/convert.py {export,import} ...`.
 """
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConversionError
 
-
-class ConversionError(ConfigError):
-    """A conversion cannot proceed: the message is one line naming the problem and the fix."""
+__all__ = ["ConversionError"]
