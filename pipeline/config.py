@@ -154,10 +154,12 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Where metrics go: console always, JSONL in the run directory, W&B when enabled."""
+    """Where metrics go: console always, JSONL in the run directory, TensorBoard and W&B when enabled."""
 
     interval: int = 10
     """Log every N steps."""
+    tensorboard: bool = False
+    """Write TensorBoard event files to run_dir/tensorboard (`tensorboard --logdir runs/`)."""
     wandb: bool = False
     wandb_project: str = "nemotron-h"
     wandb_entity: Optional[str] = None

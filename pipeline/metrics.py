@@ -1,7 +1,9 @@
-"""Where training metrics go: the console, run_dir/metrics.jsonl and Weights & Biases.
+"""Where training metrics go: the console, run_dir/metrics.jsonl, TensorBoard and Weights & Biases.
 
-Only global rank 0 writes. W&B is imported lazily; without an API key (or network) it runs in
-offline mode, and a restarted run continues the same W&B run (its id is kept in the run dir).
+Only global rank 0 writes. TensorBoard and W&B are imported lazily, only when switched on. W&B runs
+offline without an API key (or network), and a restarted run continues the same W&B run (its id is
+kept in the run dir). TensorBoard event files go to run_dir/tensorboard; a restarted run drops the
+events it is about to log again (steps after the checkpoint it resumed from).
 """
 
 import json
@@ -9,11 +11,14 @@ import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from pipeline.config import LoggingConfig
+from pipeline.fs import atomic_write_text
 
 WANDB_ID_FILE = "wandb_id.txt"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _fmt(key: str, value) -> str:
@@ -33,6 +38,8 @@ class MetricsLogger:
         self.enabled = rank == 0
         self._jsonl = None
         self._wandb = None
+        self._tensorboard = None
+        self._tensorboard_dir = Path(run_dir) / TENSORBOARD_DIR if cfg.tensorboard else None
         if not self.enabled:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -49,8 +56,20 @@ class MetricsLogger:
         self._jsonl.flush()
         shown = "  ".join(_fmt(k, v) for k, v in record.items())
         print(f"[{kind} {step}] {shown}", file=sys.stdout, flush=True)
+        numbers = {f"{kind}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
+        if self._tensorboard_dir is not None:
+            self._log_tensorboard(step, numbers)
         if self._wandb is not None:
             self._wandb.log({f"{kind}/{k}": v for k, v in record.items()}, step=step)
+
+    def _log_tensorboard(self, step: int, numbers: dict) -> None:
+        if self._tensorboard is None:
+            # Created at the first record so that purge_step is the first step this invocation logs:
+            # after a resume, events a crashed predecessor wrote past its last checkpoint are dropped.
+            self._tensorboard = _start_tensorboard(self._tensorboard_dir, purge_step=step)
+        for tag, value in numbers.items():
+            self._tensorboard.add_scalar(tag, value, global_step=step)
+        self._tensorboard.flush()
 
     def info(self, message: str) -> None:
         """A plain message on rank 0's console."""
@@ -60,8 +79,18 @@ class MetricsLogger:
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _start_tensorboard(log_dir: Path, purge_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard") from e
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 def _start_wandb(cfg: LoggingConfig, run_dir: str, run_name: str, config: dict | None):
@@ -72,8 +101,11 @@ def _start_wandb(cfg: LoggingConfig, run_dir: str, run_name: str, config: dict |
     if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") is None:
         os.environ["WANDB_MODE"] = "offline"
     id_file = Path(run_dir) / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
-    id_file.write_text(run_id)
+    # Our own id: wandb.util.generate_id is gone in wandb 0.31 (it crashed every fresh run). W&B run ids
+    # W&B ids are 8 lowercase alphanumerics, as ours are.
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+    if not id_file.exists():
+        atomic_write_text(id_file, run_id)
     return wandb.init(
         project=cfg.wandb_project, entity=cfg.wandb_entity, name=run_name, id=run_id,
         resume="allow", dir=run_dir, config=config,
