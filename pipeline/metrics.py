@@ -9,9 +9,21 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from pipeline.config import LoggingConfig
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go: console always, JSONL in the run directory, W&B when enabled."""
+
+    interval: int = 10
+    """Log every N steps."""
+    wandb: bool = False
+    wandb_project: str = "nemotron-h"
+    wandb_entity: Optional[str] = None
+
 
 WANDB_ID_FILE = "wandb_id.txt"
 

@@ -175,7 +175,7 @@ def save_imported(run, hf_dir: Path, tmp_root: Path, tokenizer: str | None) -> N
 
     tensors = CanonicalHFTensors(hf_dir)
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
-        chunks = build_model(run, world.device)
+        chunks = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         load_hf_into_chunks(chunks, run.model, tensors)
         meta = {
             "step": 0,

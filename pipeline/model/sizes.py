@@ -10,8 +10,10 @@ convention; the memory figure is an estimate (see `memory_estimate`).
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pipeline.config import ParallelConfig, PrecisionConfig, TrainConfig
+from pipeline.distributed import ParallelConfig
 from pipeline.model.config import ModelConfig
+from pipeline.model.precision import PrecisionConfig
+from pipeline.training.config import TrainConfig
 from pipeline.model.pattern import ATTENTION, LAYER_SYMBOLS, MAMBA, MLP, SYMBOL_NAMES, split_stages
 
 # Adam keeps two fp32 moments per parameter, plus an fp32 master copy when the model is not fp32.

@@ -74,7 +74,7 @@ def bare_forward_backward_ms(precision: str) -> float:
 
     run = load_run_config(["model=bench_125m", f"precision={precision}", f"train.seq_length={SEQ}"])
     with distributed(run.parallel, None, "cuda") as world:
-        (model,) = build_model(run, world.device)
+        (model,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         tokens = torch.randint(0, 4096, (MICRO, SEQ), device=world.device)
         position_ids = torch.arange(SEQ, device=world.device).expand(MICRO, -1)
 

@@ -40,7 +40,7 @@ def megatron_checkpoint_shapes(run) -> dict[str, tuple[int, ...]]:
                 yield item.key, tuple(item.global_shape)
 
     with distributed(run.parallel, None, "cpu") as world:
-        (model,) = build_model(run, world.device)
+        (model,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         state = model.sharded_state_dict()
         apply_factories(state)
         return dict(walk(state))

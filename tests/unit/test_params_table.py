@@ -15,7 +15,7 @@ from pipeline.model.build import build_model
 def test_table_matches_built_model_and_its_sharded_state(overrides):
     run = load_run_config(["device=cpu", "precision=fp32", *overrides])
     with distributed(run.parallel, None, run.device) as world:
-        (chunk,) = build_model(run, world.device)
+        (chunk,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         built = {n: p.numel() for n, p in chunk.named_parameters()}
         state = chunk.sharded_state_dict()
         apply_factories(state)  # Mamba's fused tensors become their stored components

@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.config import ParallelConfig, PrecisionConfig, TrainConfig
+from pipeline.distributed import ParallelConfig
 from pipeline.model import sizes
 from pipeline.model.config import ModelConfig
+from pipeline.model.precision import PrecisionConfig
+from pipeline.training.config import TrainConfig
 
 MODEL_CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 
