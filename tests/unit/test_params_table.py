@@ -44,3 +44,16 @@ def test_layer_param_count_sums_the_layer_table():
     assert params.layer_param_count(run.model, "M") == mamba
     assert torch.Size(params.checkpoint_shapes(run.model)["decoder.layers.0.mixer.in_proj.weight.dt"]) == (
         run.model.mamba_num_heads, run.model.hidden_size)
+
+
+def test_param_keys_are_the_stored_pieces_of_each_parameter():
+    model = load_run_config(["device=cpu"]).model
+    shapes = params.checkpoint_shapes(model)
+    numels = params.parameter_numels(model)
+    assert params.param_keys("decoder.layers.0.mixer.in_proj.weight") == [
+        f"decoder.layers.0.mixer.in_proj.weight.{c}" for c in ("z", "x", "B", "C", "dt")
+    ]
+    for name, numel in numels.items():
+        pieces = params.param_keys(name)
+        assert sum(torch.Size(shapes[k]).numel() for k in pieces) == numel, name
+    assert sorted(k for name in numels for k in params.param_keys(name)) == sorted(shapes)

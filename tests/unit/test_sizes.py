@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.distributed import ParallelConfig
-from pipeline.model import sizes
+from pipeline.model import params, sizes
 from pipeline.model.config import ModelConfig
 from pipeline.model.precision import PrecisionConfig
 from pipeline.training.config import TrainConfig
@@ -82,8 +82,8 @@ def test_param_counts_match_hand_count():
 
 def test_parameter_numels_names_and_tp_shards():
     model = ModelConfig(**HAND)
-    full, half = sizes.parameter_numels(model, tp=1), sizes.parameter_numels(model, tp=2)
-    # Megatron-core TE-spec names (DESIGN.md §5; conv as named_parameters() lists it in 0.19).
+    full, half = params.parameter_numels(model, tp=1), params.parameter_numels(model, tp=2)
+    # Megatron-core TE-spec names (docs/checkpoints.md; conv as named_parameters() lists it in 0.19).
     assert set(full) == {
         "embedding.word_embeddings.weight", "decoder.final_norm.weight", "output_layer.weight",
         *(f"decoder.layers.0.mixer.{n}" for n in (
