@@ -1,6 +1,7 @@
 """Benchmark the Hugging Face export on a randomly initialised full-size checkpoint.
 
-    python -m pipeline.hf.bench [--model nemotron_h_8b] [--dir /tmp/hf_bench] [--dtype fp32] [--keep]
+    python bench/hf_export.py [--model nemotron_h_8b] [--dir /tmp/hf_bench] [--dtype fp32] [--keep]
+    python -m bench.hf_export ...                  (the same, from the repository root)
 
 1. Writes a checkpoint in the pipeline's layout (checkpoints/step_0000000 with the torch_dist files,
    meta.json, COMPLETE) without building the model: the torch_dist files are written directly with
@@ -32,7 +33,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model.params import checkpoint_shapes
+if __package__ in (None, ""):
+    # Run as a script: Python put bench/ first on sys.path; the pipeline package lives one level up.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from pipeline.model.params import checkpoint_shapes  # noqa: E402
 
 FP32_SUFFIXES = ("mixer.A_log", "mixer.D")
 BLOCK = 64 * 2**20
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.config import load_run_config
 
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.hf.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python bench/hf_export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="nemotron_h_8b", help="model preset (conf/model)")
     parser.add_argument("--dir", default="/tmp/hf_bench", help="scratch directory (deleted at the end)")
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(root / "copy")
 
         evict(step)
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         dtype = ["--dtype", args.dtype] if args.dtype else []
         export_s, err = timed(
             [sys.executable, "-c", PEAK_RSS_PROBE, "export", str(root), str(root / "hf"), *dtype], env
