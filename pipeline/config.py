@@ -120,7 +120,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def load_run_config(overrides: list[str] = ()) -> RunConfig:
+def load_run_config(overrides: list[str] = (), config_name: str = "config") -> RunConfig:
     """Compose conf/config.yaml with Hydra overrides (as on the command line) into a RunConfig.
 
     For library callers and tests; the entry points get the same result through @hydra.main.
@@ -131,5 +131,5 @@ def load_run_config(overrides: list[str] = ()) -> RunConfig:
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
+        cfg = compose(config_name=config_name, overrides=list(overrides))
     return to_run_config(cfg)

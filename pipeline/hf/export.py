@@ -29,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from pipeline.hf import ConversionError
+from pipeline.errors import CheckpointError, ConversionError
 from pipeline.hf.checkpoint_reader import CheckpointTensors
 from pipeline.hf.config import hf_config
 from pipeline.hf.mapping import Conversion, conversions, hf_shapes
@@ -62,12 +62,12 @@ def check_shapes(model: ModelConfig, found: dict[str, tuple[int, ...]], where: P
     """Every tensor the model needs is in the checkpoint with the shape the model config implies."""
     for key, shape in checkpoint_shapes(model).items():
         if key not in found:
-            raise ConversionError(
+            raise CheckpointError(
                 f"checkpoint {where} has no tensor {key}, which model {model.name!r} (pattern "
                 f"{model.pattern!r}) needs; was it written by this pipeline with this model config?"
             )
         if found[key] != shape:
-            raise ConversionError(
+            raise CheckpointError(
                 f"checkpoint tensor {key} has shape {list(found[key])} but the model config in meta.json "
                 f"implies {list(shape)}; the checkpoint and its meta.json disagree"
             )

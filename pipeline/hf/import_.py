@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.hf import ConversionError
+from pipeline.errors import ConversionError, PipelineError
 from pipeline.hf.config import TIME_STEP_MIN, hf_dtype, model_config_from_hf, time_step_clamp
 from pipeline.hf.export import check_out_dir, replace_dir, temporary_sibling
 from pipeline.hf.mapping import conversions, hf_shapes
@@ -180,7 +180,6 @@ def save_imported(run, hf_dir: Path, tmp_root: Path, tokenizer: str | None) -> N
 def copy_tokenizer(hf_dir: Path, target: Path, model: ModelConfig) -> tuple[str | None, list[str]]:
     """Copy HF_DIR's tokenizer files to `target`; (target if the pipeline can use it, notes)."""
     from pipeline.data.tokenizer import load_tokenizer
-    from pipeline.errors import ConfigError
 
     files = [hf_dir / f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
     if not files:
@@ -190,7 +189,7 @@ def copy_tokenizer(hf_dir: Path, target: Path, model: ModelConfig) -> tuple[str 
         shutil.copy2(f, target / f.name)
     try:
         vocab = load_tokenizer(str(target)).vocab_size
-    except ConfigError as error:
+    except PipelineError as error:
         return None, [f"tokenizer copied to {target} but the pipeline cannot use it: {error}"]
     if vocab > model.vocab_size:
         raise ConversionError(
