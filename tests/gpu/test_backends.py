@@ -1,7 +1,7 @@
 """GPU: the portable (plain PyTorch) backend computes what the Transformer Engine + mamba-ssm backend
 computes, and state dicts move between them. Skipped without CUDA.
 
-    python -m pytest tests/gpu -s      (on a GPU machine with the kit from ../shared/gpu installed)
+    python -m pytest tests/gpu -s      (on a GPU machine with the `gpu` extra: Transformer Engine, mamba-ssm)
 """
 
 import pytest

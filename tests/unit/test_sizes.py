@@ -1,5 +1,5 @@
 """Parameter counts, FLOPs and memory estimates of pipeline/model/sizes.py against the published
-table (DESIGN.md §2), hand computations and the invariants of the parallel layouts."""
+table (docs/architecture.md), hand computations and the invariants of the parallel layouts."""
 
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from pipeline.training.config import TrainConfig
 
 MODEL_CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 
-# DESIGN.md §2 (Nemotron-H / Nemotron Nano 2 papers): params in billions, (M, -, *) layer counts.
+# docs/architecture.md (Nemotron-H / Nemotron Nano 2 papers): params in billions, (M, -, *) layer counts.
 PUBLISHED = {
     "nemotron_h_4b": (4.49, 24, 24, 4),
     "nemotron_h_8b": (8.10, 24, 24, 4),
@@ -102,7 +102,7 @@ def test_parameter_numels_names_and_tp_shards():
 
 
 def hand_flops_per_token(m: ModelConfig, L: int, d_in: int, counts: dict) -> float:
-    """DESIGN.md §8 written out directly, with T = 1 token and S2 = L (full-length sequences)."""
+    """docs/performance.md's formula written out directly, with T = 1 token and S2 = L (full-length sequences)."""
     h, V, n, g = m.hidden_size, m.padded_vocab_size, m.num_attention_heads, m.num_query_groups
     p = m.kv_channels * n / h
     G, N, H = m.mamba_num_groups, m.mamba_state_dim, m.mamba_num_heads
