@@ -16,12 +16,29 @@ import json
 import os
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from pipeline.errors import CheckpointError
+
+
+@dataclass
+class CheckpointConfig:
+    """When to save and what to keep; restarting with the same run_dir resumes from the latest."""
+
+    save_interval: int = 100
+    """Save every N steps (also at the end and on SIGTERM/SIGUSR1); 0 = only those."""
+    keep_last: int = 3
+    """Keep the newest K checkpoints (0 keeps all)."""
+    resume: bool = True
+    """Resume from run_dir/checkpoints/latest when it exists."""
+    init_from: Optional[str] = None
+    """Start a new run from these weights (a checkpoint, e.g. an imported HF model): weights only."""
+
 
 FORMAT = 1
 LATEST = "latest"

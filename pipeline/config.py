@@ -1,168 +1,29 @@
-"""Run configuration: one dataclass per config group, composed into `RunConfig`.
+"""Run configuration: the config groups' dataclasses, composed into `RunConfig`.
 
-The dataclasses are the schema. `register_configs()` puts them in Hydra's ConfigStore so that a
-YAML file or command-line override with a misspelled key or a wrong type fails at composition,
-and `to_run_config()` turns the composed DictConfig into a validated `RunConfig`. Checks that
+Each group's schema lives beside its owner (`model.config`, `distributed.ParallelConfig`,
+`model.precision`, `training.config`, `checkpoint`, `data.config`, `metrics`); this module only
+composes them. The dataclasses are the schema. `register_configs()` puts them in Hydra's
+ConfigStore so that a YAML file or command-line override with a misspelled key or a wrong type
+fails at composition, and `to_run_config()` turns the composed DictConfig into a validated
+`RunConfig`. Checks that
 involve one group live in that group's `__post_init__`; checks across groups in `validate_run`.
 """
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.checkpoint import CheckpointConfig
 from pipeline.data.config import DataConfig
+from pipeline.distributed import ParallelConfig
 from pipeline.errors import ConfigError
+from pipeline.metrics import LoggingConfig
 from pipeline.model.config import ModelConfig
 from pipeline.model.pattern import ATTENTION, MAMBA, split_stages
-
-FP8_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
-
-
-@dataclass
-class ParallelConfig:
-    """How the model is split over processes. Data parallel size = world size / (tp * pp)."""
-
-    tp: int = 1
-    """Tensor parallel size."""
-    pp: int = 1
-    """Pipeline parallel size; virtual stages come from '|' segments in model.pattern."""
-    sequence_parallel: bool = False
-    """Shard activations along the sequence in TP regions (GPU only, needs tp > 1)."""
-    distributed_optimizer: bool = True
-    """Shard optimizer states over data-parallel ranks (megatron-core's distributed optimizer)."""
-
-    def __post_init__(self) -> None:
-        for name in ("tp", "pp"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
-
-
-@dataclass
-class PrecisionConfig:
-    """Numeric formats. FP8 applies to Transformer Engine GEMMs only (GPU)."""
-
-    name: str = "bf16"
-    params_dtype: str = "bf16"
-    """Compute/parameter dtype: bf16 or fp32 (the optimizer keeps fp32 master weights)."""
-    fp8: Optional[str] = None
-    """None, 'hybrid' (E4M3 forward, E5M2 backward) or 'e4m3'."""
-    fp8_recipe: str = "tensorwise"
-    """tensorwise (current scaling), delayed, blockwise or mxfp8 (Blackwell only)."""
-    fp8_amax_history_len: int = 1024
-    """Delayed scaling only: amax history window."""
-    first_last_layers_bf16: bool = False
-    """Keep the first/last layers in BF16 (the Nemotron-H recipe); not with delayed scaling."""
-    num_layers_at_start_in_bf16: int = 2
-    num_layers_at_end_in_bf16: int = 2
-
-    def __post_init__(self) -> None:
-        if self.params_dtype not in ("bf16", "fp32"):
-            raise ConfigError(f"precision.params_dtype={self.params_dtype!r}; use bf16 or fp32")
-        if self.fp8 not in (None, "hybrid", "e4m3"):
-            raise ConfigError(f"precision.fp8={self.fp8!r}; use null, hybrid or e4m3")
-        if self.fp8_recipe not in FP8_RECIPES:
-            raise ConfigError(
-                f"precision.fp8_recipe={self.fp8_recipe!r}; use one of {', '.join(FP8_RECIPES)}"
-            )
-        if self.fp8 and self.first_last_layers_bf16 and self.fp8_recipe == "delayed":
-            raise ConfigError(
-                "precision.first_last_layers_bf16=true is not supported with "
-                "precision.fp8_recipe=delayed; use fp8_recipe=tensorwise or set "
-                "first_last_layers_bf16=false"
-            )
-
-
-@dataclass
-class TrainConfig:
-    """Batch sizes, length of the run and the random seed."""
-
-    seed: int = 1234
-    micro_batch_size: int = 2
-    """Sequences per forward/backward on one data-parallel rank."""
-    global_batch_size: int = 8
-    """Sequences per optimizer step over all data-parallel ranks (the rest is accumulation)."""
-    seq_length: int = 256
-    """Tokens per training sequence (<= model.seq_length)."""
-    iters: int = 200
-    """Optimizer steps."""
-    eval_interval: int = 50
-    """Validation every N steps (and at the end); 0 disables it."""
-    eval_iters: int = 4
-    """Validation global batches, always the same ones so the curve is comparable."""
-    packed_documents: bool = True
-    """Reset Mamba state and attention at document boundaries (EOD) inside packed sequences;
-    false = plain concatenation, state flows across documents."""
-    max_nonfinite_steps: int = 3
-    """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
-    exit_after_steps: Optional[int] = None
-    """Save and stop after this many steps of this invocation (to fit a job's time limit); the
-    next start resumes. None runs to train.iters."""
-
-    def __post_init__(self) -> None:
-        for name in ("micro_batch_size", "global_batch_size", "seq_length", "iters", "max_nonfinite_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
-        if self.global_batch_size % self.micro_batch_size:
-            raise ConfigError(
-                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size={self.micro_batch_size}"
-            )
-
-
-@dataclass
-class OptimConfig:
-    """AdamW through megatron-core's optimizer, with warmup then cosine or WSD decay."""
-
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    schedule: str = "cosine"
-    """cosine, wsd (warmup-stable-decay), linear or constant."""
-    warmup_iters: int = 20
-    wsd_decay_iters: int = 0
-    """WSD only: length of the final decay phase (0 = 20% of train.iters)."""
-    weight_decay: float = 0.1
-    """Applied to matrices only: 1-D parameters (norms, A_log, D, dt_bias) are exempt."""
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0
-    """Clip the global gradient norm to this (0 disables)."""
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "wsd", "linear", "constant"):
-            raise ConfigError(f"optim.schedule={self.schedule!r}; use cosine, wsd, linear or constant")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
-
-
-@dataclass
-class CheckpointConfig:
-    """When to save and what to keep; restarting with the same run_dir resumes from the latest."""
-
-    save_interval: int = 100
-    """Save every N steps (also at the end and on SIGTERM/SIGUSR1); 0 = only those."""
-    keep_last: int = 3
-    """Keep the newest K checkpoints (0 keeps all)."""
-    resume: bool = True
-    """Resume from run_dir/checkpoints/latest when it exists."""
-    init_from: Optional[str] = None
-    """Start a new run from these weights (a checkpoint, e.g. an imported HF model): weights only."""
-
-
-@dataclass
-class LoggingConfig:
-    """Where metrics go: console always, JSONL in the run directory, TensorBoard and W&B when enabled."""
-
-    interval: int = 10
-    """Log every N steps."""
-    tensorboard: bool = False
-    """Write TensorBoard event files to run_dir/tensorboard (`tensorboard --logdir runs/`)."""
-    wandb: bool = False
-    wandb_project: str = "nemotron-h"
-    wandb_entity: Optional[str] = None
+from pipeline.model.precision import PrecisionConfig
+from pipeline.training.config import OptimConfig, TrainConfig
 
 
 @dataclass
@@ -259,7 +120,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def load_run_config(overrides: list[str] = ()) -> RunConfig:
+def load_run_config(overrides: list[str] = (), config_name: str = "config") -> RunConfig:
     """Compose conf/config.yaml with Hydra overrides (as on the command line) into a RunConfig.
 
     For library callers and tests; the entry points get the same result through @hydra.main.
@@ -270,5 +131,5 @@ def load_run_config(overrides: list[str] = ()) -> RunConfig:
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
+        cfg = compose(config_name=config_name, overrides=list(overrides))
     return to_run_config(cfg)

@@ -11,7 +11,8 @@ import: writes OUT_DIR/checkpoints/step_0000000 (weights only), OUT_DIR/model/NA
 OUT_DIR/tokenizer; the overrides choose the layout it is written at (torchrun processes for tp*pp>1)
 and the precision (default: the HF weights' dtype).
 
-A bad input exits with status 2 and one line `error: <message>`; nothing is written.
+A bad input (or command line) exits with status 2 and one line `error: <message>`; nothing is
+written (docs/cli.md).
 """
 
 import argparse
@@ -22,7 +23,8 @@ if __package__ in (None, ""):
     # Run as a script: Python put pipeline/ first on sys.path; the package lives one level up.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from pipeline.cli import exit_on_config_error  # noqa: E402
+from pipeline.cli import exit_on_user_error  # noqa: E402
+from pipeline.errors import EXIT_USER_ERROR  # noqa: E402
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -55,9 +57,17 @@ def _import(args: argparse.Namespace) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the pipeline's exit convention: a usage error is one `error:` line, status 2."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line of this entry point."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python pipeline/convert.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,7 +92,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the chosen conversion, turning bad input into `error: <one line>`, exit 2."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    with exit_on_config_error():
+    with exit_on_user_error():
         args.run(args)
 
 

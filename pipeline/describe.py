@@ -1,21 +1,31 @@
 """Describe a run's model without building it: layers, pipeline stages, parameters, FLOPs, memory.
 
-Usage (takes the same Hydra overrides as training; writes nothing to disk):
+A Hydra app over conf/config.yaml, like training (same overrides, same --help/--cfg/-m); writes
+nothing to disk:
     python -m pipeline.describe model=nemotron_h_8b parallel.tp=2
     WORLD_SIZE=64 python -m pipeline.describe model=nemotron_h_56b parallel.tp=8 parallel.pp=2
+    python -m pipeline.describe -m model=nemotron_h_4b,nemotron_h_8b   # several (each gets a run_dir)
 
 The data-parallel size is WORLD_SIZE / (tp * pp); without WORLD_SIZE the world is tp * pp GPUs
-(dp = 1). A bad override exits with status 2 and one line `error: <message>`.
+(dp = 1). A bad override exits with status 2 and one line `error: <message>` (docs/cli.md).
 """
 
 import os
 import sys
+from pathlib import Path
 
-from pipeline.cli import exit_on_config_error, run_config_from_argv
-from pipeline.config import RunConfig
-from pipeline.errors import ConfigError
-from pipeline.model import sizes
-from pipeline.model.pattern import split_stages
+import hydra
+from omegaconf import DictConfig
+
+if __package__ in (None, ""):
+    # Run as a script (shell completion needs `python pipeline/describe.py`): the package is one level up.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from pipeline.cli import CONF_PATH, exit_on_user_error, launch, run_config_of  # noqa: E402
+from pipeline.config import RunConfig  # noqa: E402
+from pipeline.errors import ConfigError  # noqa: E402
+from pipeline.model import sizes  # noqa: E402
+from pipeline.model.pattern import split_stages  # noqa: E402
 
 GIB = 2**30
 
@@ -128,17 +138,14 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    """Print the report for the Hydra overrides in `argv`; bad overrides exit with status 2."""
-    if {"-h", "--help"} & set(argv):
-        print(__doc__)
-        return 0
-    run = run_config_from_argv(argv)
-    with exit_on_config_error():
+@hydra.main(config_path=CONF_PATH, config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Print the report of the composed run config."""
+    run = run_config_of(cfg)
+    with exit_on_user_error():
         world_size, source = world_size_from_env(run, dict(os.environ))
     print(format_report(run, world_size, source))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    launch(main)

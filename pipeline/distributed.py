@@ -12,9 +12,27 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeline.config import ParallelConfig
 from pipeline.errors import ConfigError
 from pipeline.megatron_patches import cpu_mode
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over processes. Data parallel size = world size / (tp * pp)."""
+
+    tp: int = 1
+    """Tensor parallel size."""
+    pp: int = 1
+    """Pipeline parallel size; virtual stages come from '|' segments in model.pattern."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence in TP regions (GPU only, needs tp > 1)."""
+    distributed_optimizer: bool = True
+    """Shard optimizer states over data-parallel ranks (megatron-core's distributed optimizer)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,24 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from pipeline.config import LoggingConfig
 from pipeline.fs import atomic_write_text
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go: console always, JSONL in the run directory, TensorBoard and W&B when enabled."""
+
+    interval: int = 10
+    """Log every N steps."""
+    tensorboard: bool = False
+    """Write TensorBoard event files to run_dir/tensorboard (`tensorboard --logdir runs/`)."""
+    wandb: bool = False
+    wandb_project: str = "nemotron-h"
+    wandb_entity: Optional[str] = None
 
 WANDB_ID_FILE = "wandb_id.txt"
 TENSORBOARD_DIR = "tensorboard"

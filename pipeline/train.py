@@ -1,35 +1,42 @@
-"""Pretrain a hybrid model. Arguments are Hydra overrides of conf/config.yaml.
+"""Pretrain a hybrid model: a Hydra app over conf/config.yaml (arguments are overrides).
 
     python -m pipeline.train                                   # tiny model, embedded corpus, 1 process
     torchrun --standalone --nproc_per_node=4 -m pipeline.train parallel.tp=2 parallel.pp=2
     bash launch/local.sh model=bench_125m train.iters=300      # one node, all GPUs (or 2 CPU procs)
     srun ... python -m pipeline.train model=nemotron_h_8b ...  # see slurm/pretrain.sbatch
+    python -m pipeline.train -m optim.lr=1e-3,2e-3 train.iters=20   # a sweep: one run_dir per job
+    python -m pipeline.train --help                            # config groups, presets, every key
 
-Restarting with the same run_dir resumes from its latest checkpoint.
+Restarting with the same run_dir resumes from its latest checkpoint. Every rank runs this app and
+all ranks use the one run_dir. Exit status 2 with one line `error: ...` for bad input (docs/cli.md).
 """
 
 import os
 import sys
+from pathlib import Path
 
-from omegaconf import OmegaConf
+import hydra
+from omegaconf import DictConfig, OmegaConf
 
-from pipeline.cli import exit_on_config_error, run_config_from_argv
+if __package__ in (None, ""):
+    # Run as a script (shell completion needs `python pipeline/train.py`): the package is one level up.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from pipeline.cli import CONF_PATH, exit_on_user_error, launch, run_config_of  # noqa: E402
 
 
-def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    run = run_config_from_argv(argv)
+@hydra.main(config_path=CONF_PATH, config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Train one run (one job of a sweep). Exits 0 also after a signal-triggered save: the job
+    script decides from run_dir/DONE whether to requeue."""
+    run = run_config_of(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(OmegaConf.to_yaml(OmegaConf.structured(run)), flush=True)
     from pipeline.training.loop import train
 
-    with exit_on_config_error():
+    with exit_on_user_error():
         train(run)
-    # 0 also after a signal-triggered save: the job script decides from run_dir/DONE whether to requeue.
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    launch(main)

@@ -2,7 +2,7 @@
 
 `config` (config.json <-> ModelConfig), `mapping` (tensor names and layouts), `checkpoint_reader`
 (whole tensors from torch_dist files), `safetensors_io` (streaming shard writer/reader), `export`
-and `import_` (the two directions), `bench` (timing).
+and `import_` (the two directions); the export benchmark is bench/hf_export.py.
 Entry point: `python pipeline/convert.py {export,import} ...`.
 """
 

@@ -21,7 +21,7 @@ The Mamba gated RMSNorm: megatron-core hard-codes eps 1e-5 while HF uses `layer_
 for it; they agree for the usual 1e-5.
 """
 
-from pipeline.hf import ConversionError
+from pipeline.errors import ConversionError
 from pipeline.model.config import ModelConfig
 from pipeline.model.pattern import ATTENTION, MAMBA, MLP, PIPE
 

@@ -29,12 +29,13 @@ from typing import Iterator
 
 import torch
 
-from pipeline.hf import ConversionError
+from pipeline.errors import CheckpointError, ConversionError
 from pipeline.hf.checkpoint_reader import CheckpointTensors
 from pipeline.hf.config import hf_config
-from pipeline.hf.mapping import EMBEDDING, Conversion, conversions, hf_shapes, megatron_shapes
+from pipeline.hf.mapping import Conversion, conversions, hf_shapes
 from pipeline.hf.safetensors_io import ShardWriter, plan_shards, shard_file_names, write_index
 from pipeline.model.config import ModelConfig
+from pipeline.model.params import EMBEDDING, checkpoint_shapes
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -59,14 +60,14 @@ class ExportResult:
 
 def check_shapes(model: ModelConfig, found: dict[str, tuple[int, ...]], where: Path) -> None:
     """Every tensor the model needs is in the checkpoint with the shape the model config implies."""
-    for key, shape in megatron_shapes(model).items():
+    for key, shape in checkpoint_shapes(model).items():
         if key not in found:
-            raise ConversionError(
+            raise CheckpointError(
                 f"checkpoint {where} has no tensor {key}, which model {model.name!r} (pattern "
                 f"{model.pattern!r}) needs; was it written by this pipeline with this model config?"
             )
         if found[key] != shape:
-            raise ConversionError(
+            raise CheckpointError(
                 f"checkpoint tensor {key} has shape {list(found[key])} but the model config in meta.json "
                 f"implies {list(shape)}; the checkpoint and its meta.json disagree"
             )

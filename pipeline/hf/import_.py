@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.hf import ConversionError
+from pipeline.errors import ConversionError, PipelineError
 from pipeline.hf.config import TIME_STEP_MIN, hf_dtype, model_config_from_hf, time_step_clamp
 from pipeline.hf.export import check_out_dir, replace_dir, temporary_sibling
-from pipeline.hf.mapping import CONV_COMPONENTS, IN_PROJ_COMPONENTS, conversions, hf_shapes
+from pipeline.hf.mapping import conversions, hf_shapes
 from pipeline.hf.safetensors_io import HFTensors
 from pipeline.model.config import ModelConfig
+from pipeline.model.params import param_keys
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_FILES = (
@@ -46,12 +47,6 @@ TOKENIZER_FILES = (
     "merges.txt",
     "chat_template.jinja",
 )
-# Model parameters that hold several checkpoint components (concatenated in this order).
-FUSED_PARAMS = {
-    "mixer.in_proj.weight": [f"mixer.in_proj.weight.{c}" for c in IN_PROJ_COMPONENTS],
-    "mixer.conv1d_weight": [f"mixer.conv1d.weight.{c}" for c in CONV_COMPONENTS],
-    "mixer.conv1d_bias": [f"mixer.conv1d.bias.{c}" for c in CONV_COMPONENTS],
-}
 
 
 @dataclass(frozen=True)
@@ -132,15 +127,6 @@ def import_run_config(model: ModelConfig, hf_config: dict, overrides: list[str],
     return dataclasses.replace(run, model=model, train=train, run_dir=str(out_dir))
 
 
-def param_sources(name: str) -> list[str]:
-    """Checkpoint keys whose full tensors, concatenated, make model parameter `name` (global name)."""
-    for suffix, parts in FUSED_PARAMS.items():
-        if name.endswith("." + suffix):
-            prefix = name[: -len(suffix)]
-            return [prefix + p for p in parts]
-    return [name]
-
-
 @torch.no_grad()
 def load_hf_into_chunks(chunks, model: ModelConfig, tensors: CanonicalHFTensors) -> None:
     """Copy this rank's slice of every HF tensor into its model chunks' parameters."""
@@ -155,12 +141,12 @@ def load_hf_into_chunks(chunks, model: ModelConfig, tensors: CanonicalHFTensors)
     for chunk in chunks:
         for name, param in global_param_names(chunk).items():
             full = {}
-            for key in param_sources(name):
+            for key in param_keys(name):
                 if key not in full:
                     c = by_key[key]
                     converted = c.to_megatron([tensors.get(n) for n, _ in c.hf])
                     full.update(zip((k for k, _ in c.megatron), converted, strict=True))
-            whole = torch.cat([full[k] for k in param_sources(name)], dim=0)
+            whole = torch.cat([full[k] for k in param_keys(name)], dim=0)
             param.copy_(local_slice(whole, param, tp_rank, tp_size))
 
 
@@ -175,7 +161,7 @@ def save_imported(run, hf_dir: Path, tmp_root: Path, tokenizer: str | None) -> N
 
     tensors = CanonicalHFTensors(hf_dir)
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
-        chunks = build_model(run, world.device)
+        chunks = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         load_hf_into_chunks(chunks, run.model, tensors)
         meta = {
             "step": 0,
@@ -194,7 +180,6 @@ def save_imported(run, hf_dir: Path, tmp_root: Path, tokenizer: str | None) -> N
 def copy_tokenizer(hf_dir: Path, target: Path, model: ModelConfig) -> tuple[str | None, list[str]]:
     """Copy HF_DIR's tokenizer files to `target`; (target if the pipeline can use it, notes)."""
     from pipeline.data.tokenizer import load_tokenizer
-    from pipeline.errors import ConfigError
 
     files = [hf_dir / f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
     if not files:
@@ -204,7 +189,7 @@ def copy_tokenizer(hf_dir: Path, target: Path, model: ModelConfig) -> tuple[str 
         shutil.copy2(f, target / f.name)
     try:
         vocab = load_tokenizer(str(target)).vocab_size
-    except ConfigError as error:
+    except PipelineError as error:
         return None, [f"tokenizer copied to {target} but the pipeline cannot use it: {error}"]
     if vocab > model.vocab_size:
         raise ConversionError(

@@ -1,6 +1,7 @@
 """Tensor names and layouts: the pipeline's checkpoint keys (full, unsharded tensors) <-> HF NemotronH.
 
-One table of renames plus four named special cases:
+The checkpoint side (keys, shapes, fused components) comes from the tensor table in
+`pipeline.model.params`; here are the HF names: one table of renames plus four named special cases:
 - `Concat`: Mamba `in_proj.weight.{z,x,B,C,dt}` -> HF `in_proj.weight` (rows in that order), and
   `conv1d.{weight,bias}.{x,B,C}` -> HF `conv1d.{weight,bias}`. The checkpoint stores the components
   separately (each TP rank holds a slice of every component), so concatenating them here is right
@@ -19,6 +20,7 @@ q query heads per KV group (n/g), R heads of one KV group's fused QKV rows (q + 
 width (heads x head dim), H Mamba heads, G Mamba groups, N state size, K conv kernel.
 """
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -26,7 +28,15 @@ from typing import Callable, Iterator
 import torch
 
 from pipeline.model.config import ModelConfig
-from pipeline.model.pattern import ATTENTION, MAMBA, MLP, PIPE
+from pipeline.model.params import (
+    EMBEDDING,
+    FINAL_NORM,
+    LAYER_TENSORS,
+    OUTPUT_LAYER,
+    checkpoint_shapes,
+    layer_key,
+)
+from pipeline.model.pattern import ATTENTION, MAMBA, MLP
 
 Shape = tuple[int, ...]
 Named = tuple[tuple[str, Shape], ...]
@@ -53,12 +63,7 @@ LAYER_RENAMES = {
         "mlp.linear_fc2.weight": "mixer.down_proj.weight",
     },
 }
-IN_PROJ_COMPONENTS = ("z", "x", "B", "C", "dt")
-CONV_COMPONENTS = ("x", "B", "C")
-
-EMBEDDING = "embedding.word_embeddings.weight"
-FINAL_NORM = "decoder.final_norm.weight"
-OUTPUT_LAYER = "output_layer.weight"
+QKV = "self_attention.linear_qkv.weight"
 HF_EMBEDDING = "backbone.embeddings.weight"
 HF_FINAL_NORM = "backbone.norm_f.weight"
 HF_LM_HEAD = "lm_head.weight"
@@ -151,72 +156,40 @@ class Vocab(Conversion):
         return [[(0, 0, math.prod(self.hf[0][1]))]]
 
 
-def _layer_shapes(model: ModelConfig) -> dict[str, Shape]:
-    """Full shape of every per-layer megatron tensor, by suffix."""
-    h, E, H = model.hidden_size, model.mamba_d_inner, model.mamba_num_heads
-    GN, K = model.mamba_num_groups * model.mamba_state_dim, model.mamba_conv_kernel
-    n, g, d, f = model.num_attention_heads, model.num_query_groups, model.kv_channels, model.ffn_hidden_size
-    in_proj = {"z": E, "x": E, "B": GN, "C": GN, "dt": H}
-    conv = {"x": E, "B": GN, "C": GN}
-    shapes = {
-        "mixer.in_proj.layer_norm_weight": (h,),
-        "mixer.A_log": (H,),
-        "mixer.D": (H,),
-        "mixer.dt_bias": (H,),
-        "mixer.norm.weight": (E,),
-        "mixer.out_proj.weight": (h, E),
-        "self_attention.linear_qkv.layer_norm_weight": (h,),
-        "self_attention.linear_qkv.weight": ((n + 2 * g) * d, h),
-        "self_attention.linear_proj.weight": (h, n * d),
-        "mlp.linear_fc1.layer_norm_weight": (h,),
-        "mlp.linear_fc1.weight": (f, h),
-        "mlp.linear_fc2.weight": (h, f),
-    }
-    shapes.update({f"mixer.in_proj.weight.{c}": (rows, h) for c, rows in in_proj.items()})
-    shapes.update({f"mixer.conv1d.weight.{c}": (rows, 1, K) for c, rows in conv.items()})
-    shapes.update({f"mixer.conv1d.bias.{c}": (rows,) for c, rows in conv.items()})
-    return shapes
-
-
-def _concat(prefix: str, hf_prefix: str, name: str, components: tuple[str, ...], shapes: dict) -> Concat:
-    parts = tuple((f"{prefix}mixer.{name}.{c}", shapes[f"mixer.{name}.{c}"]) for c in components)
-    rows = sum(shape[0] for _, shape in parts)
-    return Concat(parts, ((f"{hf_prefix}mixer.{name}", (rows, *parts[0][1][1:])),))
+def _layer_conversions(model: ModelConfig, index: int, symbol: str, shapes: dict[str, Shape]) -> list[Conversion]:
+    """Conversions of the layer at global `index`, in the table's (HF's) order: a fused Mamba
+    parameter's components are concatenated, the fused QKV split, everything else renamed."""
+    hf_prefix = f"backbone.layers.{index}."
+    out: list[Conversion] = []
+    for _, group in itertools.groupby(LAYER_TENSORS[symbol], key=lambda spec: spec.param):
+        specs = list(group)
+        megatron = tuple((layer_key(index, spec), shapes[layer_key(index, spec)]) for spec in specs)
+        first = specs[0]
+        if first.component is not None:
+            rows = sum(shape[0] for _, shape in megatron)
+            fused = first.key.rsplit(".", 1)[0]  # mixer.in_proj.weight, mixer.conv1d.weight, ...
+            out.append(Concat(megatron, ((hf_prefix + fused, (rows, *megatron[0][1][1:])),)))
+        elif first.key == QKV:
+            n, g, d, h = model.num_attention_heads, model.num_query_groups, model.kv_channels, model.hidden_size
+            hf = tuple(
+                (f"{hf_prefix}mixer.{p}_proj.weight", (rows * d, h)) for p, rows in (("q", n), ("k", g), ("v", g))
+            )
+            out.append(SplitQKV(megatron, hf, groups=g, head_dim=d))
+        else:
+            out.append(Conversion(megatron, ((hf_prefix + LAYER_RENAMES[symbol][first.key], megatron[0][1]),)))
+    return out
 
 
 def conversions(model: ModelConfig) -> list[Conversion]:
     """Every conversion of `model`, in HF order (embedding, layers in order, final norm, lm_head)."""
-    shapes = _layer_shapes(model)
-    h = model.hidden_size
-    vocab, padded = (model.vocab_size, h), (model.padded_vocab_size, h)
-    out: list[Conversion] = [Vocab(((EMBEDDING, padded),), ((HF_EMBEDDING, vocab),))]
-    for i, symbol in enumerate(model.pattern.replace(PIPE, "")):
-        prefix, hf_prefix = f"decoder.layers.{i}.", f"backbone.layers.{i}."
-        renames = [
-            Conversion(((prefix + src, shapes[src]),), ((hf_prefix + dst, shapes[src]),))
-            for src, dst in LAYER_RENAMES[symbol].items()
-        ]
-        out.append(renames[0])  # the pre-norm first, as HF lists it
-        if symbol == MAMBA:
-            out.append(_concat(prefix, hf_prefix, "in_proj.weight", IN_PROJ_COMPONENTS, shapes))
-            out.append(_concat(prefix, hf_prefix, "conv1d.weight", CONV_COMPONENTS, shapes))
-            out.append(_concat(prefix, hf_prefix, "conv1d.bias", CONV_COMPONENTS, shapes))
-        elif symbol == ATTENTION:
-            n, g, d = model.num_attention_heads, model.num_query_groups, model.kv_channels
-            key = prefix + "self_attention.linear_qkv.weight"
-            hf = tuple(
-                (f"{hf_prefix}mixer.{p}_proj.weight", (rows * d, h)) for p, rows in (("q", n), ("k", g), ("v", g))
-            )
-            out.append(SplitQKV(((key, shapes["self_attention.linear_qkv.weight"]),), hf, groups=g, head_dim=d))
-        out.extend(renames[1:])
-    out.append(Conversion(((FINAL_NORM, (h,)),), ((HF_FINAL_NORM, (h,)),)))
-    out.append(Vocab(((OUTPUT_LAYER, padded),), ((HF_LM_HEAD, vocab),)))
+    shapes = checkpoint_shapes(model)
+    vocab = (model.vocab_size, model.hidden_size)
+    out: list[Conversion] = [Vocab(((EMBEDDING, shapes[EMBEDDING]),), ((HF_EMBEDDING, vocab),))]
+    for i, symbol in enumerate(model.parsed_pattern().layers):
+        out += _layer_conversions(model, i, symbol, shapes)
+    out.append(Conversion(((FINAL_NORM, shapes[FINAL_NORM]),), ((HF_FINAL_NORM, shapes[FINAL_NORM]),)))
+    out.append(Vocab(((OUTPUT_LAYER, shapes[OUTPUT_LAYER]),), ((HF_LM_HEAD, vocab),)))
     return out
-
-
-def megatron_shapes(model: ModelConfig) -> dict[str, Shape]:
-    """Full shape of every model tensor in the pipeline's checkpoint, by key."""
-    return {key: shape for c in conversions(model) for key, shape in c.megatron}
 
 
 def hf_shapes(model: ModelConfig) -> dict[str, Shape]:

@@ -9,11 +9,12 @@ from megatron.core.activations import squared_relu
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from pipeline.config import ParallelConfig, PrecisionConfig, RunConfig
+from pipeline.distributed import ParallelConfig
 from pipeline.errors import ConfigError
 from pipeline.model.config import ModelConfig
 from pipeline.model.init import initialize_weights
 from pipeline.model.pattern import megatron_pattern, split_stages
+from pipeline.model.precision import PrecisionConfig
 from pipeline.model.spec import stack_spec
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -109,8 +110,15 @@ def transformer_config(
     )
 
 
-def build_model(run: RunConfig, device: torch.device, backend: str | None = None) -> list[HybridModel]:
-    """This rank's model chunks (one per virtual pipeline stage), initialised from `run.train.seed`.
+def build_model(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    seed: int,
+    device: torch.device,
+    backend: str | None = None,
+) -> list[HybridModel]:
+    """This rank's model chunks (one per virtual pipeline stage), initialised from `seed`.
 
     Needs `pipeline.distributed.distributed(...)` to be active.
     """
@@ -118,13 +126,12 @@ def build_model(run: RunConfig, device: torch.device, backend: str | None = None
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     backend = backend or default_backend(device)
-    check_precision_supported(run.precision, device)
-    vp = virtual_stages(run.model, run.parallel)
-    config = transformer_config(run.model, run.parallel, run.precision, device, vp)
-    pattern = megatron_pattern(run.model.parsed_pattern(), run.parallel.pp)
-    spec = stack_spec(run.model, backend)
+    check_precision_supported(precision, device)
+    vp = virtual_stages(model, parallel)
+    config = transformer_config(model, parallel, precision, device, vp)
+    pattern = megatron_pattern(model.parsed_pattern(), parallel.pp)
+    spec = stack_spec(model, backend)
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    seed = run.train.seed
     if device.type == "cuda":
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -136,8 +143,8 @@ def build_model(run: RunConfig, device: torch.device, backend: str | None = None
         chunk = HybridModel(
             config=config,
             hybrid_stack_spec=spec,
-            vocab_size=run.model.padded_vocab_size,
-            max_sequence_length=run.model.seq_length,
+            vocab_size=model.padded_vocab_size,
+            max_sequence_length=model.seq_length,
             hybrid_layer_pattern=pattern,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -147,7 +154,7 @@ def build_model(run: RunConfig, device: torch.device, backend: str | None = None
             vp_stage=vp_stage,
         )
         chunks.append(chunk.to(device))
-    initialize_weights(chunks, run.model, seed)
+    initialize_weights(chunks, model, seed)
     # Like megatron's Float16Module: every parameter in the compute dtype (Mamba's A_log and D are
     # created in fp32), the optimizer keeps fp32 main copies. One dtype also keeps the distributed
     # optimizer to a single grad buffer per chunk.

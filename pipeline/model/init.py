@@ -14,45 +14,37 @@ import torch
 from megatron.core import parallel_state
 
 from pipeline.model.config import ModelConfig
+from pipeline.model.params import init_rule
 from pipeline.model.sharding import full_shape, local_slice
 
 # Mamba-2 defaults (mamba-ssm and megatron-core MambaMixer).
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 0.1, 1e-4
 A_INIT_RANGE = (1.0, 16.0)
 
-_ONES = ("layer_norm_weight", "final_norm.weight", "mixer.norm.weight", "mixer.D")
-_SCALED_OUTPUT = ("mixer.out_proj.weight", "self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
-_NORMAL = (
-    "embedding.word_embeddings.weight",
-    "output_layer.weight",
-    "mixer.in_proj.weight",
-    "self_attention.linear_qkv.weight",
-    "mlp.linear_fc1.weight",
-)
-
 
 def _full_value(name: str, shape: tuple[int, ...], model: ModelConfig, gen: torch.Generator) -> torch.Tensor:
-    """A freshly drawn full-size value for the parameter called `name`."""
+    """A freshly drawn full-size value for the parameter called `name`, by its rule in `params.py`."""
+    rule = init_rule(name)
     std = model.init_method_std
-    if name.endswith(_ONES):
+    if rule == "ones":
         return torch.ones(shape)
-    if name.endswith(_SCALED_OUTPUT):
+    if rule == "scaled_normal":
         return torch.randn(shape, generator=gen) * (std / math.sqrt(2.0 * model.parsed_pattern().num_layers))
-    if name.endswith(_NORMAL):
+    if rule == "normal":
         return torch.randn(shape, generator=gen) * std
-    if name.endswith(("mixer.conv1d_weight", "mixer.conv1d_bias")):
+    if rule == "conv_uniform":
         # nn.Conv1d's default (kaiming uniform, a=sqrt(5)) for a depthwise kernel: U(+-1/sqrt(K)).
         bound = 1.0 / math.sqrt(model.mamba_conv_kernel)
         return (torch.rand(shape, generator=gen) * 2 - 1) * bound
-    if name.endswith("mixer.dt_bias"):
+    if rule == "dt_bias":
         # softplus(dt_bias) log-uniform in [DT_MIN, DT_MAX]: the inverse softplus of such a dt.
         u = torch.rand(shape, generator=gen)
         dt = torch.exp(u * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)).clamp(min=DT_FLOOR)
         return dt + torch.log(-torch.expm1(-dt))
-    if name.endswith("mixer.A_log"):
+    if rule == "A_log":
         lo, hi = A_INIT_RANGE
         return torch.log(torch.rand(shape, generator=gen) * (hi - lo) + lo)
-    raise ValueError(f"no initialisation rule for parameter {name!r}; add one in pipeline/model/init.py")
+    raise ValueError(f"init rule {rule!r} of {name!r} has no drawing code; add it in pipeline/model/init.py")
 
 
 def global_param_names(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -165,6 +165,20 @@ def layer_param_count(model: ModelConfig, symbol: str) -> int:
     return sum(math.prod(shape_of(spec, model)) for spec in LAYER_TENSORS[symbol])
 
 
+def param_keys(param_name: str) -> list[str]:
+    """Checkpoint keys stored for the module parameter `param_name` (global name, as in
+    `parameter_numels`), in the order their tensors concatenate along dim 0 into it: the
+    components of a fused Mamba parameter, else the name itself."""
+    if not param_name.startswith(LAYER_PREFIX + "."):
+        return [param_name]
+    index, param = param_name[len(LAYER_PREFIX) + 1 :].split(".", 1)
+    for specs in LAYER_TENSORS.values():
+        keys = [layer_key(int(index), spec) for spec in specs if spec.param == param]
+        if keys:
+            return keys
+    raise ValueError(f"no parameter {param_name!r} in the table; add it to pipeline/model/params.py")
+
+
 def init_rule(param_name: str) -> str:
     """The init rule of a module parameter, from its name (any prefix, e.g. `decoder.layers.3.`)."""
     for spec in (EMBEDDING_TENSOR, FINAL_NORM_TENSOR, OUTPUT_TENSOR, *(s for t in LAYER_TENSORS.values() for s in t)):

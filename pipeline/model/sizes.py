@@ -1,18 +1,22 @@
-"""Model arithmetic without torch: parameter counts, training FLOPs and a per-GPU memory estimate.
+"""Model arithmetic without building a model: parameter counts, training FLOPs, per-GPU memory.
 
 Everything here is a pure function of the config dataclasses, so `python -m pipeline.describe` can
-size a 56B model on a laptop. Parameter counts are exact for what megatron-core 0.19 builds with
-the Transformer Engine hybrid spec (norms fused into the following linear as `layer_norm_weight`,
-no biases except the Mamba conv, untied embedding and output layer). FLOPs follow Megatron's
-convention; the memory figure is an estimate (see `memory_estimate`).
+size a 56B model on a laptop. Parameter counts come from the tensor table in `params.py`, exact for
+what megatron-core 0.19 builds with the Transformer Engine hybrid spec (norms fused into the
+following linear as `layer_norm_weight`, no biases except the Mamba conv, untied embedding and
+output layer). FLOPs follow Megatron's convention (docs/performance.md); the memory figure is an
+estimate (see `memory_estimate`).
 """
 
+import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
-from pipeline.config import ParallelConfig, PrecisionConfig, TrainConfig
+from pipeline.distributed import ParallelConfig
+from pipeline.model import params
 from pipeline.model.config import ModelConfig
 from pipeline.model.pattern import ATTENTION, LAYER_SYMBOLS, MAMBA, MLP, SYMBOL_NAMES, split_stages
+from pipeline.model.precision import PrecisionConfig
+from pipeline.training.config import TrainConfig
 
 # Adam keeps two fp32 moments per parameter, plus an fp32 master copy when the model is not fp32.
 ADAM_MOMENT_BYTES = 8
@@ -23,95 +27,26 @@ MAIN_GRAD_BYTES = 4
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 
 
-class ParamTensor(NamedTuple):
-    """One parameter of a layer: its megatron-core name (relative to the layer), size, sharding."""
-
-    name: str
-    numel: int
-    tp_sharded: bool
-    """Split over tensor-parallel ranks (False: replicated, i.e. the RMSNorm weights)."""
-
-
-def layer_parameters(model: ModelConfig, symbol: str) -> list[ParamTensor]:
-    """The parameters of one layer of type `symbol` (`M`, `*` or `-`), named as megatron-core's
-    TE spec names them in `named_parameters()` under `decoder.layers.{i}.`."""
-    h = model.hidden_size
-    if symbol == MAMBA:
-        d_in, heads = model.mamba_d_inner, model.mamba_num_heads
-        conv_dim = d_in + 2 * model.mamba_num_groups * model.mamba_state_dim  # conv covers x, B, C
-        return [
-            ParamTensor("mixer.in_proj.layer_norm_weight", h, False),
-            ParamTensor("mixer.in_proj.weight", model.mamba_in_proj_width * h, True),
-            ParamTensor("mixer.conv1d_weight", conv_dim * model.mamba_conv_kernel, True),
-            ParamTensor("mixer.conv1d_bias", conv_dim, True),
-            ParamTensor("mixer.A_log", heads, True),
-            ParamTensor("mixer.D", heads, True),
-            ParamTensor("mixer.dt_bias", heads, True),
-            ParamTensor("mixer.norm.weight", d_in, True),
-            ParamTensor("mixer.out_proj.weight", d_in * h, True),
-        ]
-    if symbol == ATTENTION:
-        kv = model.kv_channels
-        q_width, kv_width = model.num_attention_heads * kv, model.num_query_groups * kv
-        return [
-            ParamTensor("self_attention.linear_qkv.layer_norm_weight", h, False),
-            ParamTensor("self_attention.linear_qkv.weight", h * (q_width + 2 * kv_width), True),
-            ParamTensor("self_attention.linear_proj.weight", q_width * h, True),
-        ]
-    if symbol == MLP:
-        f = model.ffn_hidden_size
-        return [
-            ParamTensor("mlp.linear_fc1.layer_norm_weight", h, False),
-            ParamTensor("mlp.linear_fc1.weight", h * f, True),
-            ParamTensor("mlp.linear_fc2.weight", f * h, True),
-        ]
-    raise ValueError(f"unknown layer symbol {symbol!r}; use one of {''.join(LAYER_SYMBOLS)}")
-
-
-def _outer_parameters(model: ModelConfig) -> dict[str, ParamTensor]:
-    """Embedding, final norm and output layer, keyed by component."""
-    vh = model.padded_vocab_size * model.hidden_size
-    return {
-        "embedding": ParamTensor("embedding.word_embeddings.weight", vh, True),
-        "final_norm": ParamTensor("decoder.final_norm.weight", model.hidden_size, False),
-        "output_layer": ParamTensor("output_layer.weight", vh, True),
-    }
-
-
-def layer_param_count(model: ModelConfig, symbol: str) -> int:
-    """Parameters of one layer of type `symbol`."""
-    return sum(p.numel for p in layer_parameters(model, symbol))
-
-
 def param_counts(model: ModelConfig) -> dict[str, int]:
     """Exact parameter count of the whole model: `total` and per component.
 
     Keys: `embedding`, `output_layer`, `final_norm`, and `mamba`, `attention`, `mlp` (all layers
     of that type together). The vocabulary is the padded one (`model.padded_vocab_size`).
     """
-    counts = {name: p.numel for name, p in _outer_parameters(model).items()}
+    counts = {
+        name: math.prod(params.shape_of(spec, model))
+        for name, spec in (
+            ("embedding", params.EMBEDDING_TENSOR),
+            ("final_norm", params.FINAL_NORM_TENSOR),
+            ("output_layer", params.OUTPUT_TENSOR),
+        )
+    }
     layers = model.parsed_pattern().counts()
     for symbol in LAYER_SYMBOLS:
         name = SYMBOL_NAMES[symbol]
-        counts[name] = layers[name] * layer_param_count(model, symbol)
+        counts[name] = layers[name] * params.layer_param_count(model, symbol)
     counts["total"] = sum(counts.values())
     return counts
-
-
-def parameter_numels(model: ModelConfig, tp: int = 1) -> dict[str, int]:
-    """Every parameter's name -> number of elements on one tensor-parallel rank, as
-    `HybridModel.named_parameters()` lists them with pipeline parallel size 1.
-
-    Compare with a built model: `{n: p.numel() for n, p in model.named_parameters()}`.
-    """
-    outer = _outer_parameters(model)
-    params = [outer["embedding"]]
-    for i, symbol in enumerate(model.parsed_pattern().layers):
-        params += [
-            p._replace(name=f"decoder.layers.{i}.{p.name}") for p in layer_parameters(model, symbol)
-        ]
-    params += [outer["final_norm"], outer["output_layer"]]
-    return {p.name: p.numel // tp if p.tp_sharded else p.numel for p in params}
 
 
 def training_flops(model: ModelConfig, tokens: int, seqlen_squared_sum: int) -> int:
@@ -180,18 +115,18 @@ def stage_param_counts(model: ModelConfig, tp: int, pp: int) -> list[int]:
     of the rank), the embedding on the first rank, final norm and output layer on the last;
     tensor-parallel-sharded tensors divided by `tp`, norms replicated."""
 
-    def local(p: ParamTensor) -> int:
-        return p.numel // tp if p.tp_sharded else p.numel
+    def local(spec: params.TensorSpec) -> int:
+        numel = math.prod(params.shape_of(spec, model))
+        return numel // tp if spec.tp_axis is not None else numel
 
-    per_layer = {s: sum(local(p) for p in layer_parameters(model, s)) for s in LAYER_SYMBOLS}
-    outer = _outer_parameters(model)
+    per_layer = {s: sum(local(spec) for spec in params.LAYER_TENSORS[s]) for s in LAYER_SYMBOLS}
     counts = []
     for rank, stages in enumerate(split_stages(model.parsed_pattern(), pp)):
         n = sum(per_layer[s] for stage in stages for s in stage.symbols)
         if rank == 0:
-            n += local(outer["embedding"])
+            n += local(params.EMBEDDING_TENSOR)
         if rank == pp - 1:
-            n += local(outer["final_norm"]) + local(outer["output_layer"])
+            n += local(params.FINAL_NORM_TENSOR) + local(params.OUTPUT_TENSOR)
         counts.append(n)
     return counts
 

@@ -222,7 +222,10 @@ def _train(run: RunConfig, world: World, log: MetricsLogger) -> dict:
         run_dir=str(run_dir), model_vocab_size=run.model.vocab_size,
     )
     train_data, valid_data = datasets[0], datasets[1]
-    chunks = _ddp_wrap(build_model(run, world.device), world, run.parallel.distributed_optimizer)
+    chunks = _ddp_wrap(
+        build_model(run.model, run.parallel, run.precision, run.train.seed, world.device),
+        world, run.parallel.distributed_optimizer,
+    )
     optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
     scheduler = build_scheduler(optimizer, run.optim, run.train.iters)
     state = _resume(run, chunks, optimizer, scheduler, world, log)

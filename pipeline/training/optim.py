@@ -3,7 +3,7 @@
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from pipeline.config import OptimConfig
+from pipeline.training.config import OptimConfig
 
 _STYLES = {"cosine": "cosine", "wsd": "WSD", "linear": "linear", "constant": "constant"}
 

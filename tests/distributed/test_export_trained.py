@@ -28,7 +28,7 @@ def test_trained_tiny_model_exports_with_logit_parity(tmp_path):
     tokens = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
     run = load_run_config(["precision=fp32", "train.seed=99"])  # other init: the checkpoint must win
     with distributed(run.parallel, None, "cpu") as world:
-        (model,) = build_model(run, world.device)
+        (model,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         ckpt.load_model(ckpt.resolve_checkpoint(run_dir), [model])
         with torch.no_grad():
             ours = model.eval()(tokens, torch.arange(64).expand(2, -1), None)[..., : run.model.vocab_size]

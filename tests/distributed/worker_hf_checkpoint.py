@@ -159,7 +159,7 @@ def write_checkpoint(run_dir: Path, tokenizer: Path, overrides: list[str], refer
 
     run = load_run_config([*MODEL_OVERRIDES, *overrides, f"run_dir={run_dir}"])
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), "cpu") as world:
-        (chunk,) = build_model(run, world.device)
+        (chunk,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         lower_dt_bias(chunk)
         meta = {
             "step": 0,

@@ -21,7 +21,7 @@ def main(out: str, overrides: list[str]) -> None:
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), "cpu") as world:
         from megatron.core import parallel_state
 
-        (model,) = build_model(run, world.device)
+        (model,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         gen = torch.Generator().manual_seed(7)
         tokens = torch.randint(0, run.model.vocab_size, (2, 96), generator=gen)
         labels = torch.randint(0, run.model.vocab_size, (2, 96), generator=gen)

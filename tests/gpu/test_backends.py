@@ -1,7 +1,7 @@
 """GPU: the portable (plain PyTorch) backend computes what the Transformer Engine + mamba-ssm backend
 computes, and state dicts move between them. Skipped without CUDA.
 
-    python -m pytest tests/gpu -s      (on a GPU machine with the kit from ../shared/gpu installed)
+    python -m pytest tests/gpu -s      (on a GPU machine with the `gpu` extra: Transformer Engine, mamba-ssm)
 """
 
 import pytest
@@ -19,8 +19,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def world():
-    from pipeline.config import ParallelConfig
-    from pipeline.distributed import distributed
+    from pipeline.distributed import ParallelConfig, distributed
 
     with distributed(ParallelConfig(), None, "cuda") as w:
         yield w
@@ -31,7 +30,7 @@ def _build(world, backend: str, dtype: str, seed: int = 1234):
     from pipeline.model.build import build_model
 
     run = load_run_config([f"precision={dtype}", f"train.seed={seed}"])
-    (model,) = build_model(run, world.device, backend=backend)
+    (model,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device, backend=backend)
     return model.eval()
 
 

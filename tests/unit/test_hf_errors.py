@@ -53,6 +53,13 @@ def edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps(content))
 
 
+@pytest.mark.parametrize(
+    "argv, expected", [(["export"], "required: checkpoint, out_dir"), (["frob"], "invalid choice: 'frob'")]
+)
+def test_usage_errors_follow_the_exit_convention(capsys, argv, expected):
+    assert expected in refused(capsys, argv)
+
+
 def test_export_missing_checkpoint(capsys, tmp_path):
     err = refused(capsys, ["export", str(tmp_path / "nope"), str(tmp_path / "out")])
     assert "does not exist" in err

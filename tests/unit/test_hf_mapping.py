@@ -6,7 +6,8 @@ import torch
 
 from pipeline.config import load_run_config
 from pipeline.hf.config import hf_config
-from pipeline.hf.mapping import conversions, hf_shapes, megatron_shapes, to_hf, to_megatron
+from pipeline.hf.mapping import conversions, hf_shapes, to_hf, to_megatron
+from pipeline.model.params import checkpoint_shapes
 
 OVERRIDES = [
     "precision=fp32",
@@ -40,15 +41,17 @@ def megatron_checkpoint_shapes(run) -> dict[str, tuple[int, ...]]:
                 yield item.key, tuple(item.global_shape)
 
     with distributed(run.parallel, None, "cpu") as world:
-        (model,) = build_model(run, world.device)
+        (model,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         state = model.sharded_state_dict()
         apply_factories(state)
         return dict(walk(state))
 
 
-def test_checkpoint_keys_and_shapes_are_megatrons(run):
+def test_conversions_consume_megatrons_checkpoint_keys_once(run):
     expected = megatron_checkpoint_shapes(run)
-    mapped = megatron_shapes(run.model)
+    consumed = [(key, shape) for c in conversions(run.model) for key, shape in c.megatron]
+    mapped = dict(consumed)
+    assert len(consumed) == len(mapped), "a checkpoint key is converted twice"
     assert mapped.keys() == expected.keys(), f"keys differ: {sorted(mapped.keys() ^ expected.keys())}"
     wrong = {k: (mapped[k], expected[k]) for k in mapped if mapped[k] != expected[k]}
     assert not wrong, f"(mapped, megatron) shapes: {wrong}"
@@ -85,7 +88,7 @@ def test_qkv_is_split_per_kv_group(run):
     "name, components", [("in_proj.weight", "z x B C dt"), ("conv1d.weight", "x B C"), ("conv1d.bias", "x B C")]
 )
 def test_mamba_components_are_concatenated_in_order(run, name, components):
-    shapes = megatron_shapes(run.model)
+    shapes = checkpoint_shapes(run.model)
     keys = [f"decoder.layers.0.mixer.{name}.{c}" for c in components.split()]
     parts = {key: torch.full(shapes[key], float(i)) for i, key in enumerate(keys)}
     (fused,) = next(c for c in conversions(run.model) if c.megatron[0][0] == keys[0]).to_hf([parts[k] for k in keys])
@@ -115,7 +118,7 @@ def test_vocabulary_padding_is_trimmed_and_zero_filled(run):
 def test_to_megatron_inverts_to_hf(overrides):
     model = load_run_config(overrides).model
     gen = torch.Generator().manual_seed(0)
-    megatron = {k: torch.randn(s, generator=gen) for k, s in megatron_shapes(model).items()}
+    megatron = {k: torch.randn(s, generator=gen) for k, s in checkpoint_shapes(model).items()}
     for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
         megatron[key][model.vocab_size :] = 0  # padding rows carry nothing through HF
     hf = dict(to_hf(model, megatron.__getitem__))

@@ -17,7 +17,7 @@ SEQ = sum(LENGTHS)
 def model():
     run = load_run_config(["precision=fp32", "model.mamba_chunk_size=16"])
     with distributed(run.parallel, None, "cpu") as world:
-        (m,) = build_model(run, world.device)
+        (m,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         yield m.eval()
 
 

@@ -15,7 +15,7 @@ from pipeline.model.build import build_model
 def test_table_matches_built_model_and_its_sharded_state(overrides):
     run = load_run_config(["device=cpu", "precision=fp32", *overrides])
     with distributed(run.parallel, None, run.device) as world:
-        (chunk,) = build_model(run, world.device)
+        (chunk,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         built = {n: p.numel() for n, p in chunk.named_parameters()}
         state = chunk.sharded_state_dict()
         apply_factories(state)  # Mamba's fused tensors become their stored components
@@ -44,3 +44,16 @@ def test_layer_param_count_sums_the_layer_table():
     assert params.layer_param_count(run.model, "M") == mamba
     assert torch.Size(params.checkpoint_shapes(run.model)["decoder.layers.0.mixer.in_proj.weight.dt"]) == (
         run.model.mamba_num_heads, run.model.hidden_size)
+
+
+def test_param_keys_are_the_stored_pieces_of_each_parameter():
+    model = load_run_config(["device=cpu"]).model
+    shapes = params.checkpoint_shapes(model)
+    numels = params.parameter_numels(model)
+    assert params.param_keys("decoder.layers.0.mixer.in_proj.weight") == [
+        f"decoder.layers.0.mixer.in_proj.weight.{c}" for c in ("z", "x", "B", "C", "dt")
+    ]
+    for name, numel in numels.items():
+        pieces = params.param_keys(name)
+        assert sum(torch.Size(shapes[k]).numel() for k in pieces) == numel, name
+    assert sorted(k for name in numels for k in params.param_keys(name)) == sorted(shapes)

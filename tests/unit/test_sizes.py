@@ -1,18 +1,20 @@
 """Parameter counts, FLOPs and memory estimates of pipeline/model/sizes.py against the published
-table (DESIGN.md §2), hand computations and the invariants of the parallel layouts."""
+table (docs/architecture.md), hand computations and the invariants of the parallel layouts."""
 
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.config import ParallelConfig, PrecisionConfig, TrainConfig
-from pipeline.model import sizes
+from pipeline.distributed import ParallelConfig
+from pipeline.model import params, sizes
 from pipeline.model.config import ModelConfig
+from pipeline.model.precision import PrecisionConfig
+from pipeline.training.config import TrainConfig
 
 MODEL_CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 
-# DESIGN.md §2 (Nemotron-H / Nemotron Nano 2 papers): params in billions, (M, -, *) layer counts.
+# docs/architecture.md (Nemotron-H / Nemotron Nano 2 papers): params in billions, (M, -, *) layer counts.
 PUBLISHED = {
     "nemotron_h_4b": (4.49, 24, 24, 4),
     "nemotron_h_8b": (8.10, 24, 24, 4),
@@ -80,8 +82,8 @@ def test_param_counts_match_hand_count():
 
 def test_parameter_numels_names_and_tp_shards():
     model = ModelConfig(**HAND)
-    full, half = sizes.parameter_numels(model, tp=1), sizes.parameter_numels(model, tp=2)
-    # Megatron-core TE-spec names (DESIGN.md §5; conv as named_parameters() lists it in 0.19).
+    full, half = params.parameter_numels(model, tp=1), params.parameter_numels(model, tp=2)
+    # Megatron-core TE-spec names (docs/checkpoints.md; conv as named_parameters() lists it in 0.19).
     assert set(full) == {
         "embedding.word_embeddings.weight", "decoder.final_norm.weight", "output_layer.weight",
         *(f"decoder.layers.0.mixer.{n}" for n in (
@@ -100,7 +102,7 @@ def test_parameter_numels_names_and_tp_shards():
 
 
 def hand_flops_per_token(m: ModelConfig, L: int, d_in: int, counts: dict) -> float:
-    """DESIGN.md §8 written out directly, with T = 1 token and S2 = L (full-length sequences)."""
+    """docs/performance.md's formula written out directly, with T = 1 token and S2 = L (full-length sequences)."""
     h, V, n, g = m.hidden_size, m.padded_vocab_size, m.num_attention_heads, m.num_query_groups
     p = m.kv_channels * n / h
     G, N, H = m.mamba_num_groups, m.mamba_state_dim, m.mamba_num_heads

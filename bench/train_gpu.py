@@ -1,7 +1,7 @@
 """GPU benchmark: the ~125M preset trained 300 steps in BF16 and FP8 (tensorwise), with and without
 packed-document resets, next to bare megatron-core forward+backward of the same model.
 
-    python tests/gpu/bench_train.py --data DIR [--iters 300] [--out DIR]
+    python bench/train_gpu.py --data DIR [--iters 300] [--out DIR]
 
 DIR holds `tokenizer/` and `corpus_text_document*` (the embedded corpus, `python -m pipeline.data.corpus`).
 Prints one table: final loss, tokens/s, TFLOP/s per GPU and MFU (Megatron FLOPs convention, H100
@@ -19,7 +19,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    # Run as a script: Python put bench/ first on sys.path; the pipeline package lives one level up.
+    sys.path[0] = str(REPO)
 SEQ, MICRO, GLOBAL = 2048, 4, 32
 RUNS = {  # name: (precision, packed documents)
     "bf16": ("bf16", False),
@@ -74,7 +77,7 @@ def bare_forward_backward_ms(precision: str) -> float:
 
     run = load_run_config(["model=bench_125m", f"precision={precision}", f"train.seq_length={SEQ}"])
     with distributed(run.parallel, None, "cuda") as world:
-        (model,) = build_model(run, world.device)
+        (model,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         tokens = torch.randint(0, 4096, (MICRO, SEQ), device=world.device)
         position_ids = torch.arange(SEQ, device=world.device).expand(MICRO, -1)
 

@@ -1,12 +1,13 @@
 """Benchmark the Hugging Face export on a randomly initialised full-size checkpoint.
 
-    python -m pipeline.hf.bench [--model nemotron_h_8b] [--dir /tmp/hf_bench] [--dtype fp32] [--keep]
+    python bench/hf_export.py [--model nemotron_h_8b] [--dir /tmp/hf_bench] [--dtype fp32] [--keep]
+    python -m bench.hf_export ...                  (the same, from the repository root)
 
 1. Writes a checkpoint in the pipeline's layout (checkpoints/step_0000000 with the torch_dist files,
    meta.json, COMPLETE) without building the model: the torch_dist files are written directly with
    `torch.distributed.checkpoint` in no-process-group mode under the same keys and global shapes as
-   megatron-core's sharded state dict (`pipeline.hf.mapping.megatron_shapes`, checked against
-   megatron-core by tests/unit/test_hf_mapping.py), bf16 with A_log and D in fp32 as a bf16 run
+   megatron-core's sharded state dict (`pipeline.model.params.checkpoint_shapes`, checked against
+   megatron-core by tests/unit/test_params_table.py), bf16 with A_log and D in fp32 as a bf16 run
    stores them. Each tensor is generated when the writer asks for it, so this step needs one tensor
    of memory. Values are N(0, 0.02) noise: one 64 Mi-value random block tiled with a random offset
    per tensor (fresh normals for 8B values would take minutes on 2 cores; the export does not
@@ -32,7 +33,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.hf.mapping import megatron_shapes
+if __package__ in (None, ""):
+    # Run as a script: Python put bench/ first on sys.path; the pipeline package lives one level up.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from pipeline.model.params import checkpoint_shapes  # noqa: E402
 
 FP32_SUFFIXES = ("mixer.A_log", "mixer.D")
 BLOCK = 64 * 2**20
@@ -73,7 +78,7 @@ def write_random_checkpoint(model, checkpoints_dir: Path, tokenizer: Path) -> Pa
             return fill_random(torch.empty(meta.shape, dtype=meta.dtype), blocks[meta.dtype], gen)
 
     step = checkpoints_dir / step_dir_name(0)
-    state = {k: torch.empty(s, dtype=tensor_dtype(k), device="meta") for k, s in megatron_shapes(model).items()}
+    state = {k: torch.empty(s, dtype=tensor_dtype(k), device="meta") for k, s in checkpoint_shapes(model).items()}
     writer = dcp.FileSystemWriter(str(step), single_file_per_rank=True, thread_count=1)
     dcp.save(state, storage_writer=writer, planner=RandomPlanner(), no_dist=True)
     meta = {
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.config import load_run_config
 
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.hf.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python bench/hf_export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="nemotron_h_8b", help="model preset (conf/model)")
     parser.add_argument("--dir", default="/tmp/hf_bench", help="scratch directory (deleted at the end)")
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(args.dir)
     if root.exists():
         sys.exit(f"error: {root} exists; remove it or pass another --dir")
-    size = sum(torch.Size(s).numel() * tensor_dtype(k).itemsize for k, s in megatron_shapes(model).items())
+    size = sum(torch.Size(s).numel() * tensor_dtype(k).itemsize for k, s in checkpoint_shapes(model).items())
     free = shutil.disk_usage(root.parent).free
     if args.dtype == "fp32":
         size *= 1.5  # the export is twice the checkpoint
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(root / "copy")
 
         evict(step)
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         dtype = ["--dtype", args.dtype] if args.dtype else []
         export_s, err = timed(
             [sys.executable, "-c", PEAK_RSS_PROBE, "export", str(root), str(root / "hf"), *dtype], env

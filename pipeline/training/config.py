@@ -1,0 +1,69 @@
+"""The `train` and `optim` config groups: batch sizes, run length, seed; AdamW and its schedule."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Batch sizes, length of the run and the random seed."""
+
+    seed: int = 1234
+    micro_batch_size: int = 2
+    """Sequences per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks (the rest is accumulation)."""
+    seq_length: int = 256
+    """Tokens per training sequence (<= model.seq_length)."""
+    iters: int = 200
+    """Optimizer steps."""
+    eval_interval: int = 50
+    """Validation every N steps (and at the end); 0 disables it."""
+    eval_iters: int = 4
+    """Validation global batches, always the same ones so the curve is comparable."""
+    packed_documents: bool = True
+    """Reset Mamba state and attention at document boundaries (EOD) inside packed sequences;
+    false = plain concatenation, state flows across documents."""
+    max_nonfinite_steps: int = 3
+    """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
+    exit_after_steps: Optional[int] = None
+    """Save and stop after this many steps of this invocation (to fit a job's time limit); the
+    next start resumes. None runs to train.iters."""
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "global_batch_size", "seq_length", "iters", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+
+
+@dataclass
+class OptimConfig:
+    """AdamW through megatron-core's optimizer, with warmup then cosine or WSD decay."""
+
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    schedule: str = "cosine"
+    """cosine, wsd (warmup-stable-decay), linear or constant."""
+    warmup_iters: int = 20
+    wsd_decay_iters: int = 0
+    """WSD only: length of the final decay phase (0 = 20% of train.iters)."""
+    weight_decay: float = 0.1
+    """Applied to matrices only: 1-D parameters (norms, A_log, D, dt_bias) are exempt."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "wsd", "linear", "constant"):
+            raise ConfigError(f"optim.schedule={self.schedule!r}; use cosine, wsd, linear or constant")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
