@@ -13,6 +13,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.compress.config import CompressConfig
 from pipeline.data.config import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.model.config import ModelConfig
@@ -175,6 +176,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     run_dir: str = "runs/default"
     """Resolved config, checkpoints and logs go here; restarting with it resumes."""
     device: str = "auto"

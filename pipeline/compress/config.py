@@ -1,0 +1,75 @@
+"""The `compress` config group: what to compress, to which budget, and how to distill.
+
+Fields are grouped by the step that reads them. Paths left null default to files under
+`<run_dir>/compress/` written by the earlier steps, so `python -m pipeline.compress all` needs only
+`compress.parent` and a budget.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pipeline.errors import ConfigError
+
+STEPS = ("importance", "search", "rank", "distill")
+
+
+@dataclass
+class CompressConfig:
+    """Compression of `parent` into a student (MiniPuzzle: importance, search, rank, distill)."""
+
+    steps: list[str] = field(default_factory=lambda: list(STEPS))
+    """Steps `python -m pipeline.compress all` runs, in this order."""
+    parent: Optional[str] = None
+    """The parent (teacher) checkpoint: a pipeline checkpoint directory (e.g. runs/tiny/checkpoints/latest
+    or an imported HF model); its model config is read from the checkpoint."""
+
+    # importance
+    scores_file: Optional[str] = None
+    """Importance scores; null = <run_dir>/compress/scores (written by `importance`, read by later steps)."""
+    calibration_samples: int = 1024
+    """Sequences of train.seq_length tokens from the data blend for the calibration forwards."""
+
+    # search
+    target_params: Optional[float] = None
+    """Budget: the student's parameter count at most this (e.g. 4.5e9); null = no parameter budget."""
+    target_memory_gib: Optional[float] = None
+    """Budget: weights + KV cache + Mamba state at memory_context x memory_batch, in GiB; null = none."""
+    memory_context: int = 8192
+    """Context length (tokens) at which target_memory_gib is measured."""
+    memory_batch: int = 1
+    """Batch size (sequences) at which target_memory_gib is measured."""
+    top_k: int = 3
+    """Candidates kept by `search` and ranked by `rank`."""
+
+    # distillation (rank and distill)
+    student: Optional[str] = None
+    """Student checkpoint `distill` starts from; null = the candidate `rank` picked
+    (<run_dir>/compress/best.json)."""
+    temperature: float = 1.0
+    """Softmax temperature of the forward KL; the KL is multiplied by temperature**2 so that its
+    gradient scale does not depend on it."""
+    kl_weight: float = 1.0
+    """Weight of KL(teacher || student) on the logits."""
+    lm_weight: float = 0.0
+    """Weight of the student's next-token cross-entropy (0 = logit-only KD, the Minitron recipe)."""
+    hidden_weight: float = 0.0
+    """Weight of 1 - cos(teacher, student) on the final hidden states (before the output norm); the
+    teacher's hidden is sliced to the student's kept channels when hidden was pruned."""
+    rank_iters: int = 400
+    """Optimizer steps of the short distillation `rank` runs per candidate."""
+
+    def __post_init__(self) -> None:
+        for step in self.steps:
+            if step not in STEPS:
+                raise ConfigError(f"compress.steps has {step!r}; use steps from {', '.join(STEPS)}")
+        for name in ("calibration_samples", "memory_context", "memory_batch", "top_k", "rank_iters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"compress.{name}={getattr(self, name)} must be >= 1")
+        if not self.temperature > 0:
+            raise ConfigError(f"compress.temperature={self.temperature} must be > 0")
+        weights = {n: getattr(self, n) for n in ("kl_weight", "lm_weight", "hidden_weight")}
+        for name, value in weights.items():
+            if value < 0:
+                raise ConfigError(f"compress.{name}={value} must be >= 0")
+        if not any(weights.values()):
+            raise ConfigError("compress.kl_weight, lm_weight and hidden_weight are all 0; set kl_weight=1")
