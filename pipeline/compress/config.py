@@ -28,6 +28,9 @@ class CompressConfig:
     """Importance scores; null = <run_dir>/compress/scores (written by `importance`, read by later steps)."""
     calibration_samples: int = 1024
     """Sequences of train.seq_length tokens from the data blend for the calibration forwards."""
+    layer_calibration_samples: int = 64
+    """The first this many calibration sequences also score every layer by skipping it (one extra
+    forward per layer each): the loss and logit-MSE increase."""
 
     # search
     target_params: Optional[float] = None
@@ -40,6 +43,21 @@ class CompressConfig:
     """Batch size (sequences) at which target_memory_gib is measured."""
     top_k: int = 3
     """Candidates kept by `search` and ranked by `rank`."""
+    layer_metric: str = "logit_mse_increase"
+    """Layer score that picks which layers of a type are removed: logit_mse_increase (>= 0, zero only
+    for a layer that changes nothing), loss_increase or block_influence (1 - cos(in, out))."""
+    max_removed_fraction: float = 0.25
+    """The search removes at most this fraction of each layer type (Mamba, FFN, attention)."""
+    hidden_sizes: Optional[list[int]] = None
+    """Hidden sizes the search tries; null = the parent's and 7/8, 3/4, 5/8 of it."""
+    ffn_hidden_sizes: Optional[list[int]] = None
+    """FFN widths the search tries; null = the parent's and 7/8, 3/4, 5/8, 1/2 of it."""
+    mamba_heads_per_group: Optional[list[int]] = None
+    """Mamba heads per group the search tries; null = the parent's and 7/8, 3/4 of it."""
+    mamba_head_dims: Optional[list[int]] = None
+    """Mamba head dims the search tries; null = the parent's and 3/4 of it."""
+    query_heads_per_group: Optional[list[int]] = None
+    """Attention query heads per KV group the search tries; null = the parent's and 1/2 of it."""
 
     # distillation (rank and distill)
     student: Optional[str] = None
@@ -62,9 +80,20 @@ class CompressConfig:
         for step in self.steps:
             if step not in STEPS:
                 raise ConfigError(f"compress.steps has {step!r}; use steps from {', '.join(STEPS)}")
-        for name in ("calibration_samples", "memory_context", "memory_batch", "top_k", "rank_iters"):
+        for name in ("calibration_samples", "layer_calibration_samples", "memory_context", "memory_batch", "top_k",
+                     "rank_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"compress.{name}={getattr(self, name)} must be >= 1")
+        metrics = ("logit_mse_increase", "loss_increase", "block_influence")  # scores.LAYER_METRICS
+        if self.layer_metric not in metrics:
+            raise ConfigError(f"compress.layer_metric={self.layer_metric!r}; use one of {', '.join(metrics)}")
+        if not 0 <= self.max_removed_fraction < 1:
+            raise ConfigError(f"compress.max_removed_fraction={self.max_removed_fraction} must be in [0, 1)")
+        for name in ("hidden_sizes", "ffn_hidden_sizes", "mamba_heads_per_group", "mamba_head_dims",
+                     "query_heads_per_group"):
+            values = getattr(self, name)
+            if values is not None and (not values or min(values) < 1):
+                raise ConfigError(f"compress.{name}={values} must list positive widths (or be null)")
         if not self.temperature > 0:
             raise ConfigError(f"compress.temperature={self.temperature} must be > 0")
         weights = {n: getattr(self, n) for n in ("kl_weight", "lm_weight", "hidden_weight")}
