@@ -21,8 +21,8 @@ from pipeline.compress.config import STEPS
 
 def _step(name: str):
     if name == "importance":
-        from pipeline.compress.importance import importance
-        return importance
+        from pipeline.compress.importance import score_importance
+        return score_importance
     if name == "search":
         from pipeline.compress.search import search
         return search
@@ -43,8 +43,16 @@ def main(argv: list[str]) -> int:
         return 2
     run = run_config_from_argv(overrides)
     with exit_on_config_error():
-        for name in run.compress.steps if step == "all" else [step]:
-            _step(name)(run)
+        from pipeline.compress.distill import model_of, resolve_parent
+        from pipeline.distributed import distributed
+        from pipeline.model.build import virtual_stages
+
+        # Every step needs the parent: check it first. One process group for all steps (a second
+        # init in the same processes would hang under torchrun); steps nest inside it.
+        parent = model_of(resolve_parent(run))
+        with distributed(run.parallel, virtual_stages(parent, run.parallel), run.device):
+            for name in run.compress.steps if step == "all" else [step]:
+                _step(name)(run)
     return 0
 
 

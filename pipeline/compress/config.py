@@ -71,7 +71,7 @@ class CompressConfig:
     lm_weight: float = 0.0
     """Weight of the student's next-token cross-entropy (0 = logit-only KD, the Minitron recipe)."""
     hidden_weight: float = 0.0
-    """Weight of 1 - cos(teacher, student) on the final hidden states (before the output norm); the
+    """Weight of 1 - cos(teacher, student) on the final hidden states (the final norm's output); the
     teacher's hidden is sliced to the student's kept channels when hidden was pruned."""
     rank_iters: int = 400
     """Optimizer steps of the short distillation `rank` runs per candidate."""

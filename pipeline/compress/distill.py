@@ -43,11 +43,9 @@ def compress_dir(run: RunConfig) -> Path:
 
 def resolve_parent(run: RunConfig) -> Path:
     """The parent's checkpoint directory, checked complete (every tensor of its model stored)."""
-    from pipeline.compress.prune import open_parent
+    from pipeline.compress.importance import parent_run
 
-    if not run.compress.parent:
-        raise ConfigError("compress.parent is not set; give the parent (teacher) checkpoint, e.g. compress.parent=runs/tiny")
-    return open_parent(run.compress.parent)[0]
+    return parent_run(run)[1]
 
 
 def resolve_student(run: RunConfig) -> Path:
