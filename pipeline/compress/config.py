@@ -46,10 +46,11 @@ class CompressConfig:
     layer_metric: str = "logit_mse_increase"
     """Layer score that picks which layers of a type are removed: logit_mse_increase (>= 0, zero only
     for a layer that changes nothing), loss_increase or block_influence (1 - cos(in, out))."""
-    max_removed_fraction: float = 0.25
-    """The search removes at most this fraction of each layer type (Mamba, FFN, attention)."""
+    max_removed_fraction: float = 0.5
+    """The search removes at most this fraction of each layer type (Mamba, FFN, attention); the
+    published students removed up to 17% of Mamba, 11% of FFN and 50% of attention layers."""
     hidden_sizes: Optional[list[int]] = None
-    """Hidden sizes the search tries; null = the parent's and 7/8, 3/4, 5/8 of it."""
+    """Hidden sizes the search tries; null = the parent's and 7/8, 3/4, 5/8, 1/2 of it."""
     ffn_hidden_sizes: Optional[list[int]] = None
     """FFN widths the search tries; null = the parent's and 7/8, 3/4, 5/8, 1/2 of it."""
     mamba_heads_per_group: Optional[list[int]] = None

@@ -63,15 +63,15 @@ class _Accumulators:
         self.sums: dict[str, torch.Tensor] = {}
 
     def add(self, name: str, size: int, value: torch.Tensor, offset: int = 0) -> None:
+        # On the activation's device: no host synchronisation per hook on a GPU.
         if name not in self.sums:
-            self.sums[name] = torch.zeros(size, dtype=torch.float64)
-        self.sums[name][offset : offset + value.numel()] += value.detach().cpu().double().reshape(-1)
+            self.sums[name] = torch.zeros(size, dtype=torch.float64, device=value.device)
+        self.sums[name][offset : offset + value.numel()] += value.detach().double().reshape(-1)
 
-    def all_reduce(self, names: list[str], sizes: dict[str, int]) -> dict[str, torch.Tensor]:
-        """Sum every rank's buffers (ranks that never saw a name contribute zeros)."""
-        flat = torch.cat([self.sums.get(n, torch.zeros(sizes[n], dtype=torch.float64)) for n in names])
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        flat = flat.to(device)
+    def all_reduce(self, names: list[str], sizes: dict[str, int], device: torch.device) -> dict[str, torch.Tensor]:
+        """Sum every rank's buffers on `device` (ranks that never saw a name contribute zeros)."""
+        zeros = lambda n: torch.zeros(sizes[n], dtype=torch.float64, device=device)  # noqa: E731
+        flat = torch.cat([self.sums[n].to(device) if n in self.sums else zeros(n) for n in names])
         dist.all_reduce(flat)
         return dict(zip(names, flat.cpu().split([sizes[n] for n in names])))
 
@@ -144,7 +144,7 @@ class _Hooks:
             cos = F.cosine_similarity(x_in.double(), x_out.double(), dim=-1)
             L = self.model.parsed_pattern().num_layers
             self.acc.add("block_influence", L, (1 - cos).sum().reshape(1), index)
-            self.acc.add("block_tokens", L, torch.tensor([cos.numel()]), index)
+            self.acc.add("block_tokens", L, cos.new_full((1,), cos.numel()), index)
         return None
 
     def _pre_norm(self, index, linear, module, args):
@@ -250,7 +250,7 @@ class _LayerRemoval:
         loss = self._token_loss(logits_BSV, batch)
         if contribute:
             self.acc.add("removed_loss", L, loss.reshape(1), self.layer)
-        self.acc.add("logit_elements", L, torch.tensor([float(logits_BSV.numel())]), self.layer)
+        self.acc.add("logit_elements", L, diff.new_full((1,), logits_BSV.numel()), self.layer)
 
 
 @torch.no_grad()
@@ -298,7 +298,8 @@ def _sizes(model: ModelConfig) -> dict[str, int]:
 
 def _gather(acc: _Accumulators, model: ModelConfig) -> dict[str, torch.Tensor]:
     sizes = _sizes(model)
-    return acc.all_reduce(sorted(sizes), sizes)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return acc.all_reduce(sorted(sizes), sizes, device)
 
 
 def _finish(full: dict[str, torch.Tensor], model: ModelConfig):

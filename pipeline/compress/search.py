@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from pipeline.errors import ConfigError
 from pipeline.model import sizes
@@ -45,7 +46,7 @@ MEMORY_FORMULA = (
 )
 # Config list field -> Candidate field, default fractions of the parent's width.
 WIDTH_FIELDS = {
-    "hidden_sizes": ("hidden_size", (1, 7 / 8, 3 / 4, 5 / 8)),
+    "hidden_sizes": ("hidden_size", (1, 7 / 8, 3 / 4, 5 / 8, 1 / 2)),
     "ffn_hidden_sizes": ("ffn_hidden_size", (1, 7 / 8, 3 / 4, 5 / 8, 1 / 2)),
     "mamba_heads_per_group": ("mamba_heads_per_group", (1, 7 / 8, 3 / 4)),
     "mamba_head_dims": ("mamba_head_dim", (1, 3 / 4)),
@@ -461,6 +462,9 @@ def search(run) -> list[Found]:
     check_search_request(run.model, run.compress, run.parallel, run.precision)
     scores = load_scores(scores_path(run), identity)
     found = search_candidates(run.model, scores, run.compress, run.parallel, run.precision, run.train.seq_length)
-    print(format_table(found, run.model, run.compress, run.train.seq_length))
-    save_candidates(found, Path(run.run_dir) / CANDIDATES)
+    if not dist.is_initialized() or dist.get_rank() == 0:  # every rank computes it; one prints and writes
+        print(format_table(found, run.model, run.compress, run.train.seq_length))
+        save_candidates(found, Path(run.run_dir) / CANDIDATES)
+    if dist.is_initialized():
+        dist.barrier()
     return found

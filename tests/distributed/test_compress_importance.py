@@ -21,13 +21,20 @@ def _flat(scores) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.fixture(scope="module")
+def tp1(tmp_path_factory):
+    """The parent (under root) and its scores at TP=1, in this process."""
+    root = tmp_path_factory.mktemp("parent")
+    make_parent(root)
+    common = [*CALIBRATION, f"compress.parent={root}"]
+    return common, _flat(load_scores(score_importance(load_run_config([*common, f"run_dir={root / 'tp1'}"]))))
+
+
 @pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"]], ids=["tp2", "pp2"])
-def test_scores_at_another_layout_equal_tp1(tmp_path, layout):
-    make_parent(tmp_path)
-    common = [*CALIBRATION, f"compress.parent={tmp_path}"]
-    reference = _flat(load_scores(score_importance(load_run_config([*common, f"run_dir={tmp_path / 'tp1'}"]))))
-    torchrun(WORKER, 2, *common, f"run_dir={tmp_path / 'other'}", *layout)
-    other = _flat(load_scores(tmp_path / "other" / "compress" / "scores"))
+def test_scores_at_another_layout_equal_tp1(tp1, tmp_path, layout):
+    common, reference = tp1
+    torchrun(WORKER, 2, *common, f"run_dir={tmp_path}", *layout)
+    other = _flat(load_scores(tmp_path / "compress" / "scores"))
     assert other.keys() == reference.keys()
     bad = {}
     for key, ref in reference.items():
