@@ -33,9 +33,6 @@ from pipeline.model import params
 from pipeline.model.config import ModelConfig
 from pipeline.model.pattern import ATTENTION, MAMBA, MLP
 
-DEFAULT_LAYER_METRIC = "logit_mse_increase"
-
-
 @dataclass(frozen=True)
 class KeepPlan:
     """The units of the parent a student keeps (indices sorted, in the parent's numbering) and the
@@ -147,15 +144,10 @@ def _layer_scores(scores: Scores, kind: str, layer: int, size: int) -> torch.Ten
     return found
 
 
-def keep_plan(
-    parent: ModelConfig,
-    scores: Scores,
-    candidate: Candidate,
-    layer_metric: str = DEFAULT_LAYER_METRIC,
-    name: str | None = None,
-) -> KeepPlan:
-    """The plan of `candidate`: the least important layers of each type removed (by `layer_metric`),
-    the most important units kept in every remaining layer (per group for heads)."""
+def keep_plan(parent: ModelConfig, scores: Scores, candidate: Candidate, name: str | None = None) -> KeepPlan:
+    """The plan of `candidate`: the least important layers of each type removed (by the candidate's
+    layer metric), the most important units kept in every remaining layer (per group for heads)."""
+    layer_metric = candidate.layer_metric
     if layer_metric not in scores.layers:
         raise ConfigError(f"layer metric {layer_metric!r} not in the scores; use one of {sorted(scores.layers)}")
     if scores.hidden.numel() != parent.hidden_size:

@@ -72,6 +72,8 @@ class Candidate:
     mamba_heads_per_group: int | None = None
     mamba_head_dim: int | None = None
     query_heads_per_group: int | None = None
+    layer_metric: str = "logit_mse_increase"
+    """The layer score (scores.LAYER_METRICS) by which the removed layers are chosen."""
 
     def label(self, parent: ModelConfig) -> str:
         """Short description of what changes relative to `parent`, e.g. `-2M -1* h=96 ffn=384`."""
@@ -101,7 +103,7 @@ def student_widths(parent: ModelConfig, candidate: Candidate) -> dict[str, int]:
 
 def removed_layers(parent: ModelConfig, layer_scores: torch.Tensor, candidate: Candidate) -> list[int]:
     """Parent layer indices the candidate removes: for each type, its `remove_*` least important
-    layers of that type by `layer_scores` (ties: the later layer goes first)."""
+    layers of that type by `layer_scores` (its layer metric; ties: the later layer goes first)."""
     symbols = parent.parsed_pattern().layers
     removed = []
     for symbol, name in REMOVE_FIELDS.items():
@@ -291,13 +293,6 @@ class _KeptImportance:
         return result
 
 
-def kept_importance(parent: ModelConfig, scores, candidate: Candidate, layer_metric: str) -> float:
-    """The search's ranking proxy for one candidate (see the module docstring)."""
-    gone = set(removed_layers(parent, scores.layers[layer_metric], candidate))
-    kept = [i for i in range(len(parent.parsed_pattern().layers)) if i not in gone]
-    return _KeptImportance(parent, scores, layer_metric)(candidate, kept)
-
-
 def _removal_sets(parent: ModelConfig, layer_scores, cfg, pp: int) -> list[tuple[dict, list[int], dict]]:
     """(removal counts, kept layers, kept layers per type) of every layer-removal choice that still
     splits into parallel.pp pipeline stages."""
@@ -308,7 +303,7 @@ def _removal_sets(parent: ModelConfig, layer_scores, cfg, pp: int) -> list[tuple
     out = []
     for values in itertools.product(*choices.values()):
         removal = dict(zip(choices, values))
-        gone = set(removed_layers(parent, layer_scores, Candidate(**removal)))
+        gone = set(removed_layers(parent, layer_scores, Candidate(**removal, layer_metric=cfg.layer_metric)))
         kept = [i for i in range(len(symbols)) if i not in gone]
         try:
             split_stages(parse_pattern(kept_pattern(parent, kept)), pp)
@@ -346,7 +341,8 @@ def search_candidates(parent: ModelConfig, scores, cfg, parallel, precision, seq
             if smallest is None or params < smallest[0]:
                 smallest = (params, memory)
             if _fits(cfg, params, memory):
-                candidate = Candidate(**removal, **{k: None if v == own[k] else v for k, v in w.items()})
+                widths_given = {k: None if v == own[k] else v for k, v in w.items()}
+                candidate = Candidate(**removal, **widths_given, layer_metric=cfg.layer_metric)
                 good.append((rank(candidate, kept), params, candidate, kept))
     if not good:
         raise ConfigError(_nothing_fits(cfg, smallest))

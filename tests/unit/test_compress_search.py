@@ -156,8 +156,7 @@ def test_search_step_prints_the_table_and_its_top_candidate_prunes_to_a_loadable
         json.loads(json.dumps(f.to_json())) for f in found]
 
     best = found[0]
-    plan = keep_plan(run.model, _scores(run.model, identity), best.candidate, run.compress.layer_metric,
-                     name=best.student.name)
+    plan = keep_plan(run.model, _scores(run.model, identity), best.candidate, name=best.student.name)
     assert plan.student == best.student
     out = prune_checkpoint(tmp_path / "parent", plan, tmp_path / "student")
     student_run = dataclasses.replace(run, model=best.student)
