@@ -23,7 +23,7 @@ def test_kd_loss_with_vocabulary_split_over_tp2_equals_tp1():
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     parent = make_parent(root / "parent")
-    student = make_student(parent, root / "student", hidden=range(0, 128, 2), ffn={1: range(256), 4: range(256)})
+    student = make_student(parent, root / "student", hidden=range(0, 128, 2), ffn={i: range(256) for i in (1, 4, 6)})
     return {"root": root, "parent": parent, "student": student}
 
 

@@ -15,8 +15,8 @@ import torch
 
 from tests.distributed.compress_runs import REPO, records, run_command, torchrun
 
-PARENT_ITERS = 150
-KD_ITERS = 60
+PARENT_ITERS = 120
+KD_ITERS = 40
 SHAPE = ["precision=fp32", "train.seq_length=128", "train.global_batch_size=8", "train.micro_batch_size=4",
          "train.eval_iters=4", "logging.interval=20", "checkpoint.save_interval=0"]
 STUDENT = [f"train.iters={KD_ITERS}", f"train.eval_interval={KD_ITERS}", "optim.warmup_iters=5"]
@@ -87,3 +87,13 @@ def test_distilled_student_exports_with_logit_parity(e2e):
         theirs = load_hf(e2e / "hf")(tokens).logits
     diff = (ours - theirs).abs().max().item()
     assert diff <= TOLERANCE, f"exported distilled student differs from the pipeline by {diff:.2e}"
+
+
+def test_rank_table_and_pick_are_recorded_for_distill(e2e):
+    import json
+
+    compress = e2e / "kd" / "compress"
+    (row,) = json.loads((compress / "rank.json").read_text())
+    best = json.loads((compress / "best.json").read_text())
+    assert best["student"] == row["student"] and row["lm_loss_after"] < row["lm_loss_before"], row
+    assert records(e2e / "kd" / "compress" / "rank" / "c0", "valid")[-1]["step"] == 2
