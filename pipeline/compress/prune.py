@@ -33,6 +33,7 @@ from pipeline.model import params
 from pipeline.model.config import ModelConfig
 from pipeline.model.pattern import ATTENTION, MAMBA, MLP
 
+
 @dataclass(frozen=True)
 class KeepPlan:
     """The units of the parent a student keeps (indices sorted, in the parent's numbering) and the
@@ -221,9 +222,9 @@ def prune_tensor(get_full_tensor: Callable[[str], torch.Tensor], plan: KeepPlan,
         spec = {t.key: t for t in (params.EMBEDDING_TENSOR, params.FINAL_NORM_TENSOR, params.OUTPUT_TENSOR)}[key]
         source = key
     tensor = get_full_tensor(source)
-    for dim, (axis, kept) in enumerate(
-        (a, _axis_indices(plan, parent_layer).get(a)) for a in spec.axes
-    ):
+    kept_along = _axis_indices(plan, parent_layer)
+    for dim, axis in enumerate(spec.axes):
+        kept = kept_along.get(axis)
         if kept is not None:
             tensor = tensor.index_select(dim, torch.tensor(kept, dtype=torch.long))
     scale = _norm_scale(plan, spec)

@@ -81,7 +81,7 @@ def save_scores(scores: Scores, path: str | Path) -> Path:
     for kind, per_layer in scores.units.items():
         tensors.update({f"{kind}.{i}": t for i, t in per_layer.items()})
     tensors.update({f"layers.{m}": t for m, t in scores.layers.items()})
-    tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in tensors.items()}
+    tensors = {k: v.detach().to(torch.float32).cpu().clone() for k, v in tensors.items()}  # no shared storage
     sidecar = {
         "format": FORMAT,
         "parent": {"checkpoint": scores.parent.checkpoint, "step": scores.parent.step, "model": scores.parent.model},

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ckpt
-from pipeline.compress.prune import keep_plan, load_full_tensors, make_plan, prune_checkpoint, prune_tensor
-from pipeline.compress.scores import LAYER_METRICS, ParentIdentity, Scores
+from pipeline.compress.prune import (
+    keep_plan, load_full_tensors, make_plan, prune_checkpoint, prune_tensor, prune_tensors,
+)
 from pipeline.compress.search import Candidate
 from pipeline.config import load_run_config
 from pipeline.distributed import distributed
@@ -26,6 +27,7 @@ from pipeline.model import params
 from pipeline.model.build import build_model
 from pipeline.model.init import global_param_names
 from pipeline.model.sizes import param_counts
+from tests.unit.compress_scores import random_scores
 
 PARENT = [
     "device=cpu", "precision=fp32", "model.name=parent", "model.pattern=M*-M-*", "model.hidden_size=32",
@@ -205,28 +207,22 @@ class _Unscaled:
         return t / self.factor if key.endswith(self.norms) else t
 
 
-def _random_scores(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    layers = model.parsed_pattern().layers
-    rand = lambda n: torch.rand(n, generator=gen)  # noqa: E731
-    units = {
-        "ffn": {i: rand(model.ffn_hidden_size) for i, s in enumerate(layers) if s == "-"},
-        "query_heads": {i: rand(model.num_attention_heads) for i, s in enumerate(layers) if s == "*"},
-        "mamba_heads": {i: rand(model.mamba_num_heads) for i, s in enumerate(layers) if s == "M"},
-        "mamba_channels": {i: rand(model.mamba_head_dim) for i, s in enumerate(layers) if s == "M"},
-    }
-    return Scores(ParentIdentity("x", 0, dataclasses.asdict(model)), rand(model.hidden_size), units,
-                  {m: rand(len(layers)) for m in LAYER_METRICS}, samples=1)
-
-
 def test_pruning_to_the_parents_own_sizes_is_the_identity(parent):
-    plan = keep_plan(parent["run"].model, _random_scores(parent["run"].model), Candidate())
+    plan = keep_plan(parent["run"].model, random_scores(parent["run"].model), Candidate())
     assert torch.equal(_student_logits(parent, plan), _logits(parent["chunk"], parent["tokens"]))
+
+
+def test_pruned_tensors_have_the_shapes_the_student_config_implies(parent):
+    m = parent["run"].model
+    plan = keep_plan(m, random_scores(m), Candidate(remove_mamba=1, hidden_size=16, ffn_hidden_size=24,
+                                                    mamba_heads_per_group=1, mamba_head_dim=4, query_heads_per_group=1))
+    shapes = {key: tuple(t.shape) for key, t in prune_tensors(parent["reader"].get, m, plan)}
+    assert shapes == params.checkpoint_shapes(plan.student)
 
 
 def test_mamba_heads_stay_in_their_groups_and_per_head_tensors_use_the_same_heads(parent):
     m = parent["run"].model
-    scores = _random_scores(m, seed=5)
+    scores = random_scores(m, seed=5)
     scores.units["mamba_heads"][0] = torch.tensor([0.9, 0.8, 0.7, 0.1])  # the best two are both in group 0
     plan = keep_plan(m, scores, Candidate(mamba_heads_per_group=1))
     assert plan.mamba_heads[0] == (0, 2), "each group must keep its own best head"
@@ -244,7 +240,7 @@ def test_mamba_heads_stay_in_their_groups_and_per_head_tensors_use_the_same_head
 
 def test_pruned_checkpoint_loads_strictly_and_its_parameter_count_is_exact(parent, tmp_path):
     m = parent["run"].model
-    plan = keep_plan(m, _random_scores(m), Candidate(remove_mlp=1, remove_attention=1, hidden_size=24,
+    plan = keep_plan(m, random_scores(m), Candidate(remove_mlp=1, remove_attention=1, hidden_size=24,
                                                      ffn_hidden_size=32, mamba_heads_per_group=1,
                                                      mamba_head_dim=4, query_heads_per_group=1), name="student")
     step = prune_checkpoint(parent["step_dir"], plan, tmp_path / "student")
@@ -270,7 +266,7 @@ def test_bad_requests_fail_before_writing(parent, tmp_path):
     with pytest.raises(ConfigError, match="same number in every group"):
         make_plan(m, mamba_heads={0: [0, 1, 2]})
     with pytest.raises(ConfigError, match="cannot keep 9"):
-        keep_plan(m, _random_scores(m), Candidate(mamba_head_dim=9))
+        keep_plan(m, random_scores(m), Candidate(mamba_head_dim=9))
     assert not out.exists()
 
 

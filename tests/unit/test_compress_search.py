@@ -5,16 +5,16 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.compress.prune import keep_plan, prune_checkpoint
-from pipeline.compress.scores import LAYER_METRICS, ParentIdentity, Scores, save_scores
+from pipeline.compress.scores import ParentIdentity, save_scores
 from pipeline.compress.search import Candidate, check_search_request, load_candidates, search, search_candidates
 from pipeline.config import load_run_config
 from pipeline.distributed import distributed
 from pipeline.errors import ConfigError
 from pipeline.model.build import build_model
+from tests.unit.compress_scores import random_scores
 
 MODEL = [
     "model.name=parent", "model.pattern=M-M*-M-M*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
@@ -28,17 +28,7 @@ LAYER_IMPORTANCE = [5.0, 4.0, 9.0, 8.0, 0.5, 0.1, 7.0, 3.0, 6.0, 2.0]  # least: 
 
 
 def _scores(model, identity=None):
-    gen = torch.Generator().manual_seed(0)
-    layers = model.parsed_pattern().layers
-    rand = lambda n: torch.rand(n, generator=gen)  # noqa: E731
-    units = {
-        "ffn": {i: rand(model.ffn_hidden_size) for i, s in enumerate(layers) if s == "-"},
-        "query_heads": {i: rand(model.num_attention_heads) for i, s in enumerate(layers) if s == "*"},
-        "mamba_heads": {i: rand(model.mamba_num_heads) for i, s in enumerate(layers) if s == "M"},
-        "mamba_channels": {i: rand(model.mamba_head_dim) for i, s in enumerate(layers) if s == "M"},
-    }
-    return Scores(identity or ParentIdentity("x", 0, dataclasses.asdict(model)), rand(model.hidden_size), units,
-                  {m: torch.tensor(LAYER_IMPORTANCE) for m in LAYER_METRICS}, samples=1)
+    return random_scores(model, layer_scores=LAYER_IMPORTANCE, identity=identity)
 
 
 def _run(*overrides):
