@@ -48,6 +48,11 @@ def _output(value) -> torch.Tensor:
     return value[0] if isinstance(value, tuple) else value
 
 
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A module's input tensor, passed positionally or (megatron's layers) as `hidden_states=`."""
+    return args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+
+
 def _per_sample_mean(a_SBC: torch.Tensor, seq_length: int) -> torch.Tensor:
     """[samples, C] means over each sequence of an activation laid out [S, b, C]: megatron's
     [L, B, C], or [B*L, 1, C] for packed (THD) micro-batches of B sequences of length L."""
@@ -111,21 +116,25 @@ class _Hooks:
 
     def _attach(self, layer, index: int) -> None:
         symbol = self.model.parsed_pattern().layers[index]
-        hook = self._handles.append
-        hook(layer.register_forward_pre_hook(partial(self._layer_input, index), with_kwargs=True))
-        hook(layer.register_forward_hook(partial(self._layer_output, index)))
+
+        def before(module, fn) -> None:
+            self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+
+        def after(module, fn) -> None:
+            self._handles.append(module.register_forward_hook(fn))
+
+        before(layer, partial(self._layer_input, index))
+        after(layer, partial(self._layer_output, index))
         if symbol == MAMBA:
-            mixer = layer.mixer
-            hook(mixer.in_proj.register_forward_pre_hook(partial(self._pre_norm, index, mixer.in_proj)))
-            hook(mixer.in_proj.register_forward_hook(partial(self._mamba_x, index)))
+            before(layer.mixer.in_proj, partial(self._pre_norm, index, layer.mixer.in_proj))
+            after(layer.mixer.in_proj, partial(self._mamba_x, index))
         elif symbol == ATTENTION:
             attn = layer.self_attention
-            hook(attn.linear_qkv.register_forward_pre_hook(partial(self._pre_norm, index, attn.linear_qkv)))
-            hook(attn.linear_proj.register_forward_pre_hook(partial(self._query_heads, index)))
+            before(attn.linear_qkv, partial(self._pre_norm, index, attn.linear_qkv))
+            before(attn.linear_proj, partial(self._query_heads, index))
         elif symbol == MLP:
-            mlp = layer.mlp
-            hook(mlp.linear_fc1.register_forward_pre_hook(partial(self._pre_norm, index, mlp.linear_fc1)))
-            hook(mlp.linear_fc2.register_forward_pre_hook(partial(self._ffn, index)))
+            before(layer.mlp.linear_fc1, partial(self._pre_norm, index, layer.mlp.linear_fc1))
+            before(layer.mlp.linear_fc2, partial(self._ffn, index))
 
     def _square_sum(self, name: str, size: int, a_SBC: torch.Tensor, offset: int = 0) -> None:
         """Add sum over samples of (mean over the sequence of |A|)^2 for each unit."""
@@ -133,7 +142,7 @@ class _Hooks:
 
     # Hooks. Each returns None (leaves the computation alone) except a skipped layer's output.
     def _layer_input(self, index, module, args, kwargs):
-        self._inputs[index] = args[0] if args else kwargs["hidden_states"]
+        self._inputs[index] = _first_input(args, kwargs)
 
     def _layer_output(self, index, module, args, output):
         x_in = self._inputs.pop(index)
@@ -147,22 +156,22 @@ class _Hooks:
             self.acc.add("block_tokens", L, cos.new_full((1,), cos.numel()), index)
         return None
 
-    def _pre_norm(self, index, linear, module, args):
+    def _pre_norm(self, index, linear, module, args, kwargs):
         if not (self.collect and self.tp_rank == 0):
             return
-        x = self._full_sequence(args[0])
+        x = self._full_sequence(_first_input(args, kwargs))
         eps = linear.config.layernorm_epsilon
         normed = F.rms_norm(x.float(), (x.shape[-1],), linear.layer_norm_weight.float(), eps)
         self._square_sum(f"hidden.{index}", self.model.hidden_size, normed)
 
-    def _ffn(self, index, module, args):
+    def _ffn(self, index, module, args, kwargs):
         if self.collect:
-            a = args[0]
+            a = _first_input(args, kwargs)
             self._square_sum(f"ffn.{index}", self.model.ffn_hidden_size, a, self.tp_rank * a.shape[-1])
 
-    def _query_heads(self, index, module, args):
+    def _query_heads(self, index, module, args, kwargs):
         if self.collect:
-            a = args[0]
+            a = _first_input(args, kwargs)
             d = self.model.kv_channels
             heads = a.unflatten(-1, (-1, d)).float().norm(dim=-1)
             self._square_sum(f"query_heads.{index}", self.model.num_attention_heads, heads,

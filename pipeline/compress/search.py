@@ -385,7 +385,8 @@ def _nothing_fits(cfg, smallest) -> str:
         f"{n}={getattr(cfg, n)}" for n in ("target_params", "target_memory_gib") if getattr(cfg, n) is not None
     )
     if smallest is None:
-        return f"no valid candidate for {asked} at this layout; allow more widths (compress.*_sizes) or another parallel.tp"
+        return (f"no valid candidate for {asked} at this layout; list more widths (compress.*_sizes) or use "
+                f"another parallel.tp")
     return (
         f"no candidate fits compress.{asked}: the smallest searched has {smallest[0]:,} params and "
         f"{smallest[1] / GIB:.3g} GiB; raise the target, raise compress.max_removed_fraction or list smaller widths"

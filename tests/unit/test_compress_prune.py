@@ -244,7 +244,8 @@ def test_pruned_checkpoint_loads_strictly_and_its_parameter_count_is_exact(paren
                                                      ffn_hidden_size=32, mamba_heads_per_group=1,
                                                      mamba_head_dim=4, query_heads_per_group=1), name="student")
     step = prune_checkpoint(parent["step_dir"], plan, tmp_path / "student")
-    run = load_run_config([*PARENT[:2], "train.seq_length=32", f"hydra.searchpath=[file://{tmp_path / 'student'}]", "model=student"])
+    searchpath = f"hydra.searchpath=[file://{tmp_path / 'student'}]"
+    run = load_run_config([*PARENT[:2], "train.seq_length=32", searchpath, "model=student"])
     assert run.model == plan.student
     (chunk,) = build_model(run, parent["world"].device)
     ckpt.load_model(step, [chunk])  # strict: raises on a missing or unexpected tensor
