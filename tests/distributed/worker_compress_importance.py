@@ -1,12 +1,11 @@
-"""Worker: the compress `importance` step at the layout the overrides give (scores into run_dir).
+"""Worker: `python -m pipeline.compress importance` with the given overrides (scores into run_dir).
 
     torchrun --nproc_per_node=2 tests/distributed/worker_compress_importance.py compress.parent=P run_dir=R parallel.tp=2
 """
 
 import sys
 
-from pipeline.compress.importance import score_importance
-from pipeline.config import load_run_config
+from pipeline.compress.__main__ import main
 
 if __name__ == "__main__":
-    score_importance(load_run_config(sys.argv[1:]))
+    sys.exit(main(["importance", *sys.argv[1:]]))
