@@ -17,6 +17,7 @@ pruned channels zeroed, up to the epsilon inside the RMS.
 """
 
 import dataclasses
+import json
 import math
 import re
 import shutil
@@ -32,6 +33,9 @@ from pipeline.errors import CheckpointError, ConfigError
 from pipeline.model import params
 from pipeline.model.config import ModelConfig
 from pipeline.model.pattern import ATTENTION, MAMBA, MLP
+
+PLAN_FILE = "keep_plan.json"
+"""Written next to a pruned student's checkpoints: which parent units it kept (`plan_record`)."""
 
 
 @dataclass(frozen=True)
@@ -317,6 +321,17 @@ def student_meta(plan: KeepPlan, parent_step: Path, parent_meta: dict, parallel:
     }
 
 
+def plan_record(plan: KeepPlan) -> dict:
+    """The kept units as JSON-able data (parent indices; per-layer dicts keyed by parent layer)."""
+    per_layer = ("ffn", "query_heads", "mamba_heads", "mamba_channels")
+    return {
+        "parent": plan.parent.name,
+        "layers": list(plan.layers),
+        "hidden": list(plan.hidden),
+        **{k: {str(i): list(v) for i, v in getattr(plan, k).items()} for k in per_layer},
+    }
+
+
 def write_model_yaml(model: ModelConfig, root: Path) -> Path:
     """root/model/NAME.yaml: the student as a Hydra `model` option (hydra.searchpath=[file://root])."""
     from omegaconf import OmegaConf
@@ -330,7 +345,8 @@ def write_model_yaml(model: ModelConfig, root: Path) -> Path:
 
 def prune_checkpoint(parent_dir, plan: KeepPlan, out_dir, parallel=None, precision=None) -> Path:
     """Write OUT_DIR/checkpoints/step_0000000 (the student's weights, usable by
-    `checkpoint.init_from`) and OUT_DIR/model/NAME.yaml; return the step directory.
+    `checkpoint.init_from`), OUT_DIR/model/NAME.yaml and OUT_DIR/keep_plan.json (the parent units
+    kept, `plan_record`); return the step directory.
 
     Inside an active `pipeline.distributed.distributed(...)` (all ranks call it) the student is built
     and saved at that layout; otherwise in this process at `parallel` (default tp=pp=1). Precision
@@ -384,6 +400,7 @@ def prune_checkpoint(parent_dir, plan: KeepPlan, out_dir, parallel=None, precisi
             )
             if rank == 0:
                 write_model_yaml(plan.student, Path(tmp[0]))
+                (Path(tmp[0]) / PLAN_FILE).write_text(json.dumps(plan_record(plan), indent=1))
                 replace_dir(tmp[0], out_dir)
         except BaseException:
             if rank == 0:

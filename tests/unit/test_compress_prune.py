@@ -253,6 +253,9 @@ def test_pruned_checkpoint_loads_strictly_and_its_parameter_count_is_exact(paren
     assert sum(p.numel() for p in chunk.parameters()) == param_counts(plan.student)["total"]
     meta = json.loads((step / "meta.json").read_text())
     assert meta["weights_only"] and meta["pruned_from"]["step"] == 7
+    record = json.loads((tmp_path / "student" / "keep_plan.json").read_text())
+    assert record["hidden"] == list(plan.hidden) and record["layers"] == list(plan.layers)
+    assert record["mamba_heads"] == {str(i): list(h) for i, h in plan.mamba_heads.items()}
 
 
 def test_bad_requests_fail_before_writing(parent, tmp_path):
