@@ -2,42 +2,16 @@
 read a run's validation records."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def run_command(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `args` in the repository on CPU; fail with the tail of its output when it fails."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    # Own process group, output to files: orphaned checkpoint writers must not outlive the test.
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
-        try:
-            returncode = child.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        out.seek(0)
-        err.seek(0)
-        proc = subprocess.CompletedProcess(args, returncode, out.read(), err.read())
-    assert proc.returncode == 0, (
-        f"{' '.join(args)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n"
-        f"--- stderr ---\n{proc.stderr[-5000:]}"
-    )
-    return proc
+from tests.distributed.training import run_cpu
 
 
 def torchrun(nproc: int, module: str, *overrides: str) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=N -m MODULE OVERRIDES...`."""
-    return run_command([sys.executable, "-m", "torch.distributed.run", "--standalone",
+    return run_cpu([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         f"--nproc_per_node={nproc}", "-m", module, *overrides])
 
 

@@ -5,11 +5,11 @@ throughputs, and the modelopt line."""
 import json
 import sys
 
-from tests.distributed.compress_runs import run_command
+from tests.distributed.compress_runs import run_cpu
 
 
 def test_compress_benchmark_smoke_on_cpu(tmp_path):
-    proc = run_command([sys.executable, "bench/compress.py", "--tiny", "--out", str(tmp_path)])
+    proc = run_cpu([sys.executable, "bench/compress.py", "--tiny", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "bench_compress.json").read_text())
     row = result["runs"]["fp32"]
     assert row["score_s"] > 0 and row["kd_tokens_per_s"] > 0 and row["plain_tokens_per_s"] > 0, row

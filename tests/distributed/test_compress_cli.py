@@ -52,6 +52,13 @@ def test_teacher_student_vocabulary_mismatch(capsys, tmp_path, parent):
     assert "vocab_size=4096" in err and "4224" in err
 
 
+def test_hidden_term_without_the_students_keep_plan(capsys, tmp_path, parent):
+    student = make_student(parent, tmp_path / "student", hidden=range(64))
+    err = _fails(capsys, tmp_path, "distill", f"compress.parent={parent}", f"compress.student={student}",
+                 "compress.hidden_weight=1")
+    assert "keep_plan.json" in err and "compress.hidden_weight=0" in err
+
+
 def test_distill_without_a_student(capsys, tmp_path, parent):
     err = _fails(capsys, tmp_path, "distill", f"compress.parent={parent}")
     assert "compress.student" in err and "pipeline.compress rank" in err

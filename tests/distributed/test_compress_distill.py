@@ -3,13 +3,13 @@ TP=2 equals TP=1, a resumed distillation continues bit-exactly, the teacher stay
 records carry the student's and the teacher's loss and the KL, and a student equal to its teacher
 has zero KL."""
 
-import dataclasses
+import json
 
 import pytest
 import torch
 
-from tests.distributed.compress_runs import REPO, TINY, make_parent, make_student, records
-from tests.distributed.launch import torchrun
+from tests.distributed.compress_runs import TINY, make_parent, make_student, records
+from tests.distributed.launch import REPO, torchrun
 
 ITERS = 6
 
@@ -27,10 +27,10 @@ def pair(tmp_path_factory):
     return {"root": root, "parent": parent, "student": student}
 
 
-def _distill(pair, run_dir, *overrides: str) -> int:
+def _distill(pair, run_dir, *overrides: str, iters: int = ITERS) -> int:
     from pipeline.compress.__main__ import main
 
-    return main(["distill", *TINY, f"train.iters={ITERS}", f"compress.parent={pair['parent']}",
+    return main(["distill", *TINY, f"train.iters={iters}", f"compress.parent={pair['parent']}",
                  f"compress.student={pair['student']}", "compress.lm_weight=0.5", f"run_dir={run_dir}", *overrides])
 
 
@@ -86,12 +86,28 @@ def test_records_carry_student_and_teacher_loss_and_kl(straight):
     assert row["loss"] == pytest.approx(row["kl"] + 0.5 * row["student_loss"], rel=1e-5)
 
 
-def test_student_equal_to_its_teacher_has_zero_kl(pair, tmp_path):
-    identity = make_student(pair["parent"], pair["root"] / "identity")
+def test_student_equal_to_its_teacher_has_zero_kl_and_hidden_distance(pair, tmp_path):
     from pipeline.compress.__main__ import main
 
+    identity = make_student(pair["parent"], pair["root"] / "identity")
     assert main(["distill", *TINY, "train.iters=1", "train.eval_interval=1", f"compress.parent={pair['parent']}",
-                 f"compress.student={identity}", f"run_dir={tmp_path}"]) == 0
+                 f"compress.student={identity}", "compress.hidden_weight=0.5", f"run_dir={tmp_path}"]) == 0
     first = records(tmp_path, "valid")[0]
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert first["hidden_cos"] == pytest.approx(0.0, abs=1e-6)
     assert first["student_loss"] == pytest.approx(first["teacher_loss"], rel=1e-6)
+
+
+def test_hidden_term_slices_the_teacher_to_the_kept_channels(pair, tmp_path):
+    """With the keep plan next to the pruned student, the hidden-state term trains (64 of 128 channels)."""
+    from pipeline.compress.__main__ import main
+    from pipeline.compress.distill import KEEP_PLAN
+
+    student_root = pair["student"].parents[1]
+    (student_root / KEEP_PLAN).write_text(json.dumps({"hidden": list(range(0, 128, 2))}))
+    try:
+        assert _distill(pair, tmp_path, "compress.hidden_weight=0.5", iters=2) == 0
+    finally:
+        (student_root / KEEP_PLAN).unlink()
+    rows = records(tmp_path, "train")
+    assert all(0 < r["hidden_cos"] < 2 for r in rows), rows

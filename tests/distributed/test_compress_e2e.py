@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-from tests.distributed.compress_runs import REPO, records, run_command, torchrun
+from tests.distributed.compress_runs import records, run_cpu, torchrun
 
-PARENT_ITERS = 120
+PARENT_ITERS = 100
 KD_ITERS = 40
 SHAPE = ["precision=fp32", "train.seq_length=128", "train.global_batch_size=8", "train.micro_batch_size=4",
          "train.eval_iters=4", "logging.interval=20", "checkpoint.save_interval=0"]
@@ -28,7 +28,7 @@ HALF = ["compress.target_params=0.95e6", "compress.hidden_sizes=[64]", "compress
 def e2e(tmp_path_factory):
     root = tmp_path_factory.mktemp("compress_e2e")
     started = time.perf_counter()
-    run_command(["bash", "launch/local.sh", f"run_dir={root / 'parent'}", *SHAPE,
+    run_cpu(["bash", "launch/local.sh", f"run_dir={root / 'parent'}", *SHAPE,
                  f"train.iters={PARENT_ITERS}", "train.eval_interval=0"])
     parent_s = time.perf_counter() - started
     torchrun(2, "pipeline.compress", "all", "compress=minipuzzle", f"compress.parent={root / 'parent'}",
@@ -92,8 +92,13 @@ def test_distilled_student_exports_with_logit_parity(e2e):
 def test_rank_table_and_pick_are_recorded_for_distill(e2e):
     import json
 
+    from pipeline.checkpoint import resolve_checkpoint
+
     compress = e2e / "kd" / "compress"
     (row,) = json.loads((compress / "rank.json").read_text())
     best = json.loads((compress / "best.json").read_text())
-    assert best["student"] == row["student"] and row["lm_loss_after"] < row["lm_loss_before"], row
-    assert records(e2e / "kd" / "compress" / "rank" / "c0", "valid")[-1]["step"] == 2
+    assert best["student"] == row["student"] == str(resolve_checkpoint(compress / "candidates" / "c0")), (best, row)
+    valid = records(compress / "rank" / "c0", "valid")
+    assert [v["step"] for v in valid] == [0, 2], "rank validates each candidate before and after its KD steps"
+    assert (row["lm_loss_before"], row["lm_loss_after"], row["kl_after"]) == (
+        valid[0]["student_loss"], valid[-1]["student_loss"], valid[-1]["kl"])
