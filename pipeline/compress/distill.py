@@ -33,7 +33,6 @@ from pipeline.training.batches import ModelInputs
 from pipeline.training.step import run_schedule
 
 BEST = "best.json"
-KEEP_PLAN = "keep_plan.json"
 
 
 def compress_dir(run: RunConfig) -> Path:
@@ -67,12 +66,12 @@ def model_of(checkpoint: Path) -> ModelConfig:
 
 
 def kept_hidden_channels(student_dir: Path) -> list[int] | None:
-    """The parent's hidden channels a pruned student kept (its keep plan), None without a plan."""
-    for where in (student_dir, student_dir.parent, student_dir.parent.parent):
-        plan = where / KEEP_PLAN
-        if plan.is_file():
-            return json.loads(plan.read_text())["hidden"]
-    return None
+    """The parent's hidden channels a pruned student kept (the keep plan `prune_checkpoint` writes
+    beside its checkpoints/), None for a student without one."""
+    from pipeline.compress.prune import PLAN_FILE
+
+    plan = student_dir.parent.parent / PLAN_FILE
+    return json.loads(plan.read_text())["hidden"] if plan.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -111,8 +110,8 @@ def check_pair(run: RunConfig, teacher_dir: Path, student_dir: Path) -> tuple[Ru
         if kept is None:
             raise ConfigError(
                 f"compress.hidden_weight>0 needs the hidden channels student {student_dir} kept of the "
-                f"parent's {teacher_model.hidden_size} (its {KEEP_PLAN}); prune with `python -m "
-                f"pipeline.compress rank` or set compress.hidden_weight=0"
+                f"parent's {teacher_model.hidden_size} (the keep_plan.json pruning writes beside its "
+                f"checkpoints/); prune it with pipeline.compress or set compress.hidden_weight=0"
             )
     if run.compress.hidden_weight and run.parallel.sequence_parallel:
         raise ConfigError("compress.hidden_weight>0 is not supported with parallel.sequence_parallel=true; "

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pipeline.compress.distill import BEST, KEEP_PLAN, compress_dir, distill, resolve_parent
+from pipeline.compress.distill import BEST, compress_dir, distill, resolve_parent
 from pipeline.config import RunConfig
 from pipeline.distributed import distributed
 from pipeline.fs import atomic_write_text
@@ -76,8 +76,6 @@ def rank(run: RunConfig) -> dict:
             plan = keep_plan(parent, scores, cand.candidate, name=f"{parent.name}_{name}")
             student_root = root / "candidates" / name
             student_dir = prune_checkpoint(parent_dir, plan, student_root)
-            if dist.get_rank() == 0:
-                atomic_write_text(student_root / KEEP_PLAN, json.dumps({"hidden": list(plan.hidden)}))
             run_dir = root / "rank" / name
             _fresh(run_dir)
             result = distill(_short_run(run, run_dir), student=student_dir)

@@ -18,7 +18,7 @@ def _fails(capsys, tmp_path, *argv: str) -> str:
 
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        main([*argv, *TINY, f"run_dir={run_dir}"])
+        main([*argv, *TINY, "train.iters=1", f"run_dir={run_dir}"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2, err
     # Ours is the last line (torch may warn on its first import) and the only error line.
@@ -54,6 +54,7 @@ def test_teacher_student_vocabulary_mismatch(capsys, tmp_path, parent):
 
 def test_hidden_term_without_the_students_keep_plan(capsys, tmp_path, parent):
     student = make_student(parent, tmp_path / "student", hidden=range(64))
+    (tmp_path / "student" / "keep_plan.json").unlink()
     err = _fails(capsys, tmp_path, "distill", f"compress.parent={parent}", f"compress.student={student}",
                  "compress.hidden_weight=1")
     assert "keep_plan.json" in err and "compress.hidden_weight=0" in err
