@@ -65,6 +65,22 @@ def test_distillation_resumes_bit_exactly(pair, straight, tmp_path):
     assert resumed == reference, f"{ITERS // 2} steps + resume + {ITERS // 2} differs from {ITERS} straight"
 
 
+def test_distillation_at_pp2_matches_one_process(pair, straight, tmp_path):
+    """Teacher and student split over 2 pipeline stages (the teacher's logits cross to the student's
+    last stage through its own forward-only schedule) give the single-process losses."""
+    from tests.distributed.compress_runs import torchrun as run_module
+
+    run_module(2, "pipeline.compress", "distill", *TINY, f"train.iters={ITERS}", "train.eval_interval=3",
+               f"compress.parent={pair['parent']}", f"compress.student={pair['student']}", "compress.lm_weight=0.5",
+               "parallel.pp=2", f"run_dir={tmp_path}")
+    for kind in ("train", "valid"):
+        ours, reference = records(tmp_path, kind), records(straight["run_dir"], kind)
+        assert [r["step"] for r in ours] == [r["step"] for r in reference]
+        for a, b in zip(ours, reference):
+            for key in ("loss", "student_loss", "teacher_loss", "kl"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5), f"{kind} step {a['step']} {key}: {a[key]} vs {b[key]}"
+
+
 def test_teacher_gets_no_gradients_and_keeps_its_weights(straight):
     params = [p for c in straight["objective"].teacher_chunks for p in c.parameters()]
     assert all(p.grad is None and not p.requires_grad for p in params)
