@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.checkpoint import CheckpointConfig
+from pipeline.compress.config import CompressConfig
 from pipeline.data.config import DataConfig
 from pipeline.distributed import ParallelConfig
 from pipeline.errors import ConfigError
@@ -38,6 +39,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     run_dir: str = "runs/default"
     """Resolved config, checkpoints and logs go here; restarting with it resumes."""
     device: str = "auto"

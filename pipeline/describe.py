@@ -25,6 +25,7 @@ from pipeline.cli import CONF_PATH, exit_on_user_error, launch, run_config_of  #
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.model import sizes  # noqa: E402
+from pipeline.model.sizes import format_count, format_flops  # noqa: E402
 from pipeline.model.pattern import split_stages  # noqa: E402
 
 GIB = 2**30
@@ -46,20 +47,6 @@ def world_size_from_env(run: RunConfig, env: dict[str, str]) -> tuple[int, str]:
             f"use a multiple of {model_parallel}"
         )
     return int(text), "from WORLD_SIZE"
-
-
-def _count(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
-
-
-def _flops(n: float) -> str:
-    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n / 1e6:.2f} MFLOP"
 
 
 def _symbol_counts(symbols: str) -> str:
@@ -102,7 +89,7 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
     vocab = f"vocab {m.vocab_size}" + (
         f" padded to {m.padded_vocab_size}" if m.padded_vocab_size != m.vocab_size else ""
     )
-    lines.append(f"parameters {_count(total)} ({total:,}; {vocab})")
+    lines.append(f"parameters {format_count(total)} ({total:,}; {vocab})")
     for key in ("embedding", "output_layer", "final_norm", "mamba", "attention", "mlp"):
         lines.append(f"  {key:<13}{params[key]:>16,}  {100 * params[key] / total:5.1f}%")
 
@@ -110,8 +97,8 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
     lines += [
         "FLOPs      Megatron convention (fwd + bwd = 3x fwd GEMMs, causal attention, "
         "Mamba d_in = heads*head_dim), full-length sequences",
-        f"  per token   {_flops(sizes.flops_per_token(m, seq))} at train.seq_length={seq}",
-        f"  per step    {_flops(sizes.flops_per_step(m, seq, batch))} "
+        f"  per token   {format_flops(sizes.flops_per_token(m, seq))} at train.seq_length={seq}",
+        f"  per step    {format_flops(sizes.flops_per_step(m, seq, batch))} "
         f"(train.global_batch_size={batch} x {seq} tokens)",
     ]
 
@@ -119,7 +106,7 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
     optimizer_note = f"sharded over dp={dp}" if par.distributed_optimizer else "not sharded"
     lines.append(
         f"memory     per GPU, ESTIMATE for pipeline rank {mem.pp_rank} (the largest); "
-        f"{_count(mem.params)} parameters on it; excludes CUDA context, comm buffers, fragmentation"
+        f"{format_count(mem.params)} parameters on it; excludes CUDA context, comm buffers, fragmentation"
     )
     rows = [
         (f"weights ({prec.params_dtype})", mem.weights, ""),

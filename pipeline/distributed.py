@@ -74,14 +74,42 @@ def _slurm_env_defaults() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
+def _active_world(parallel: ParallelConfig, vp: int | None, device: str) -> World:
+    """The World of the process group and parallel state already set up, if `parallel` fits it."""
+    from megatron.core import parallel_state
+
+    active = (parallel_state.get_tensor_model_parallel_world_size(),
+              parallel_state.get_pipeline_model_parallel_world_size(),
+              parallel_state.get_virtual_pipeline_model_parallel_world_size())
+    if active != (parallel.tp, parallel.pp, vp):
+        raise ConfigError(
+            f"this process already runs at tp={active[0]} pp={active[1]} vp={active[2]}; a nested run needs "
+            f"the same layout, not tp={parallel.tp} pp={parallel.pp} vp={vp}"
+        )
+    dev = resolve_device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+    world_size = dist.get_world_size()
+    return World(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank, device=dev,
+                 tp=parallel.tp, pp=parallel.pp, dp=world_size // (parallel.tp * parallel.pp), vp=vp)
+
+
 @contextmanager
 def distributed(parallel: ParallelConfig, vp: int | None, device: str = "auto"):
     """Initialise torch.distributed and megatron parallel state; yield a `World`; clean up.
+
+    Inside another `distributed(...)` at the same layout it yields that one's World and cleans nothing.
 
     On CPU, megatron-core's CUDA-only paths run under `megatron_patches.cpu_mode()` meanwhile.
     """
     from megatron.core import parallel_state
 
+    if dist.is_initialized():
+        # Nested (e.g. each candidate's distillation inside `pipeline.compress rank`): reuse the
+        # caller's groups; a second init_process_group under torchrun hangs on stale store keys.
+        yield _active_world(parallel, vp, device)
+        return
     _slurm_env_defaults()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

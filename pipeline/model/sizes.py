@@ -249,3 +249,19 @@ def memory_estimate(
     `dp` is the data-parallel size (world size / (tp * pp)).
     """
     return max(stage_memory_estimates(model, parallel, train, precision, dp), key=lambda e: e.total)
+
+
+def format_count(n: float) -> str:
+    """A count in K/M/B/T units, for tables."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def format_flops(n: float) -> str:
+    """FLOPs in MFLOP..EFLOP units, for tables."""
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 1e6:.2f} MFLOP"

@@ -193,18 +193,22 @@ def _check_batch_layout(run: RunConfig, world: World) -> None:
         )
 
 
-def train(run: RunConfig) -> dict:
-    """Run (or resume) the training described by `run`; returns the last train and validation loss."""
+def train(run: RunConfig, objective=None) -> dict:
+    """Run (or resume) the training described by `run`; returns the last train and validation loss.
+
+    `objective(run, world, log, chunks)`, when given, builds a `step.Objective` replacing the LM loss
+    (distillation: pipeline/compress/distill.py); its other keys are logged with the loss.
+    """
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
         _check_batch_layout(run, world)
         log = MetricsLogger(run.logging, run.run_dir, world.rank, Path(run.run_dir).name, asdict(run))
         try:
-            return _train(run, world, log)
+            return _train(run, world, log, objective)
         finally:
             log.close()
 
 
-def _train(run: RunConfig, world: World, log: MetricsLogger) -> dict:
+def _train(run: RunConfig, world: World, log: MetricsLogger, make_objective=None) -> dict:
     from megatron.core import parallel_state
 
     run_dir = Path(run.run_dir)
@@ -228,6 +232,8 @@ def _train(run: RunConfig, world: World, log: MetricsLogger) -> dict:
     )
     optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
     scheduler = build_scheduler(optimizer, run.optim, run.train.iters)
+    # Before _resume: building a teacher draws weights, the RNG state restored must come after.
+    objective = make_objective(run, world, log, chunks) if make_objective else None
     state = _resume(run, chunks, optimizer, scheduler, world, log)
     stop = StopRequest()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -237,11 +243,13 @@ def _train(run: RunConfig, world: World, log: MetricsLogger) -> dict:
             dataset, step, run.train.global_batch_size, run.train.micro_batch_size, dp_rank, world.dp,
             tokenizer.eod, run.train.packed_documents, world.device))
 
-    def validate() -> float:
-        losses = [eval_step(chunks, batches(valid_data, i), world.device) for i in range(eval_batches)]
-        val = float(np.mean(losses))
-        log.log(state.step, {"loss": val, "ppl": float(np.exp(min(val, 50)))}, kind="valid")
-        return val
+    def validate() -> dict:
+        results = [eval_step(chunks, batches(valid_data, i), world.device, objective) for i in range(eval_batches)]
+        means = {key.replace(" ", "_"): float(np.mean([r[key] for r in results])) for key in results[0]}
+        val = means.pop(next(iter(means)))
+        extra = means if objective else {"ppl": float(np.exp(min(val, 50)))}
+        log.log(state.step, {"loss": val, **extra}, kind="valid")
+        return {"loss": val, **extra}
 
     log.info(f"training {run.model.name} for {run.train.iters} steps from step {state.step} "
              f"(tp={world.tp} pp={world.pp} dp={world.dp} vp={world.vp or 1}, {world.device.type})")
@@ -251,7 +259,7 @@ def _train(run: RunConfig, world: World, log: MetricsLogger) -> dict:
         last_val = validate()
     while state.step < run.train.iters:
         started = time.perf_counter()
-        result = train_step(chunks, optimizer, scheduler, batches(train_data, state.step), world.device)
+        result = train_step(chunks, optimizer, scheduler, batches(train_data, state.step), world.device, objective)
         state.step += 1
         last_loss = result.loss
         if result.skipped:
@@ -262,7 +270,8 @@ def _train(run: RunConfig, world: World, log: MetricsLogger) -> dict:
         if state.step % run.logging.interval == 0 or result.skipped or state.step == run.train.iters:
             record = {"loss": result.loss, "lr": optimizer.param_groups[0]["lr"],
                       "grad_norm": float(result.grad_norm) if result.grad_norm is not None else float("nan"),
-                      "skipped_steps": state.skipped_steps}
+                      "skipped_steps": state.skipped_steps,
+                      **{key.replace(" ", "_"): value for key, value in result.metrics.items()}}
             record.update(_throughput(run, world, time.perf_counter() - started))
             log.log(state.step, record)
         if state.nonfinite_in_row >= run.train.max_nonfinite_steps:
@@ -280,7 +289,9 @@ def _train(run: RunConfig, world: World, log: MetricsLogger) -> dict:
         if stopping:
             reason = "train.exit_after_steps" if state.step == exit_at else f"signal {stop.signal or 'on another rank'}"
             log.info(f"stopping at step {state.step} ({reason}); restart with the same run_dir to resume")
-            return {"step": state.step, "loss": last_loss, "val_loss": last_val, "done": False}
+            return {"step": state.step, "loss": last_loss, "val_loss": last_val and last_val["loss"],
+                    "valid": last_val, "done": False}
     if world.rank == 0:
         (run_dir / DONE).write_text(f"{state.step}\n")
-    return {"step": state.step, "loss": last_loss, "val_loss": last_val, "done": True}
+    return {"step": state.step, "loss": last_loss, "val_loss": last_val and last_val["loss"],
+            "valid": last_val, "done": True}

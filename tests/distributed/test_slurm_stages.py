@@ -113,8 +113,27 @@ def test_distill_without_its_entry_point_says_so_and_exits_1(slurm, tmp_path):
     shutil.copytree(REPO / "slurm", root / "slurm")
     job = submit(slurm, "slurm/distill.sbatch", "run_dir=runs/d", root=root)
     assert job.returncode == 1
-    assert "distillation stage is not available" in job_output(slurm, job, "distill")
+    assert "compression stage is not available" in job_output(slurm, job, "distill")
     assert recorded(slurm) == []
+
+
+def test_distill_runs_a_single_compression_step_on_every_task(slurm):
+    job = submit(slurm, "slurm/distill.sbatch", "search", "compress.parent=/runs/p", "run_dir=/runs/c")
+    assert job.returncode == 0, job_output(slurm, job, "distill")
+    calls = recorded(slurm)
+    assert calls and all(c["module"] == "pipeline.compress" for c in calls)
+    assert {tuple(c["argv"]) for c in calls} == {("search", "compress.parent=/runs/p", "run_dir=/runs/c")}
+    assert sorted(c["slurm_procid"] for c in calls) == sorted(str(i) for i in range(len(calls)))
+
+
+def test_distill_defaults_to_all_steps_and_stops_at_done(slurm, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "DONE").write_text("10\n")
+    job = submit(slurm, "slurm/distill.sbatch", "compress=minipuzzle", f"run_dir={run_dir}")
+    assert job.returncode == 0, job_output(slurm, job, "distill")
+    assert {tuple(c["argv"]) for c in recorded(slurm)} == {("all", "compress=minipuzzle", f"run_dir={run_dir}")}
+    assert "not requeueing" in job_output(slurm, job, "distill")
 
 
 def test_job_submitted_outside_the_repository_says_where_to_submit(slurm):

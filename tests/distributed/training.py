@@ -29,6 +29,11 @@ def train(run_dir: Path, nproc: int, *overrides: str, env: dict | None = None, c
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "pipeline.train", *BASE, f"run_dir={run_dir}", *overrides,
     ]
+    return run_cpu(cmd, env=env, check=check, timeout=timeout)
+
+
+def run_cpu(cmd: list[str], env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `cmd` in the repository on CPU (one thread per process); with `check`, fail with its output."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
     # Output to files and a process group of its own: a rank killed on purpose leaves megatron's
     # checkpoint-writer processes orphaned; they would hold pipes open and linger after the test.

@@ -1,0 +1,58 @@
+"""The parent of a compression run: its checkpoint opened and checked, its identity, and where its scores live.
+
+Every step starts here, so a missing, incomplete or mismatched parent fails before any work.
+"""
+
+import dataclasses
+from pathlib import Path
+
+from pipeline import checkpoint as ckpt
+from pipeline.compress.scores import ParentIdentity
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.hf.checkpoint_reader import CheckpointTensors
+from pipeline.model import params
+from pipeline.model.config import ModelConfig
+
+SCORES_DIR = "compress/scores"
+
+
+def parent_identity(step_dir: Path, meta: dict) -> ParentIdentity:
+    """The identity scores and plans record for a parent checkpoint step directory."""
+    return ParentIdentity(checkpoint=str(Path(step_dir).resolve()), step=int(meta["step"]), model=meta["model"])
+
+
+def open_parent(parent_dir: str | Path):
+    """(step dir, meta, ModelConfig, CheckpointTensors) of a parent checkpoint, checked complete:
+    every tensor its model config implies is stored with that shape. CheckpointError otherwise."""
+    step_dir = ckpt.resolve_checkpoint(parent_dir)
+    meta = ckpt.read_meta(step_dir)
+    try:
+        model = ModelConfig(**meta["model"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"parent {step_dir} has no usable model config in its meta.json ({e}); re-save it") from e
+    tensors = CheckpointTensors(step_dir)
+    for key, shape in params.checkpoint_shapes(model).items():
+        found = tensors.shapes.get(key)
+        if found != shape:
+            what = "lacks tensor" if found is None else f"stores {list(found)} for"
+            raise CheckpointError(
+                f"parent checkpoint {step_dir} {what} {key} (expected {list(shape)}); it is incomplete or "
+                f"not of model {model.name}: give a complete checkpoint"
+            )
+    return step_dir, meta, model, tensors
+
+
+def scores_path(run) -> Path:
+    """Where the scores live: compress.scores_file, else <run_dir>/compress/scores."""
+    return Path(run.compress.scores_file or Path(run.run_dir) / SCORES_DIR)
+
+
+def parent_run(run):
+    """`run` with the parent's model (from its checkpoint) and a sequence length it supports;
+    the parent's step directory, meta and identity. Fails before any work on a bad parent."""
+    if not run.compress.parent:
+        raise ConfigError("compress.parent is not set; give the parent checkpoint, e.g. compress.parent=runs/tiny")
+    step_dir, meta, model, tensors = open_parent(run.compress.parent)
+    tensors.close()
+    train = dataclasses.replace(run.train, seq_length=min(run.train.seq_length, model.seq_length))
+    return dataclasses.replace(run, model=model, train=train), step_dir, parent_identity(step_dir, meta)

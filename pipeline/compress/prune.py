@@ -1,0 +1,398 @@
+"""Prune a parent to a student: which units are kept, the sliced tensors, the student checkpoint.
+
+    from pipeline.compress.prune import keep_plan, prune_checkpoint
+    plan = keep_plan(parent_model, scores, Candidate(remove_mlp=1, ffn_hidden_size=384))
+    prune_checkpoint("runs/tiny", plan, "runs/tiny/compress/student")
+    # then: python -m pipeline.train hydra.searchpath=[file://runs/tiny/compress/student]
+    #           model=<student name> checkpoint.init_from=runs/tiny/compress/student
+
+Units keep their ORIGINAL order (a student tensor is the parent tensor indexed along each named axis
+of pipeline/model/params.py by the kept units of that axis), so a student is the parent with the
+pruned units masked out. Two RMSNorms see fewer channels after pruning: the hidden-size norms (every
+pre-norm and the final norm) and Mamba's gated norm (per group). The RMS over d' kept channels of a
+vector whose pruned channels are zero is sqrt(d/d') times its RMS over all d channels, so those norm
+weights are multiplied by sqrt(d/d') (hidden: h/h'; gated norm: d_inner/d_inner', the same ratio
+as per group, since every group keeps the same count): the student then equals the parent with the
+pruned channels zeroed, up to the epsilon inside the RMS.
+"""
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.compress.parent import open_parent
+from pipeline.compress.scores import Scores
+from pipeline.compress.search import Candidate, removed_layers, student_config, student_widths
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.model import params
+from pipeline.model.config import ModelConfig
+from pipeline.model.pattern import ATTENTION, MAMBA, MLP
+
+PLAN_FILE = "keep_plan.json"
+"""Written next to a pruned student's checkpoints: which parent units it kept (`plan_record`)."""
+
+
+@dataclass(frozen=True)
+class KeepPlan:
+    """The units of the parent a student keeps (indices sorted, in the parent's numbering) and the
+    student's model config. Per-layer dictionaries are keyed by the PARENT layer index."""
+
+    parent: ModelConfig
+    student: ModelConfig
+    layers: tuple[int, ...]
+    hidden: tuple[int, ...]
+    ffn: dict[int, tuple[int, ...]]
+    query_heads: dict[int, tuple[int, ...]]
+    """Kept query heads (global head index j; its KV group is j // (heads / groups))."""
+    mamba_heads: dict[int, tuple[int, ...]]
+    """Kept Mamba heads (global head index h; its group is h // (heads / groups))."""
+    mamba_channels: dict[int, tuple[int, ...]]
+    """Kept channels of every Mamba head (the same in each head)."""
+
+
+def _checked(name: str, indices, size: int) -> tuple[int, ...]:
+    out = tuple(sorted(int(i) for i in indices))
+    if len(set(out)) != len(out) or (out and (out[0] < 0 or out[-1] >= size)):
+        raise ConfigError(f"{name} must be distinct indices in [0, {size}); got {list(indices)[:8]}...")
+    if not out:
+        raise ConfigError(f"{name} keeps nothing; keep at least one")
+    return out
+
+
+def _per_group(name: str, kept: tuple[int, ...], size: int, groups: int) -> int:
+    """Kept units per group; every group must keep the same number."""
+    per = size // groups
+    counts = [sum(1 for i in kept if i // per == g) for g in range(groups)]
+    if len(set(counts)) != 1:
+        raise ConfigError(f"{name} keeps {counts} per group; keep the same number in every group")
+    return counts[0]
+
+
+def _same(name: str, counts: set[int], default: int) -> int:
+    if len(counts) > 1:
+        raise ConfigError(f"{name} keeps different counts {sorted(counts)} per layer; keep the same in every layer")
+    return counts.pop() if counts else default
+
+
+def make_plan(
+    parent: ModelConfig,
+    layers=None,
+    hidden=None,
+    ffn: dict | None = None,
+    query_heads: dict | None = None,
+    mamba_heads: dict | None = None,
+    mamba_channels: dict | None = None,
+    name: str | None = None,
+) -> KeepPlan:
+    """A KeepPlan from explicit unit indices (None, or a layer missing from a dict: keep all).
+    Raises ConfigError for indices out of range, unequal groups or unequal layer widths."""
+    symbols = parent.parsed_pattern().layers
+    layers = _checked("layers", range(len(symbols)) if layers is None else layers, len(symbols))
+    hidden = _checked("hidden", range(parent.hidden_size) if hidden is None else hidden, parent.hidden_size)
+    n, g = parent.num_attention_heads, parent.num_query_groups
+    H, G, P = parent.mamba_num_heads, parent.mamba_num_groups, parent.mamba_head_dim
+    sizes = {"ffn": parent.ffn_hidden_size, "query_heads": n, "mamba_heads": H, "mamba_channels": P}
+    given = {"ffn": ffn or {}, "query_heads": query_heads or {}, "mamba_heads": mamba_heads or {},
+             "mamba_channels": mamba_channels or {}}
+    kinds = {MLP: ("ffn",), ATTENTION: ("query_heads",), MAMBA: ("mamba_heads", "mamba_channels")}
+    kept: dict[str, dict[int, tuple[int, ...]]] = {k: {} for k in given}
+    for i in layers:
+        for kind in kinds[symbols[i]]:
+            kept[kind][i] = _checked(f"{kind}[{i}]", given[kind].get(i, range(sizes[kind])), sizes[kind])
+    stray = {k: sorted(set(v) - set(kept[k])) for k, v in given.items() if set(v) - set(kept[k])}
+    if stray:
+        kind, where = next(iter(stray.items()))
+        raise ConfigError(f"{kind} given for layers {where}, which are removed or of another type; drop them")
+    widths = {
+        "hidden_size": len(hidden),
+        "ffn_hidden_size": _same("ffn", {len(v) for v in kept["ffn"].values()}, parent.ffn_hidden_size),
+        "query_heads_per_group": _same(
+            "query_heads", {_per_group(f"query_heads[{i}]", v, n, g) for i, v in kept["query_heads"].items()}, n // g
+        ),
+        "mamba_heads_per_group": _same(
+            "mamba_heads", {_per_group(f"mamba_heads[{i}]", v, H, G) for i, v in kept["mamba_heads"].items()}, H // G
+        ),
+        "mamba_head_dim": _same("mamba_channels", {len(v) for v in kept["mamba_channels"].values()}, P),
+    }
+    student = student_config(parent, list(layers), widths, name or f"{parent.name}_pruned")
+    return KeepPlan(parent, student, layers, hidden, kept["ffn"], kept["query_heads"], kept["mamba_heads"],
+                    kept["mamba_channels"])
+
+
+def _top(name: str, scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k highest scores (ties: the lower index), in original order."""
+    if not 1 <= k <= scores.numel():
+        raise ConfigError(f"{name}: cannot keep {k} of {scores.numel()}; use a width in [1, {scores.numel()}]")
+    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:k])
+
+
+def _top_per_group(name: str, scores: torch.Tensor, groups: int, k: int) -> list[int]:
+    """The k best units of each of `groups` equal consecutive groups, in original order."""
+    per = scores.numel() // groups
+    return [g * per + i for g in range(groups) for i in _top(name, scores[g * per : (g + 1) * per], k)]
+
+
+def _layer_scores(scores: Scores, kind: str, layer: int, size: int) -> torch.Tensor:
+    found = scores.units.get(kind, {}).get(layer)
+    if found is None or found.numel() != size:
+        raise CheckpointError(
+            f"the scores have no {kind} scores of size {size} for layer {layer}: they belong to another "
+            f"parent; rerun `python -m pipeline.compress importance`"
+        )
+    return found
+
+
+def keep_plan(parent: ModelConfig, scores: Scores, candidate: Candidate, name: str | None = None) -> KeepPlan:
+    """The plan of `candidate`: the least important layers of each type removed (by the candidate's
+    layer metric), the most important units kept in every remaining layer (per group for heads)."""
+    layer_metric = candidate.layer_metric
+    if layer_metric not in scores.layers:
+        raise ConfigError(f"layer metric {layer_metric!r} not in the scores; use one of {sorted(scores.layers)}")
+    if scores.hidden.numel() != parent.hidden_size:
+        raise CheckpointError(
+            f"the scores have {scores.hidden.numel()} hidden channels, the parent {parent.hidden_size}: they belong "
+            f"to another parent; rerun `python -m pipeline.compress importance`"
+        )
+    symbols = parent.parsed_pattern().layers
+    gone = set(removed_layers(parent, scores.layers[layer_metric], candidate))
+    layers = [i for i in range(len(symbols)) if i not in gone]
+    w = student_widths(parent, candidate)
+    ffn, query, heads, channels = {}, {}, {}, {}
+    for i in layers:
+        if symbols[i] == MLP:
+            ffn[i] = _top(f"ffn_hidden_size (layer {i})", _layer_scores(scores, "ffn", i, parent.ffn_hidden_size),
+                          w["ffn_hidden_size"])
+        elif symbols[i] == ATTENTION:
+            s = _layer_scores(scores, "query_heads", i, parent.num_attention_heads)
+            query[i] = _top_per_group("query_heads_per_group", s, parent.num_query_groups, w["query_heads_per_group"])
+        else:
+            s = _layer_scores(scores, "mamba_heads", i, parent.mamba_num_heads)
+            heads[i] = _top_per_group("mamba_heads_per_group", s, parent.mamba_num_groups, w["mamba_heads_per_group"])
+            s = _layer_scores(scores, "mamba_channels", i, parent.mamba_head_dim)
+            channels[i] = _top("mamba_head_dim", s, w["mamba_head_dim"])
+    hidden = _top("hidden_size", scores.hidden, w["hidden_size"])
+    return make_plan(parent, layers, hidden, ffn, query, heads, channels, name)
+
+
+def _axis_indices(plan: KeepPlan, layer: int | None) -> dict[str, list[int] | None]:
+    """Kept indices along every named axis of params.py for one parent layer (None: keep all)."""
+    parent = plan.parent
+    axes: dict[str, list[int] | None] = {"h": list(plan.hidden)}
+    if layer in plan.ffn:
+        axes["f"] = list(plan.ffn[layer])
+    if layer in plan.query_heads:
+        d, qpg = parent.kv_channels, parent.num_attention_heads // parent.num_query_groups
+        kept = plan.query_heads[layer]
+        axes["Q"] = [j * d + r for j in kept for r in range(d)]
+        qkv = []
+        for g in range(parent.num_query_groups):
+            base = g * (qpg + 2) * d
+            rows = [j % qpg for j in kept if j // qpg == g] + [qpg, qpg + 1]  # its q heads, then k and v
+            qkv += [base + i * d + r for i in rows for r in range(d)]
+        axes["QKV"] = qkv
+    if layer in plan.mamba_heads:
+        P = parent.mamba_head_dim
+        axes["H"] = list(plan.mamba_heads[layer])
+        axes["E"] = [h * P + c for h in plan.mamba_heads[layer] for c in plan.mamba_channels[layer]]
+    return axes
+
+
+def _norm_scale(plan: KeepPlan, spec: params.TensorSpec) -> float:
+    """sqrt(d/d') for the RMSNorm weights whose channels were pruned (see the module docstring)."""
+    if spec.axes == ("h",):
+        return math.sqrt(plan.parent.hidden_size / plan.student.hidden_size)
+    if spec.key == "mixer.norm.weight":
+        return math.sqrt(plan.parent.mamba_d_inner / plan.student.mamba_d_inner)
+    return 1.0
+
+
+def prune_tensor(get_full_tensor: Callable[[str], torch.Tensor], plan: KeepPlan, key: str) -> torch.Tensor:
+    """The student's full tensor `key` from the parent's full tensors (`get_full_tensor(parent key)`)."""
+    match = re.fullmatch(rf"{re.escape(params.LAYER_PREFIX)}\.(\d+)\.(.+)", key)
+    if match:
+        parent_layer = plan.layers[int(match.group(1))]
+        symbol = plan.parent.parsed_pattern().layers[parent_layer]
+        spec = next(s for s in params.LAYER_TENSORS[symbol] if s.key == match.group(2))
+        source = params.layer_key(parent_layer, spec)
+    else:
+        parent_layer = None
+        spec = {t.key: t for t in (params.EMBEDDING_TENSOR, params.FINAL_NORM_TENSOR, params.OUTPUT_TENSOR)}[key]
+        source = key
+    tensor = get_full_tensor(source)
+    kept_along = _axis_indices(plan, parent_layer)
+    for dim, axis in enumerate(spec.axes):
+        kept = kept_along.get(axis)
+        if kept is not None:
+            tensor = tensor.index_select(dim, torch.tensor(kept, dtype=torch.long))
+    scale = _norm_scale(plan, spec)
+    if scale != 1.0:
+        tensor = (tensor.float() * scale).to(tensor.dtype)
+    return tensor
+
+
+def prune_tensors(
+    get_full_tensor: Callable[[str], torch.Tensor], parent: ModelConfig, plan: KeepPlan
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(student checkpoint key, full student tensor) for every tensor of the student, in order."""
+    if dataclasses.asdict(parent) != dataclasses.asdict(plan.parent):
+        raise ConfigError(f"the plan was made for parent {plan.parent.name}, not for {parent.name}; remake the plan")
+    for key, _, _ in params.model_tensors(plan.student):
+        yield key, prune_tensor(get_full_tensor, plan, key)
+
+
+def param_checkpoint_keys(name: str) -> list[str]:
+    """Checkpoint keys whose full tensors, concatenated along dim 0, make module parameter `name`
+    (global name; Mamba's fused in_proj / conv parameters hold several components)."""
+    match = re.fullmatch(rf"({re.escape(params.LAYER_PREFIX)}\.\d+\.)(.+)", name)
+    if not match:
+        return [name]
+    prefix, param = match.groups()
+    for specs in params.LAYER_TENSORS.values():
+        keys = [prefix + s.key for s in specs if s.param == param]
+        if keys:
+            return keys
+    raise ValueError(f"no parameter {name!r} in pipeline/model/params.py")
+
+
+@torch.no_grad()
+def load_full_tensors(chunks: list[torch.nn.Module], get_full_tensor: Callable[[str], torch.Tensor]) -> None:
+    """Copy this rank's slice of every full tensor (by checkpoint key) into its model chunks."""
+    from megatron.core import parallel_state
+
+    from pipeline.model.init import global_param_names
+    from pipeline.model.sharding import local_slice
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    for chunk in chunks:
+        for name, param in global_param_names(getattr(chunk, "module", chunk)).items():
+            whole = torch.cat([get_full_tensor(k) for k in param_checkpoint_keys(name)], dim=0)
+            param.copy_(local_slice(whole, param, tp_rank, tp_size))
+
+
+def student_meta(plan: KeepPlan, parent_step: Path, parent_meta: dict, parallel: dict) -> dict:
+    """meta.json of a pruned student checkpoint (weights only, step 0)."""
+    return {
+        "step": 0,
+        "consumed_samples": 0,
+        "model": dataclasses.asdict(plan.student),
+        "parallel": parallel,
+        "tokenizer": parent_meta.get("tokenizer"),
+        "weights_only": True,
+        "source": str(Path(parent_step).resolve()),
+        "pruned_from": {"checkpoint": str(Path(parent_step).resolve()), "step": parent_meta["step"],
+                        "model": parent_meta["model"]},
+    }
+
+
+def plan_record(plan: KeepPlan) -> dict:
+    """The kept units as JSON-able data (parent indices; per-layer dicts keyed by parent layer)."""
+    per_layer = ("ffn", "query_heads", "mamba_heads", "mamba_channels")
+    return {
+        "parent": plan.parent.name,
+        "layers": list(plan.layers),
+        "hidden": list(plan.hidden),
+        **{k: {str(i): list(v) for i, v in getattr(plan, k).items()} for k in per_layer},
+    }
+
+
+def write_model_yaml(model: ModelConfig, root: Path) -> Path:
+    """root/model/NAME.yaml: the student as a Hydra `model` option (hydra.searchpath=[file://root])."""
+    from omegaconf import OmegaConf
+
+    path = root / "model" / f"{model.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
+    path.write_text(f"# Pruned by pipeline/compress/prune.py; every size explicit.\n{OmegaConf.to_yaml(fields)}")
+    return path
+
+
+def prune_checkpoint(parent_dir, plan: KeepPlan, out_dir, parallel=None, precision=None) -> Path:
+    """Write OUT_DIR/checkpoints/step_0000000 (the student's weights, usable by
+    `checkpoint.init_from`), OUT_DIR/model/NAME.yaml and OUT_DIR/keep_plan.json (the parent units
+    kept, `plan_record`); return the step directory.
+
+    Inside an active `pipeline.distributed.distributed(...)` (all ranks call it) the student is built
+    and saved at that layout; otherwise in this process at `parallel` (default tp=pp=1). Precision
+    defaults to the parent's stored dtype. Every check runs before anything is written; OUT_DIR is
+    replaced only once the new one is complete.
+    """
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from pipeline import checkpoint as ckpt
+    from pipeline.config import RunConfig
+    from pipeline.distributed import ParallelConfig, distributed
+    from pipeline.model.precision import PrecisionConfig
+    from pipeline.training.config import TrainConfig
+    from pipeline.fs import replace_dir, temporary_sibling
+    from pipeline.model.build import build_model, virtual_stages
+
+    step_dir, meta, parent, tensors = open_parent(parent_dir)
+    if dataclasses.asdict(parent) != dataclasses.asdict(plan.parent):
+        diff = next(k for k, v in dataclasses.asdict(parent).items() if dataclasses.asdict(plan.parent)[k] != v)
+        raise CheckpointError(
+            f"the plan was made for a parent with model.{diff}={getattr(plan.parent, diff)!r} but {step_dir} has "
+            f"{getattr(parent, diff)!r}; make the plan from this checkpoint's scores"
+        )
+    if dist.is_initialized():
+        from megatron.core import parallel_state
+
+        parallel = ParallelConfig(
+            tp=parallel_state.get_tensor_model_parallel_world_size(),
+            pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        )
+    parallel = parallel or ParallelConfig()
+    if precision is None:
+        dtype = "fp32" if tensors.dtypes[params.EMBEDDING] == torch.float32 else "bf16"
+        precision = PrecisionConfig(name=dtype, params_dtype=dtype)
+    out_dir = Path(out_dir).resolve()
+    train = TrainConfig(seq_length=min(TrainConfig.seq_length, plan.student.seq_length))
+    run = RunConfig(model=plan.student, parallel=parallel, precision=precision, train=train, run_dir=str(out_dir),
+                    device="cpu")
+
+    def save(device: torch.device) -> None:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        tmp = [temporary_sibling(out_dir) if rank == 0 else None]
+        dist.broadcast_object_list(tmp, src=0)
+        try:
+            chunks = build_model(run.model, run.parallel, run.precision, run.train.seed, device)
+            load_full_tensors(chunks, lambda key: prune_tensor(tensors.get, plan, key))
+            layout = {"tp": parallel.tp, "pp": parallel.pp, "dp": world_size // (parallel.tp * parallel.pp),
+                      "world_size": world_size}
+            ckpt.save_checkpoint(
+                Path(tmp[0]) / "checkpoints", 0, ckpt.model_sharded_state(chunks),
+                student_meta(plan, step_dir, meta, layout), OmegaConf.to_yaml(OmegaConf.structured(run)),
+            )
+            if rank == 0:
+                write_model_yaml(plan.student, Path(tmp[0]))
+                (Path(tmp[0]) / PLAN_FILE).write_text(json.dumps(plan_record(plan), indent=1))
+                replace_dir(tmp[0], out_dir)
+        except BaseException:
+            if rank == 0:
+                shutil.rmtree(tmp[0], ignore_errors=True)
+            raise
+        dist.barrier()
+
+    if dist.is_initialized():
+        on_gpu = dist.get_backend() == "nccl"
+        save(torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"))
+    else:
+        if parallel.tp * parallel.pp != 1:
+            raise ConfigError(
+                f"pruning to tp={parallel.tp} pp={parallel.pp} needs that many processes; run under torchrun, "
+                f"or prune at tp=pp=1 (checkpoints load at any layout)"
+            )
+        with distributed(parallel, virtual_stages(plan.student, parallel), "cpu") as world:
+            save(world.device)
+    tensors.close()
+    return out_dir / "checkpoints" / ckpt.step_dir_name(0)
+

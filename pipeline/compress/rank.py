@@ -1,0 +1,107 @@
+"""Rank the searched candidates by a short distillation each; record the best for `distill`.
+
+    python -m pipeline.compress rank compress.parent=runs/tiny compress.rank_iters=400 run_dir=runs/tiny_half
+    torchrun --standalone --nproc_per_node=2 -m pipeline.compress rank parallel.tp=2 ...
+
+For every candidate `search` wrote (<run_dir>/compress/candidates.json) the parent is pruned with the
+importance scores (<run_dir>/compress/candidates/cN/, a weights-only student checkpoint plus its
+model YAML and keep plan) and distilled from the parent for compress.rank_iters steps
+(<run_dir>/compress/rank/cN/, validated before and after). The table of validation KL and LM loss is
+printed and written to <run_dir>/compress/rank.json; the candidate with the lowest validation LM
+loss after distillation goes to <run_dir>/compress/best.json, where `distill` finds it. A rerun
+starts the ranking over.
+"""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+from pipeline.compress.distill import BEST, compress_dir, distill, resolve_parent
+from pipeline.config import RunConfig
+from pipeline.distributed import distributed
+from pipeline.fs import atomic_write_text
+from pipeline.model.build import virtual_stages
+
+RANK_TABLE = "rank.json"
+
+
+def _short_run(run: RunConfig, run_dir: Path) -> RunConfig:
+    """The candidate's distillation: rank_iters steps, validated at the start and the end."""
+    iters = run.compress.rank_iters
+    return dataclasses.replace(
+        run,
+        run_dir=str(run_dir),
+        train=dataclasses.replace(run.train, iters=iters, eval_interval=iters, exit_after_steps=None),
+        checkpoint=dataclasses.replace(run.checkpoint, save_interval=0, keep_last=1, resume=False),
+    )
+
+
+def _fresh(path: Path) -> None:
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+
+
+def format_table(rows: list[dict]) -> str:
+    """The ranking as a text table, best first."""
+    lines = [f"{'':<4}{'candidate':<28}{'params':>11}{'LM before':>11}{'KL after':>10}{'LM after':>10}"]
+    for row in rows:
+        lines.append(f"{row['name']:<4}{row['label']:<28}{row['params']:>11,}{row['lm_loss_before']:>11.4f}"
+                     f"{row['kl_after']:>10.4f}{row['lm_loss_after']:>10.4f}")
+    return "\n".join(lines)
+
+
+def rank(run: RunConfig) -> dict:
+    """The `rank` step: prune + short KD per candidate, print the table, record the best; returns it."""
+    from pipeline.compress.parent import scores_path
+    from pipeline.compress.prune import keep_plan, prune_checkpoint
+    from pipeline.compress.parent import parent_identity
+    from pipeline.compress.scores import load_scores
+    from pipeline.compress.search import CANDIDATES, load_candidates
+    from pipeline.checkpoint import read_meta
+    from pipeline.model.config import ModelConfig
+
+    parent_dir = resolve_parent(run)
+    meta = read_meta(parent_dir)
+    parent = ModelConfig(**meta["model"])
+    found = load_candidates(Path(run.run_dir) / CANDIDATES)
+    scores = load_scores(scores_path(run), parent_identity(parent_dir, meta))
+    root = compress_dir(run)
+    rows = []
+    with distributed(run.parallel, virtual_stages(parent, run.parallel), run.device):
+        for i, cand in enumerate(found):
+            name = f"c{i}"
+            plan = keep_plan(parent, scores, cand.candidate, name=f"{parent.name}_{name}")
+            student_root = root / "candidates" / name
+            student_dir = prune_checkpoint(parent_dir, plan, student_root)
+            run_dir = root / "rank" / name
+            _fresh(run_dir)
+            result = distill(_short_run(run, run_dir), student=student_dir)
+            dist.barrier()
+            rows.append({
+                "name": name, "label": cand.candidate.label(parent), "params": cand.params,
+                "student": str(student_dir), "lm_loss_before": _first_validation(run_dir)["student_loss"],
+                "kl_after": result["valid"]["kl"], "lm_loss_after": result["valid"]["student_loss"],
+            })
+        rows.sort(key=lambda r: r["lm_loss_after"])
+        best = {"student": rows[0]["student"], "candidate": rows[0]["label"], "rank_iters": run.compress.rank_iters}
+        if dist.get_rank() == 0:
+            atomic_write_text(root / RANK_TABLE, json.dumps(rows, indent=2))
+            atomic_write_text(root / BEST, json.dumps(best, indent=2))
+            print(f"ranked {len(rows)} candidates after {run.compress.rank_iters} distillation steps each "
+                  f"(validation, lower is better):\n{format_table(rows)}\nbest: {rows[0]['name']} "
+                  f"({rows[0]['label']}) -> {root / BEST}", flush=True)
+        dist.barrier()
+    return best
+
+
+def _first_validation(run_dir: Path) -> dict:
+    """The validation record at step 0 (the pruned student before distillation) from metrics.jsonl."""
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["kind"] == "valid" and row["step"] == 0:
+            return row
+    raise RuntimeError(f"{run_dir}/metrics.jsonl has no validation at step 0")
