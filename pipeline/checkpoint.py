@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from pipeline.errors import CheckpointError, StorageError, UnsafeCheckpointError
 from pipeline.fs import atomic_write_text, fsync_dir, storage_error
@@ -320,7 +321,7 @@ def save_checkpoint(
             os.replace(tmp, final)
             fsync_dir(root)
             atomic_write_text(root / LATEST, final.name)
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
         error = _save_error(exc, final, max(min_free, 1 << 20))
@@ -389,7 +390,7 @@ def load_checkpoint(ckpt_dir: str | Path, sharded_state: dict) -> dict:
         sharded_state = drop_missing_extra_state(sharded_state, available_keys(ckpt_dir))
         with safe_checkpoint_loading():
             return dist_checkpointing.load(sharded_state, str(ckpt_dir))
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
         unsafe = _unsafe_error(exc)
         if unsafe is not None:
             raise unsafe from None

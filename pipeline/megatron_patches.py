@@ -30,6 +30,7 @@ reads them with an allow-list instead (see docs/checkpoints.md).
 
 import io
 import pickle
+import re
 from contextlib import contextmanager
 
 import torch
@@ -187,10 +188,11 @@ def _safe_load_bytes(self, read_item, value: io.BytesIO) -> None:
     try:
         obj = torch.load(value, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"references {found.group(1)}" if found else "is not plain data"
         raise UnsafeCheckpointError(
-            f"stored object {read_item.dest_index.fqn} is not plain data ({first[:200]}); refusing to open it "
-            f"(a checkpoint is code, like a pickle file: open only checkpoints you trust)"
+            f"stored object {read_item.dest_index.fqn} {what}, which weights_only loading does not allow; refusing "
+            f"to open it (a checkpoint is code, like a pickle file: open only checkpoints you trust)"
         ) from None
     if self.flatten_state_dict:
         from torch.distributed.checkpoint._traverse import set_element
