@@ -322,9 +322,9 @@ def save_checkpoint(
             fsync_dir(root)
             atomic_write_text(root / LATEST, final.name)
     except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
+        error = _save_error(exc, final, max(min_free, 1 << 20))  # before the cleanup frees space
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
-        error = _save_error(exc, final, max(min_free, 1 << 20))
         if error is not None:
             raise error from exc
         raise

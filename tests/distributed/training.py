@@ -74,7 +74,9 @@ class Trainer:
 
     def __init__(self, run_dir: Path, logs: Path, *overrides: str, env: dict | None = None):
         cmd = [sys.executable, "-m", "pipeline.train", *BASE, f"run_dir={run_dir}", *overrides]
-        full_env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
+        # A world of its own: not the one a test process may have set up in-process (pipeline.distributed).
+        inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        full_env = dict(inherited, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
         self.run_dir, self._out, self._err = Path(run_dir), logs.with_suffix(".out"), logs.with_suffix(".err")
         with open(self._out, "w") as out, open(self._err, "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=err)
