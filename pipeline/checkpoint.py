@@ -10,6 +10,10 @@ A save is visible only after the atomic rename of a directory that already holds
 `latest` is replaced atomically after that, so a process killed at any moment leaves the previous
 checkpoint usable. Model tensors are stored under megatron-core's global sharded keys (layer index
 global, Mamba fused tensors split per component), so any TP/PP/DP layout can load them.
+
+meta.json (`CheckpointMeta`) records each file's size and a sampled checksum; `find_resumable`
+verifies them before a resume and skips a damaged checkpoint only with a warning naming it. Reads
+go through `megatron_patches.safe_checkpoint_loading` (docs/checkpoints.md: a checkpoint is code).
 """
 
 import dataclasses
@@ -182,8 +186,6 @@ def find_resumable(checkpoints_dir: str | Path, warn: Callable[[str], None]) -> 
     for candidate in _step_dirs(root):
         try:
             verify_checkpoint(candidate)
-        except UnsafeCheckpointError:
-            raise
         except CheckpointError as e:
             damaged.append(candidate)
             warn(f"WARNING: damaged checkpoint {candidate} skipped: {e}")
@@ -247,16 +249,16 @@ def remove_stale_temporaries(checkpoints_dir: str | Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _os_error(exc: BaseException) -> OSError | None:
-    """The OSError behind `exc`, through exception chains and torch's per-rank CheckpointException."""
-    seen = set()
-    todo = [exc]
+def _find_cause(exc: BaseException, wanted) -> BaseException | None:
+    """The first exception behind `exc` for which `wanted` is true, through exception chains and the
+    per-rank failures of torch's CheckpointException (which wraps everything a save or load raises)."""
+    todo, seen = [exc], set()
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno is not None:
+        if wanted(e):
             return e
         todo += [e.__cause__, e.__context__]
         todo += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
@@ -268,7 +270,7 @@ def _save_error(exc: BaseException, step_dir: Path, min_free: int) -> StorageErr
 
     torch.save's zip writer reports a failed write as "unexpected pos ..." and loses the errno, so a
     file system left with less than `min_free` bytes free counts as full too."""
-    found = _os_error(exc)
+    found = _find_cause(exc, lambda e: isinstance(e, OSError) and e.errno is not None)
     where = step_dir.parent
     if found is None:
         free = shutil.disk_usage(where).free if where.exists() else None
@@ -360,21 +362,6 @@ def drop_missing_extra_state(sharded_state: dict, keys: set[str]) -> dict:
     return walk(sharded_state)
 
 
-def _unsafe_error(exc: BaseException) -> UnsafeCheckpointError | None:
-    """The UnsafeCheckpointError behind `exc` (torch wraps loader errors per rank), if any."""
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, UnsafeCheckpointError):
-            return e
-        todo += [e.__cause__, e.__context__]
-        todo += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
-    return None
-
-
 def load_checkpoint(ckpt_dir: str | Path, sharded_state: dict) -> dict:
     """Load `sharded_state` (all ranks), tolerating FP8 metadata absent from the checkpoint.
 
@@ -391,7 +378,7 @@ def load_checkpoint(ckpt_dir: str | Path, sharded_state: dict) -> dict:
         with safe_checkpoint_loading():
             return dist_checkpointing.load(sharded_state, str(ckpt_dir))
     except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
-        unsafe = _unsafe_error(exc)
+        unsafe = _find_cause(exc, lambda e: isinstance(e, UnsafeCheckpointError))
         if unsafe is not None:
             raise unsafe from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

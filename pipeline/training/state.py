@@ -192,7 +192,9 @@ def resume(run: RunConfig, chunks, optimizer, scheduler, world: World, log) -> T
         )
     ckpt.check_compatible(meta, asdict(run.model), found)
     same_layout = meta.parallel.get("world_size") == world.world_size
-    sharded = sharded_state(chunks, optimizer, scheduler, TrainState(), world, with_rng=same_layout, loading=True)
+    # Format-1 checkpoints pickled their RNG states, which safe loading refuses: resume without them.
+    with_rng = same_layout and meta.format >= 2
+    sharded = sharded_state(chunks, optimizer, scheduler, TrainState(), world, with_rng=with_rng, loading=True)
     loaded = ckpt.load_checkpoint(found, sharded)
     ckpt.apply_model_state(chunks, loaded)
     _adopt_configured_schedule(loaded["optimizer"], optimizer)
@@ -200,11 +202,14 @@ def resume(run: RunConfig, chunks, optimizer, scheduler, world: World, log) -> T
     untie_adam_steps(optimizer)
     changes = _schedule_changes(loaded["scheduler"], scheduler)
     scheduler.load_state_dict(loaded["scheduler"])
-    if same_layout:
+    if with_rng:
         set_rng_state(loaded["rng"])
     state = TrainState(**loaded["train_state"])
-    layout = "" if same_layout else f" (saved at tp={meta.parallel['tp']} pp={meta.parallel['pp']}, RNG states not restored)"
-    log.info(f"resumed from {found} at step {state.step}{layout}")
+    if not same_layout:
+        note = f" (saved at tp={meta.parallel['tp']} pp={meta.parallel['pp']}, RNG states not restored)"
+    else:
+        note = "" if with_rng else f" (a format-{meta.format} checkpoint: RNG states not restored)"
+    log.info(f"resumed from {found} at step {state.step}{note}")
     if changes:
         log.info(f"learning-rate schedule changed since the checkpoint ({', '.join(changes)}): continuing with the "
                  f"configured one")
