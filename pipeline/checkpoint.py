@@ -23,7 +23,7 @@ import os
 import shutil
 import signal
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 

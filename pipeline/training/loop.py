@@ -28,7 +28,7 @@ from pipeline.model.sizes import flops_per_step
 from pipeline.training.batches import step_batches
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.run_lock import run_dir_owner
-from pipeline.training.state import TrainState, resume, save
+from pipeline.training.state import pick_checkpoint, resume, save
 from pipeline.training.step import eval_step, train_step
 
 DONE = "DONE"
@@ -132,6 +132,7 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest) 
     from megatron.core import parallel_state
 
     run_dir = Path(run.run_dir)
+    found = pick_checkpoint(run, world)  # first: a checkpoint that cannot be resumed leaves run_dir as it was
     if world.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(run_dir / "checkpoints")
@@ -150,7 +151,7 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest) 
     chunks = _ddp_wrap(build_model(run, world.device), world, run.parallel.distributed_optimizer)
     optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
     scheduler = build_scheduler(optimizer, run.optim, run.train.iters)
-    state = resume(run, chunks, optimizer, scheduler, world, log)
+    state = resume(run, found, chunks, optimizer, scheduler, world, log)
     dp_rank = parallel_state.get_data_parallel_rank()
 
     def batches(dataset, step: int) -> list:

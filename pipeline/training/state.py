@@ -1,12 +1,13 @@
 """What a training run saves and restores: model, optimizer, schedule, loop counters and RNG states.
 
-    state = resume(run, chunks, optimizer, scheduler, world, log)      # at start: TrainState()
-    save(run, chunks, optimizer, scheduler, state, world, log)          # every checkpoint.save_interval
+    found = pick_checkpoint(run, world)                                   # before writing to run_dir
+    state = resume(run, found, chunks, optimizer, scheduler, world, log)  # fresh run: TrainState()
+    save(run, chunks, optimizer, scheduler, state, world, log)            # every save_interval
 
-`resume` picks the newest intact checkpoint of run_dir (`checkpoint.find_resumable`: damaged ones
-are skipped with a warning naming them) or, for a fresh run dir, the weights of
-`checkpoint.init_from`. Nothing here is pickled: the loop counters are plain ints and the RNG states
-tensors plus JSON, so the checkpoint's stored objects load with `torch.load(weights_only=True)`.
+`pick_checkpoint` chooses the newest intact checkpoint of run_dir (`checkpoint.find_resumable`:
+damaged ones are skipped with a warning naming them); `resume` loads it or, for a fresh run dir,
+the weights of `checkpoint.init_from`. Nothing here is pickled: the loop counters are plain ints and
+the RNG states tensors plus JSON, so the stored objects load with `torch.load(weights_only=True)`.
 """
 
 import json
@@ -120,12 +121,18 @@ def save(run: RunConfig, chunks, optimizer, scheduler, state: TrainState, world:
     log.info(f"saved checkpoint {path} in {time.perf_counter() - started:.1f}s")
 
 
-def _pick_checkpoint(run: RunConfig, world: World) -> Path | None:
-    """Rank 0 verifies and chooses the checkpoint to resume (warning about damaged ones); all ranks get it."""
+def pick_checkpoint(run: RunConfig, world: World) -> Path | None:
+    """The checkpoint of run_dir to resume, or None for a fresh start (all ranks; rank 0 verifies it and
+    warns about damaged ones). CheckpointError if it cannot be resumed (weights only, all damaged)."""
     choice = [None]
     if world.rank == 0 and run.checkpoint.resume:
         try:
             found = ckpt.find_resumable(Path(run.run_dir) / "checkpoints", lambda m: warn(world, m))
+            if found is not None and ckpt.read_meta(found).weights_only:
+                raise CheckpointError(
+                    f"{found} holds weights only (an import) and cannot be resumed; train from it in a new "
+                    f"run_dir with checkpoint.init_from={Path(run.run_dir)}"
+                )
             choice = [str(found) if found else None]
         except CheckpointError as e:
             choice = [e]
@@ -177,19 +184,14 @@ def _init_from(run: RunConfig, chunks, log) -> None:
     log.info(f"initialised weights from {source}")
 
 
-def resume(run: RunConfig, chunks, optimizer, scheduler, world: World, log) -> TrainState:
-    """Load the newest intact checkpoint of run_dir (full state) or checkpoint.init_from (weights only)."""
-    found = _pick_checkpoint(run, world)
+def resume(run: RunConfig, found: Path | None, chunks, optimizer, scheduler, world: World, log) -> TrainState:
+    """Load checkpoint `found` (from `pick_checkpoint`: full state) or, without one, the weights of
+    checkpoint.init_from; the loop counters to continue from."""
     if found is None:
         if run.checkpoint.init_from:
             _init_from(run, chunks, log)
         return TrainState()
     meta = ckpt.read_meta(found)
-    if meta.weights_only:
-        raise CheckpointError(
-            f"{found} holds weights only (source {meta.source or 'unknown'}) and cannot be resumed; train from it "
-            f"in a new run_dir with checkpoint.init_from={Path(run.run_dir)}"
-        )
     ckpt.check_compatible(meta, asdict(run.model), found)
     same_layout = meta.parallel.get("world_size") == world.world_size
     # Format-1 checkpoints pickled their RNG states, which safe loading refuses: resume without them.
