@@ -3,9 +3,14 @@
     from pipeline.config import load_run_config
     from pipeline.training.loop import train
     train(load_run_config(["train.iters=20"]))      # under torchrun for several processes
+
+The run owns run_dir for its lifetime (`run_lock`); what is saved and how a resume picks its
+checkpoint is in `state`; SIGTERM, SIGUSR1 and Ctrl-C save at the end of the step (docs/checkpoints.md).
 """
 
+import os
 import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -46,8 +51,9 @@ class StopRequest:
     """A Ctrl-C within this time of the first is the same one: a terminal sends it to torchrun and to
     every worker, and torchrun forwards it to the workers once more."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signal: int | None = None
+        self._announce = announce
         self._interrupted_at: float | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
@@ -58,8 +64,9 @@ class StopRequest:
                 raise KeyboardInterrupt
             if self._interrupted_at is None:
                 self._interrupted_at = now
-                print("Ctrl-C: saving a checkpoint after this step (press Ctrl-C again to abort without saving)",
-                      flush=True)
+                if self._announce:  # os.write: print() here could re-enter a print the handler interrupted
+                    os.write(sys.stderr.fileno(), b"Ctrl-C: saving a checkpoint after this step "
+                                                  b"(press Ctrl-C again to abort without saving)\n")
         self.signal = signum
 
     def agreed(self, device: torch.device) -> bool:
@@ -120,7 +127,7 @@ def train(run: RunConfig) -> dict:
         _check_batch_layout(run, world)
         with run_dir_owner(run.run_dir, world.rank):
             log = MetricsLogger(run.logging, run.run_dir, world.rank, Path(run.run_dir).name, asdict(run))
-            stop = StopRequest()
+            stop = StopRequest(announce=world.rank == 0)
             try:
                 return _train(run, world, log, stop)
             finally:
