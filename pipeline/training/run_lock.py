@@ -4,14 +4,18 @@
         ...                               # write checkpoints, metrics, config.yaml
 
 Two trainers on one run_dir (a double-submitted job, a requeue racing a manual restart) would
-overwrite each other's checkpoints and metrics. Rank 0 takes an exclusive `flock` on run_dir/.lock
+overwrite each other's checkpoints and metrics. Rank 0 takes an exclusive lock on run_dir/.lock
 before anything else is written and writes its host, pid and start time into it; a second trainer
-is refused at once with RunDirLockedError naming that holder. The kernel drops the lock when the
-holder exits in any way (kill -9 included), so there is never a stale lock to clean up. The other
-ranks of the same job learn the outcome from rank 0 (a broadcast), so they share its ownership.
-On network file systems flock needs lock support (NFSv4: yes; Lustre: mount with -o flock).
+is refused at once with RunDirLockedError naming that holder. The lock is a POSIX record lock
+(`fcntl.lockf`), owned by the process: the kernel drops it when the process exits in any way
+(kill -9 included), so there is never a stale lock to clean up. (An `flock` would be shared with
+forked children, e.g. megatron-core's checkpoint writers, and outlive the trainer while they
+linger.) The other ranks of the same job learn the outcome from rank 0 (a broadcast), so they share
+its ownership. On network file systems the lock needs lock support (NFS: lockd or v4; Lustre: the
+flock or localflock mount option).
 """
 
+import errno
 import fcntl
 import os
 import socket
@@ -31,8 +35,11 @@ def _take(run_dir: Path) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            os.close(fd)
+            raise
         holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "a process that is starting"
         os.close(fd)
         raise RunDirLockedError(
