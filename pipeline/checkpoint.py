@@ -23,7 +23,7 @@ import os
 import shutil
 import signal
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -62,7 +62,7 @@ class CheckpointMeta:
     step: int
     model: dict
     """The ModelConfig fields the weights were made with (`dataclasses.asdict`)."""
-    parallel: dict
+    parallel: dict = field(default_factory=dict)
     """The layout that wrote it: tp, pp, dp, world_size (RNG states are per rank of that layout)."""
     tokenizer: str | None = None
     consumed_samples: int = 0
@@ -89,8 +89,8 @@ class CheckpointMeta:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}); the checkpoint is damaged") from None
         names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(fields, dict) or not {"step", "model", "parallel"} <= fields.keys():
-            raise CheckpointError(f"{path} lacks step/model/parallel; the checkpoint is damaged")
+        if not isinstance(fields, dict) or not {"step", "model"} <= fields.keys():
+            raise CheckpointError(f"{path} lacks step/model; the checkpoint is damaged")
         if fields.get("format", 1) > FORMAT:
             raise CheckpointError(f"{path} has format {fields['format']}, newer than this pipeline's {FORMAT}; update the pipeline")
         return cls(**{k: v for k, v in fields.items() if k in names})

@@ -39,9 +39,11 @@ from pipeline.errors import UnsafeCheckpointError
 
 # Every global that torch's `.metadata` pickle of a megatron-core checkpoint references (found by
 # recording `find_class` over real checkpoints): torch's checkpoint metadata records, torch.Size, the
-# layout and memory-format decoders, dtypes, and megatron's empty placeholder class from 0.15.
+# layout and memory-format decoders, dtypes, and megatron's empty placeholder class from 0.15; torch's
+# own FileSystemWriter also records the checkpoint path as a PosixPath (built from strings only).
 _METADATA_GLOBALS = {
     ("torch", "Size"),
+    ("pathlib", "PosixPath"),
     ("torch.serialization", "_get_layout"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("collections", "OrderedDict"),

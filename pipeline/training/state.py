@@ -208,7 +208,7 @@ def resume(run: RunConfig, found: Path | None, chunks, optimizer, scheduler, wor
         set_rng_state(loaded["rng"])
     state = TrainState(**loaded["train_state"])
     if not same_layout:
-        note = f" (saved at tp={meta.parallel['tp']} pp={meta.parallel['pp']}, RNG states not restored)"
+        note = f" (saved at tp={meta.parallel.get('tp')} pp={meta.parallel.get('pp')}, RNG states not restored)"
     else:
         note = "" if with_rng else f" (a format-{meta.format} checkpoint: RNG states not restored)"
     log.info(f"resumed from {found} at step {state.step}{note}")
