@@ -65,7 +65,7 @@ def write_random_checkpoint(model, checkpoints_dir: Path, tokenizer: Path) -> Pa
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-    from pipeline.checkpoint import COMPLETE, FORMAT, LATEST, META, step_dir_name
+    from pipeline.checkpoint import COMPLETE, LATEST, META, CheckpointMeta, step_dir_name
 
     gen = torch.Generator().manual_seed(0)
     block = torch.randn(BLOCK, generator=gen) * 0.02
@@ -81,14 +81,9 @@ def write_random_checkpoint(model, checkpoints_dir: Path, tokenizer: Path) -> Pa
     state = {k: torch.empty(s, dtype=tensor_dtype(k), device="meta") for k, s in checkpoint_shapes(model).items()}
     writer = dcp.FileSystemWriter(str(step), single_file_per_rank=True, thread_count=1)
     dcp.save(state, storage_writer=writer, planner=RandomPlanner(), no_dist=True)
-    meta = {
-        "format": FORMAT,
-        "step": 0,
-        "consumed_samples": 0,
-        "model": dataclasses.asdict(model),
-        "tokenizer": str(tokenizer),
-    }
-    (step / META).write_text(json.dumps(meta, indent=2))
+    meta = CheckpointMeta(step=0, model=dataclasses.asdict(model), tokenizer=str(tokenizer), weights_only=True,
+                          source="random weights (bench/hf_export.py)")
+    (step / META).write_text(meta.to_json())
     (step / COMPLETE).touch()
     (checkpoints_dir / LATEST).write_text(step.name)
     return step

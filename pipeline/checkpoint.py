@@ -10,20 +10,29 @@ A save is visible only after the atomic rename of a directory that already holds
 `latest` is replaced atomically after that, so a process killed at any moment leaves the previous
 checkpoint usable. Model tensors are stored under megatron-core's global sharded keys (layer index
 global, Mamba fused tensors split per component), so any TP/PP/DP layout can load them.
+
+meta.json (`CheckpointMeta`) records each file's size and a sampled checksum; `find_resumable`
+verifies them before a resume and skips a damaged checkpoint only with a warning naming it. Reads
+go through `megatron_patches.safe_checkpoint_loading` (docs/checkpoints.md: a checkpoint is code).
 """
 
+import dataclasses
+import errno
 import json
 import os
 import shutil
 import signal
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, StorageError, UnsafeCheckpointError
+from pipeline.fs import atomic_write_text, fsync_dir, storage_error
 
 
 @dataclass
@@ -40,19 +49,68 @@ class CheckpointConfig:
     """Start a new run from these weights (a checkpoint, e.g. an imported HF model): weights only."""
 
 
-FORMAT = 1
+FORMAT = 2
+"""meta.json layout version: 1 had no file records; 2 records each file's size and sampled checksum."""
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 META = "meta.json"
 RUN_CONFIG = "run_config.yaml"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+DCP_METADATA = ".metadata"
 # Model fields a checkpoint's weights depend on: resuming with other values is refused.
 SHAPE_FIELDS = (
     "pattern", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim",
     "mamba_conv_kernel", "vocab_size", "make_vocab_size_divisible_by",
 )
+SAMPLE_BYTES = 1 << 20
+"""Bytes read at the start, middle and end of each file for its checksum: a few MiB per checkpoint
+file whatever its size, so verifying a 100 GB checkpoint costs seconds, and still catches truncation
+(the size), a file overwritten or zeroed (the samples) and a file swapped for another."""
+
+
+@dataclass
+class CheckpointMeta:
+    """A checkpoint's meta.json: what it holds and what loading it needs. The only reader and writer."""
+
+    step: int
+    model: dict
+    """The ModelConfig fields the weights were made with (`dataclasses.asdict`)."""
+    parallel: dict = field(default_factory=dict)
+    """The layout that wrote it: tp, pp, dp, world_size (RNG states are per rank of that layout)."""
+    tokenizer: str | None = None
+    consumed_samples: int = 0
+    weights_only: bool = False
+    """True for checkpoints without optimizer/RNG/train state (an HF import): start from them with
+    checkpoint.init_from, never resume them."""
+    source: str | None = None
+    """Where the weights came from (an HF directory for imports, the parent for a pruned student)."""
+    pruned_from: dict | None = None
+    """A pruned student's parent: its checkpoint, step and model config."""
+    files: dict[str, list[int]] | None = None
+    """File name -> [size in bytes, sampled CRC32], recorded at save; None in format-1 checkpoints."""
+    format: int = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def read(cls, ckpt_dir: str | Path) -> "CheckpointMeta":
+        """The meta.json of `ckpt_dir`; CheckpointError naming the file if missing or unreadable."""
+        path = Path(ckpt_dir) / META
+        try:
+            fields = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} is missing; the checkpoint is damaged or was not written by this pipeline") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}); the checkpoint is damaged") from None
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(fields, dict) or not {"step", "model"} <= fields.keys():
+            raise CheckpointError(f"{path} lacks step/model; the checkpoint is damaged")
+        if fields.get("format", 1) > FORMAT:
+            raise CheckpointError(f"{path} has format {fields['format']}, newer than this pipeline's {FORMAT}; update the pipeline")
+        return cls(**{k: v for k, v in fields.items() if k in names})
 
 
 def step_dir_name(step: int) -> str:
@@ -60,13 +118,61 @@ def step_dir_name(step: int) -> str:
 
 
 def _fault_point(name: str, where: str) -> None:
-    """Die here when PIPELINE_FAULT is `name` or `name@where`: lets tests kill a save at an exact point."""
-    if os.environ.get("PIPELINE_FAULT") in (name, f"{name}@{where}"):
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Act here when PIPELINE_FAULT is `name` or `name@where`, so tests hit a save at an exact point:
+    "checkpoint-before-commit" kills the process, "disk-full" fails the write as a full disk does."""
+    if os.environ.get("PIPELINE_FAULT") not in (name, f"{name}@{where}"):
+        return
+    if name == "disk-full":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file() and (path / META).is_file()
+
+
+def fingerprint(path: Path) -> list[int]:
+    """[size, CRC32 of up to SAMPLE_BYTES at the start, middle and end] of a file."""
+    size = path.stat().st_size
+    crc = 0
+    with open(path, "rb") as f:
+        for offset in sorted({0, max(0, size // 2 - SAMPLE_BYTES // 2), max(0, size - SAMPLE_BYTES)}):
+            f.seek(offset)
+            crc = zlib.crc32(f.read(SAMPLE_BYTES), crc)
+    return [size, crc]
+
+
+def _record_files(ckpt_dir: Path) -> dict[str, list[int]]:
+    return {p.name: fingerprint(p) for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name not in (META, COMPLETE)}
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> CheckpointMeta:
+    """The checkpoint's meta after checking that it is whole: COMPLETE, a readable meta.json, the
+    torch metadata, and every file with the size and checksum recorded at save. CheckpointError
+    saying what is wrong otherwise."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / COMPLETE).is_file():
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no {COMPLETE} marker (its save did not finish)")
+    meta = CheckpointMeta.read(ckpt_dir)
+    if not (ckpt_dir / DCP_METADATA).is_file():
+        raise CheckpointError(f"{ckpt_dir / DCP_METADATA} is missing; the checkpoint is damaged")
+    for name, (size, crc) in (meta.files or {}).items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing; the checkpoint is damaged")
+        found = fingerprint(path)
+        if found[0] != size:
+            raise CheckpointError(f"{path} has {found[0]} bytes, {size} were saved; the file is truncated or damaged")
+        if found[1] != crc:
+            raise CheckpointError(f"{path} does not match its checksum from the save; the file is damaged")
+    return meta
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Step directories under `root`, newest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob(f"{PREFIX}*") if p.is_dir()), reverse=True)
 
 
 def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
@@ -74,12 +180,43 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     root = Path(checkpoints_dir)
     pointer = root / LATEST
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if _is_complete(candidate):
+        candidate = root / pointer.read_text(errors="replace").strip()
+        if candidate.name.startswith(PREFIX) and _is_complete(candidate):
             return candidate
     # A missing or stale pointer (e.g. killed between rename and pointer update): scan instead.
-    done = sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir() and _is_complete(p)) if root.is_dir() else []
-    return done[-1] if done else None
+    done = [p for p in _step_dirs(root) if _is_complete(p)]
+    return done[0] if done else None
+
+
+def find_resumable(checkpoints_dir: str | Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest intact checkpoint under `checkpoints_dir`, verified (`verify_checkpoint`); None if
+    there is none yet. Every newer damaged one, and a damaged `latest` pointer, is reported through
+    `warn` in one line naming it; if checkpoints exist but none is intact: CheckpointError."""
+    root = Path(checkpoints_dir)
+    pointer = root / LATEST
+    if pointer.exists():
+        name = pointer.read_text(errors="replace").strip()
+        if not (name.startswith(PREFIX) and (root / name).is_dir()):
+            warn(f"WARNING: {pointer} is damaged (it names {name[:40]!r}, not a checkpoint here); "
+                 f"using the newest intact checkpoint instead")
+    damaged = []
+    for candidate in _step_dirs(root):
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError as e:
+            damaged.append(candidate)
+            warn(f"WARNING: damaged checkpoint {candidate} skipped: {e}")
+            continue
+        if damaged:
+            warn(f"WARNING: resuming from {candidate.name}, an older checkpoint than the damaged "
+                 f"{damaged[0].name}; the steps in between are trained again")
+        return candidate
+    if damaged:
+        raise CheckpointError(
+            f"no intact checkpoint in {root} ({len(damaged)} damaged, newest {damaged[0].name}); restore them, "
+            f"or move {root} away to start from scratch"
+        )
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -101,17 +238,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no complete checkpoint under {path}; train first or give a step directory")
 
 
-def read_meta(ckpt_dir: str | Path) -> dict:
-    """The checkpoint's meta.json; CheckpointError if missing or incomplete."""
+def read_meta(ckpt_dir: str | Path) -> CheckpointMeta:
+    """The checkpoint's meta; CheckpointError if the checkpoint is incomplete or the meta unreadable."""
     ckpt_dir = Path(ckpt_dir)
     if not _is_complete(ckpt_dir):
         raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete or missing (no {COMPLETE}/{META})")
-    return json.loads((ckpt_dir / META).read_text())
+    return CheckpointMeta.read(ckpt_dir)
 
 
-def check_compatible(meta: dict, model_fields: dict, ckpt_dir: Path) -> None:
+def check_compatible(meta: CheckpointMeta, model_fields: dict, ckpt_dir: Path) -> None:
     """Refuse to resume when the model shape differs from the checkpoint's."""
-    saved = meta["model"]
+    saved = meta.model
     diff = [f for f in SHAPE_FIELDS if saved.get(f) != model_fields.get(f)]
     if diff:
         f = diff[0]
@@ -119,23 +256,6 @@ def check_compatible(meta: dict, model_fields: dict, ckpt_dir: Path) -> None:
             f"model.{f}={model_fields.get(f)!r} but checkpoint {ckpt_dir} was trained with "
             f"{saved.get(f)!r}; use model.{f}={saved.get(f)!r} or a new run_dir"
         )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_stale_temporaries(checkpoints_dir: str | Path) -> None:
@@ -146,43 +266,90 @@ def remove_stale_temporaries(checkpoints_dir: str | Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _find_cause(exc: BaseException, wanted) -> BaseException | None:
+    """The first exception behind `exc` for which `wanted` is true, through exception chains and the
+    per-rank failures of torch's CheckpointException (which wraps everything a save or load raises)."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if wanted(e):
+            return e
+        todo += [e.__cause__, e.__context__]
+        todo += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    return None
+
+
+def _save_error(exc: BaseException, step_dir: Path, min_free: int) -> StorageError | None:
+    """A StorageError for a save that failed for lack of space or permission, else None.
+
+    torch.save's zip writer reports a failed write as "unexpected pos ..." and loses the errno, so a
+    file system left with less than `min_free` bytes free counts as full too."""
+    found = _find_cause(exc, lambda e: isinstance(e, OSError) and e.errno is not None)
+    where = step_dir.parent
+    if found is None:
+        free = shutil.disk_usage(where).free if where.exists() else None
+        if free is None or free >= min_free:
+            return None
+        found = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if found.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        return None
+    return storage_error(found, f"checkpoint {step_dir.name}", where)
+
+
 def save_checkpoint(
     checkpoints_dir: str | Path,
     step: int,
     sharded_state: dict,
-    meta: dict,
+    meta: CheckpointMeta,
     run_config_yaml: str,
     keep: int | None = None,
 ) -> Path:
-    """Save on all ranks into a temporary directory, then commit atomically (rank 0)."""
+    """Save on all ranks into a temporary directory, then commit atomically (rank 0).
+
+    A failed write (disk full, read-only) raises a one-line StorageError on rank 0 after removing the
+    temporary directory; `latest` stays on the previous checkpoint."""
     from megatron.core import dist_checkpointing
 
     root = Path(checkpoints_dir)
     final = root / step_dir_name(step)
     tmp = root / f"{TMP_PREFIX}{final.name}"
     rank0 = dist.get_rank() == 0
-    if rank0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    dist_checkpointing.save(sharded_state, str(tmp))
-    dist.barrier()
-    if rank0:
-        (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
-        (tmp / RUN_CONFIG).write_text(run_config_yaml)
-        _fault_point("checkpoint-before-commit", final.name)
-        (tmp / COMPLETE).touch()
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / LATEST, final.name)
-        if keep:
-            done = sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir())
-            for old in done[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+    previous = latest_checkpoint(root) if rank0 else None
+    min_free = sum(p.stat().st_size for p in previous.iterdir()) // 100 if previous else 0
+    try:
+        if rank0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        dist.barrier()
+        dist_checkpointing.save(sharded_state, str(tmp))
+        dist.barrier()
+        if rank0:
+            _fault_point("disk-full", final.name)
+            meta = dataclasses.replace(meta, step=step, files=_record_files(tmp), format=FORMAT)
+            (tmp / META).write_text(meta.to_json())
+            (tmp / RUN_CONFIG).write_text(run_config_yaml)
+            _fault_point("checkpoint-before-commit", final.name)
+            (tmp / COMPLETE).touch()
+            fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(root)
+            atomic_write_text(root / LATEST, final.name)
+    except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
+        error = _save_error(exc, final, max(min_free, 1 << 20))  # before the cleanup frees space
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error from exc
+        raise
+    if rank0 and keep:
+        for old in _step_dirs(root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
@@ -191,7 +358,10 @@ def available_keys(ckpt_dir: str | Path) -> set[str]:
     """Keys of every tensor and object stored in a checkpoint."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    return set(FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
+    from pipeline.megatron_patches import safe_checkpoint_loading
+
+    with safe_checkpoint_loading():
+        return set(FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
 
 
 def drop_missing_extra_state(sharded_state: dict, keys: set[str]) -> dict:
@@ -210,13 +380,29 @@ def drop_missing_extra_state(sharded_state: dict, keys: set[str]) -> dict:
 
 
 def load_checkpoint(ckpt_dir: str | Path, sharded_state: dict) -> dict:
-    """Load `sharded_state` (all ranks), tolerating FP8 metadata absent from the checkpoint."""
+    """Load `sharded_state` (all ranks), tolerating FP8 metadata absent from the checkpoint.
+
+    Pickled parts are read through `megatron_patches.safe_checkpoint_loading` (an allow-list:
+    UnsafeCheckpointError otherwise); any other failure is a CheckpointError naming the checkpoint."""
     from megatron.core import dist_checkpointing
+
+    from pipeline.megatron_patches import safe_checkpoint_loading
 
     ckpt_dir = Path(ckpt_dir)
     read_meta(ckpt_dir)
-    sharded_state = drop_missing_extra_state(sharded_state, available_keys(ckpt_dir))
-    return dist_checkpointing.load(sharded_state, str(ckpt_dir))
+    try:
+        sharded_state = drop_missing_extra_state(sharded_state, available_keys(ckpt_dir))
+        with safe_checkpoint_loading():
+            return dist_checkpointing.load(sharded_state, str(ckpt_dir))
+    except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
+        unsafe = _find_cause(exc, lambda e: isinstance(e, UnsafeCheckpointError))
+        if unsafe is not None:
+            raise unsafe from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise CheckpointError(
+            f"cannot load checkpoint {ckpt_dir}: {type(exc).__name__}: {first}; it is damaged or does not fit "
+            f"this model (move it away to fall back to the previous one)"
+        ) from exc
 
 
 def model_sharded_state(chunks: list[torch.nn.Module]) -> dict:

@@ -62,7 +62,7 @@ def resolve_student(run: RunConfig) -> Path:
 
 def model_of(checkpoint: Path) -> ModelConfig:
     """The model config a checkpoint was saved with."""
-    return ModelConfig(**ckpt.read_meta(checkpoint)["model"])
+    return ModelConfig(**ckpt.read_meta(checkpoint).model)
 
 
 def kept_hidden_channels(student_dir: Path) -> list[int] | None:

@@ -16,9 +16,9 @@ from pipeline.model.config import ModelConfig
 SCORES_DIR = "compress/scores"
 
 
-def parent_identity(step_dir: Path, meta: dict) -> ParentIdentity:
+def parent_identity(step_dir: Path, meta: ckpt.CheckpointMeta) -> ParentIdentity:
     """The identity scores and plans record for a parent checkpoint step directory."""
-    return ParentIdentity(checkpoint=str(Path(step_dir).resolve()), step=int(meta["step"]), model=meta["model"])
+    return ParentIdentity(checkpoint=str(Path(step_dir).resolve()), step=int(meta.step), model=meta.model)
 
 
 def open_parent(parent_dir: str | Path):
@@ -27,7 +27,7 @@ def open_parent(parent_dir: str | Path):
     step_dir = ckpt.resolve_checkpoint(parent_dir)
     meta = ckpt.read_meta(step_dir)
     try:
-        model = ModelConfig(**meta["model"])
+        model = ModelConfig(**meta.model)
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"parent {step_dir} has no usable model config in its meta.json ({e}); re-save it") from e
     tensors = CheckpointTensors(step_dir)

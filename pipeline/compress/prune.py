@@ -278,19 +278,16 @@ def load_full_tensors(chunks: list[torch.nn.Module], get_full_tensor: Callable[[
             param.copy_(local_slice(whole, param, tp_rank, tp_size))
 
 
-def student_meta(plan: KeepPlan, parent_step: Path, parent_meta: dict, parallel: dict) -> dict:
-    """meta.json of a pruned student checkpoint (weights only, step 0)."""
-    return {
-        "step": 0,
-        "consumed_samples": 0,
-        "model": dataclasses.asdict(plan.student),
-        "parallel": parallel,
-        "tokenizer": parent_meta.get("tokenizer"),
-        "weights_only": True,
-        "source": str(Path(parent_step).resolve()),
-        "pruned_from": {"checkpoint": str(Path(parent_step).resolve()), "step": parent_meta["step"],
-                        "model": parent_meta["model"]},
-    }
+def student_meta(plan: KeepPlan, parent_step: Path, parent_meta, parallel: dict):
+    """The CheckpointMeta of a pruned student checkpoint (weights only, step 0)."""
+    from pipeline.checkpoint import CheckpointMeta
+
+    parent = str(Path(parent_step).resolve())
+    return CheckpointMeta(
+        step=0, model=dataclasses.asdict(plan.student), parallel=parallel, tokenizer=parent_meta.tokenizer,
+        weights_only=True, source=parent,
+        pruned_from={"checkpoint": parent, "step": parent_meta.step, "model": parent_meta.model},
+    )
 
 
 def plan_record(plan: KeepPlan) -> dict:

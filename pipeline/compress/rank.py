@@ -66,7 +66,7 @@ def rank(run: RunConfig) -> dict:
 
     parent_dir = resolve_parent(run)
     meta = read_meta(parent_dir)
-    parent = ModelConfig(**meta["model"])
+    parent = ModelConfig(**meta.model)
     found = load_candidates(Path(run.run_dir) / CANDIDATES)
     scores = load_scores(scores_path(run), parent_identity(parent_dir, meta))
     root = compress_dir(run)

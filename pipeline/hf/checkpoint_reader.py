@@ -17,16 +17,19 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
 from pipeline.hf import ConversionError
+from pipeline.megatron_patches import safe_checkpoint_loading
 
 
 class _CachedMetadataReader(dcp.FileSystemReader):
-    """A FileSystemReader that parses `.metadata` once: `dcp.load` asks for it on every call."""
+    """A FileSystemReader that parses `.metadata` once (with the allow-list of
+    `megatron_patches.safe_checkpoint_loading`): `dcp.load` asks for it on every call."""
 
     _metadata = None
 
     def read_metadata(self, *args, **kwargs):
         if self._metadata is None:
-            self._metadata = super().read_metadata(*args, **kwargs)
+            with safe_checkpoint_loading():
+                self._metadata = super().read_metadata(*args, **kwargs)
         return self._metadata
 
 
@@ -93,7 +96,8 @@ class CheckpointTensors:
                 self._read_into(path, offset, buffer[_region(chunk)])
             self.raw_reads += len(places)
             return buffer
-        dcp.load({key: buffer}, storage_reader=self._reader, no_dist=True)
+        with safe_checkpoint_loading():
+            dcp.load({key: buffer}, storage_reader=self._reader, no_dist=True)
         return buffer
 
     def byte_ranges(self, key: str, dtype: torch.dtype) -> list[tuple[int, int, int]] | None:

@@ -270,14 +270,14 @@ def export_checkpoint(
     ckpt_dir = resolve_checkpoint(checkpoint)
     meta = read_meta(ckpt_dir)
     check_out_dir(out_dir, overwrite)
-    model = model_config_from_meta(meta["model"])
+    model = model_config_from_meta(meta.model)
     reader = CheckpointTensors(ckpt_dir)
     check_shapes(model, reader.shapes, ckpt_dir)
     if dtype is None:
         dtype = "bf16" if reader.dtypes[EMBEDDING] == torch.bfloat16 else "fp32"
     if dtype not in TORCH_DTYPES:
         raise ConversionError(f"--dtype {dtype!r}; use bf16 or fp32")
-    tok = load_export_tokenizer(tokenizer or meta.get("tokenizer"), ckpt_dir)
+    tok = load_export_tokenizer(tokenizer or meta.tokenizer, ckpt_dir)
     if tok.vocab_size > model.vocab_size:
         raise ConversionError(
             f"tokenizer has {tok.vocab_size} tokens but the model only {model.vocab_size}; pass the "

@@ -155,7 +155,7 @@ def save_imported(run, hf_dir: Path, tmp_root: Path, tokenizer: str | None) -> N
     under tmp_root/checkpoints (its meta.json names the tokenizer by its final path)."""
     from omegaconf import OmegaConf
 
-    from pipeline.checkpoint import model_sharded_state, save_checkpoint
+    from pipeline.checkpoint import CheckpointMeta, model_sharded_state, save_checkpoint
     from pipeline.distributed import distributed
     from pipeline.model.build import build_model, virtual_stages
 
@@ -163,15 +163,14 @@ def save_imported(run, hf_dir: Path, tmp_root: Path, tokenizer: str | None) -> N
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
         chunks = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         load_hf_into_chunks(chunks, run.model, tensors)
-        meta = {
-            "step": 0,
-            "consumed_samples": 0,
-            "model": dataclasses.asdict(run.model),
-            "parallel": {"tp": world.tp, "pp": world.pp, "dp": world.dp},
-            "tokenizer": tokenizer,
-            "weights_only": True,
-            "source": str(hf_dir.resolve()),
-        }
+        meta = CheckpointMeta(
+            step=0,
+            model=dataclasses.asdict(run.model),
+            parallel={"tp": world.tp, "pp": world.pp, "dp": world.dp, "world_size": world.world_size},
+            tokenizer=tokenizer,
+            weights_only=True,
+            source=str(hf_dir.resolve()),
+        )
         save_checkpoint(
             tmp_root / "checkpoints", 0, model_sharded_state(chunks), meta, OmegaConf.to_yaml(OmegaConf.structured(run))
         )

@@ -147,14 +147,24 @@ def hf_weight_files(directory: Path) -> dict[str, Path]:
         return {name: directory / file for name, file in weight_map.items()}
     single = directory / SINGLE_NAME
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), "pt") as f:
+        with open_safetensors(single) as f:
             return {name: single for name in f.keys()}
     raise ConversionError(
         f"{directory} has neither {INDEX_NAME} nor {SINGLE_NAME}; give a Hugging Face model directory "
         f"with safetensors weights"
     )
+
+
+def open_safetensors(path: Path):
+    """safetensors' reader for `path`; ConversionError naming the file if it is truncated or not safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), "pt")
+    except SafetensorError as e:
+        raise ConversionError(
+            f"{path} is not a readable safetensors file ({str(e).strip()}); it is truncated or damaged: download it again"
+        ) from None
 
 
 class HFTensors:
@@ -165,13 +175,11 @@ class HFTensors:
         self._open: dict[Path, object] = {}
 
     def _handle(self, name: str):
-        from safetensors import safe_open
-
         path = self.files[name]
         if path not in self._open:
             if not path.is_file():
                 raise ConversionError(f"{path} (listed in {INDEX_NAME}) does not exist; the download is incomplete")
-            self._open[path] = safe_open(str(path), "pt")
+            self._open[path] = open_safetensors(path)
         return self._open[path]
 
     def shape(self, name: str) -> tuple[int, ...]:

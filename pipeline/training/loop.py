@@ -3,14 +3,16 @@
     from pipeline.config import load_run_config
     from pipeline.training.loop import train
     train(load_run_config(["train.iters=20"]))      # under torchrun for several processes
+
+The run owns run_dir for its lifetime (`run_lock`); what is saved and how a resume picks its
+checkpoint is in `state`; SIGTERM, SIGUSR1 and Ctrl-C save at the end of the step (docs/checkpoints.md).
 """
 
 import os
-import pickle
-import random
 import signal
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,38 +27,46 @@ from pipeline.data.blend import build_datasets
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.distributed import World, distributed
 from pipeline.errors import ConfigError
-from pipeline.megatron_patches import prime_optimizer_for_loading, untie_adam_steps
 from pipeline.metrics import MetricsLogger
 from pipeline.model.build import build_model, virtual_stages
 from pipeline.model.sizes import flops_per_step
 from pipeline.training.batches import step_batches
 from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.run_lock import run_dir_owner
+from pipeline.training.state import pick_checkpoint, resume, save
 from pipeline.training.step import eval_step, train_step
 
 DONE = "DONE"
 # Dense peak TFLOP/s of the GPUs we run on, for MFU (H100 SXM; the H200 has the same tensor cores).
 # fp32 runs its matmuls as TF32 (494 dense).
 PEAK_TFLOPS = {"bf16": 989.0, "fp32": 494.0, "fp8": 1979.0}
-
-
-@dataclass
-class TrainState:
-    """Loop counters saved with every checkpoint."""
-
-    step: int = 0
-    skipped_steps: int = 0
-    nonfinite_in_row: int = 0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+"""Slurm's preemption / time-limit warning, and Ctrl-C: each saves a checkpoint at the step's end."""
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGUSR1 (Slurm's preemption / time-limit warning); acted on at a step end."""
+    """Records a stop signal, acted on at a step end; a second Ctrl-C aborts at once (nothing saved)."""
 
-    def __init__(self):
+    REPEAT_S = 1.0
+    """A Ctrl-C within this time of the first is the same one: a terminal sends it to torchrun and to
+    every worker, and torchrun forwards it to the workers once more."""
+
+    def __init__(self, announce: bool = True):
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._announce = announce
+        self._interrupted_at: float | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._interrupted_at is not None and now - self._interrupted_at > self.REPEAT_S:
+                raise KeyboardInterrupt
+            if self._interrupted_at is None:
+                self._interrupted_at = now
+                if self._announce:  # os.write: print() here could re-enter a print the handler interrupted
+                    os.write(sys.stderr.fileno(), b"Ctrl-C: saving a checkpoint after this step "
+                                                  b"(press Ctrl-C again to abort without saving)\n")
         self.signal = signum
 
     def agreed(self, device: torch.device) -> bool:
@@ -64,6 +74,11 @@ class StopRequest:
         flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def close(self) -> None:
+        """Give the signals back to their previous handlers."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _ddp_wrap(chunks, world: World, distributed_optimizer: bool):
@@ -81,93 +96,6 @@ def _ddp_wrap(chunks, world: World, distributed_optimizer: bool):
     ]
     config.finalize_model_grads_func = finalize_model_grads
     return wrapped
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _sharded_state(chunks, optimizer, scheduler, state: TrainState, world: World, with_rng: bool, loading: bool) -> dict:
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    if loading:
-        prime_optimizer_for_loading(optimizer)
-    model_state = ckpt.model_sharded_state(chunks)
-    sharded = dict(model_state)
-    # "fully_reshardable": optimizer state in the canonical per-parameter layout, so a checkpoint
-    # resumes at any TP/PP/DP (the default format relies on flattened ranges, unsupported in 0.19).
-    sharded["optimizer"] = optimizer.sharded_state_dict(
-        model_state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
-    )
-    sharded["scheduler"] = scheduler.state_dict()
-    sharded["train_state"] = asdict(state)
-    if with_rng:
-        blob = np.frombuffer(pickle.dumps(_rng_state()), dtype=np.uint8)
-        sharded["rng"] = ShardedObject("rng_state", blob, (world.world_size,), (world.rank,), replica_id=0)
-    return sharded
-
-
-def _meta(run: RunConfig, state: TrainState, world: World) -> dict:
-    return {
-        "step": state.step,
-        "consumed_samples": state.step * run.train.global_batch_size,
-        "model": asdict(run.model),
-        "parallel": {"tp": world.tp, "pp": world.pp, "dp": world.dp, "world_size": world.world_size},
-        "tokenizer": run.data.tokenizer,
-    }
-
-
-def _save(run, chunks, optimizer, scheduler, state, world, log) -> None:
-    started = time.perf_counter()
-    path = ckpt.save_checkpoint(
-        Path(run.run_dir) / "checkpoints",
-        state.step,
-        _sharded_state(chunks, optimizer, scheduler, state, world, with_rng=True, loading=False),
-        _meta(run, state, world),
-        OmegaConf.to_yaml(OmegaConf.structured(run)),
-        keep=run.checkpoint.keep_last or None,
-    )
-    log.info(f"saved checkpoint {path} in {time.perf_counter() - started:.1f}s")
-
-
-def _resume(run, chunks, optimizer, scheduler, world, log) -> TrainState:
-    """Load the latest checkpoint of run_dir (full state) or checkpoint.init_from (weights only)."""
-    state = TrainState()
-    found = ckpt.latest_checkpoint(Path(run.run_dir) / "checkpoints") if run.checkpoint.resume else None
-    if found is None and run.checkpoint.init_from:
-        source = ckpt.resolve_checkpoint(run.checkpoint.init_from)
-        ckpt.check_compatible(ckpt.read_meta(source), asdict(run.model), source)
-        ckpt.load_model(source, chunks)
-        log.info(f"initialised weights from {source}")
-        return state
-    if found is None:
-        return state
-    meta = ckpt.read_meta(found)
-    ckpt.check_compatible(meta, asdict(run.model), found)
-    same_layout = meta["parallel"]["world_size"] == world.world_size
-    sharded = _sharded_state(chunks, optimizer, scheduler, state, world, with_rng=same_layout, loading=True)
-    loaded = ckpt.load_checkpoint(found, sharded)
-    ckpt.apply_model_state(chunks, loaded)
-    optimizer.load_state_dict(loaded["optimizer"])
-    untie_adam_steps(optimizer)
-    scheduler.load_state_dict(loaded["scheduler"])
-    if same_layout:
-        _set_rng_state(pickle.loads(loaded["rng"].tobytes()))
-    state = TrainState(**loaded["train_state"])
-    layout = "" if same_layout else f" (saved at tp={meta['parallel']['tp']} pp={meta['parallel']['pp']}, RNG states not restored)"
-    log.info(f"resumed from {found} at step {state.step}{layout}")
-    return state
 
 
 def _throughput(run: RunConfig, world: World, seconds: float) -> dict:
@@ -201,17 +129,21 @@ def train(run: RunConfig, objective=None) -> dict:
     """
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
         _check_batch_layout(run, world)
-        log = MetricsLogger(run.logging, run.run_dir, world.rank, Path(run.run_dir).name, asdict(run))
-        try:
-            return _train(run, world, log, objective)
-        finally:
-            log.close()
+        with run_dir_owner(run.run_dir, world.rank):
+            log = MetricsLogger(run.logging, run.run_dir, world.rank, Path(run.run_dir).name, asdict(run))
+            stop = StopRequest(announce=world.rank == 0)
+            try:
+                return _train(run, world, log, stop, objective)
+            finally:
+                stop.close()
+                log.close()
 
 
-def _train(run: RunConfig, world: World, log: MetricsLogger, make_objective=None) -> dict:
+def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, make_objective=None) -> dict:
     from megatron.core import parallel_state
 
     run_dir = Path(run.run_dir)
+    found = pick_checkpoint(run, world)  # first: a checkpoint that cannot be resumed leaves run_dir as it was
     if world.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(run_dir / "checkpoints")
@@ -220,6 +152,7 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, make_objective=None
     tokenizer = load_tokenizer(run.data.tokenizer)
     run.model.check_tokenizer(tokenizer.vocab_size)
     eval_batches = run.train.eval_iters if run.train.eval_interval else 0
+    eval_windows = eval_batches * run.train.global_batch_size
     datasets = build_datasets(
         run.data, run.train.seq_length, run.train.seed,
         (run.train.iters * run.train.global_batch_size, max(eval_batches, 1) * run.train.global_batch_size, 0),
@@ -232,10 +165,9 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, make_objective=None
     )
     optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
     scheduler = build_scheduler(optimizer, run.optim, run.train.iters)
-    # Before _resume: building a teacher draws weights, the RNG state restored must come after.
+    # Before resume: building a teacher draws weights, the RNG state restored must come after.
     objective = make_objective(run, world, log, chunks) if make_objective else None
-    state = _resume(run, chunks, optimizer, scheduler, world, log)
-    stop = StopRequest()
+    state = resume(run, found, chunks, optimizer, scheduler, world, log)
     dp_rank = parallel_state.get_data_parallel_rank()
 
     def batches(dataset, step: int) -> list:
@@ -248,8 +180,10 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, make_objective=None
         means = {key.replace(" ", "_"): float(np.mean([r[key] for r in results])) for key in results[0]}
         val = means.pop(next(iter(means)))
         extra = means if objective else {"ppl": float(np.exp(min(val, 50)))}
-        log.log(state.step, {"loss": val, **extra}, kind="valid")
-        return {"loss": val, **extra}
+        record = {"loss": val, **extra}
+        log.log(state.step, {**record, "windows": eval_windows, "tokens": eval_windows * run.train.seq_length},
+                kind="valid")
+        return record
 
     log.info(f"training {run.model.name} for {run.train.iters} steps from step {state.step} "
              f"(tp={world.tp} pp={world.pp} dp={world.dp} vp={world.vp or 1}, {world.device.type})")
@@ -285,9 +219,10 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, make_objective=None
         stopping = (stop.agreed(world.device) or state.step == exit_at) and state.step < run.train.iters
         interval = run.checkpoint.save_interval
         if stopping or state.step == run.train.iters or (interval and state.step % interval == 0):
-            _save(run, chunks, optimizer, scheduler, state, world, log)
+            save(run, chunks, optimizer, scheduler, state, world, log)
         if stopping:
-            reason = "train.exit_after_steps" if state.step == exit_at else f"signal {stop.signal or 'on another rank'}"
+            signame = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
+            reason = "train.exit_after_steps" if state.step == exit_at else signame
             log.info(f"stopping at step {state.step} ({reason}); restart with the same run_dir to resume")
             return {"step": state.step, "loss": last_loss, "val_loss": last_val and last_val["loss"],
                     "valid": last_val, "done": False}

@@ -48,4 +48,8 @@ def build_scheduler(optimizer, cfg: OptimConfig, iters: int) -> OptimizerParamSc
         wd_incr_style="constant",
         wsd_decay_steps=wsd_decay if cfg.schedule == "wsd" else None,
         lr_wsd_decay_style="cosine" if cfg.schedule == "wsd" else None,
+        # On resume the configured schedule wins over the checkpoint's (a changed optim.lr/min_lr or
+        # train.iters applies from the resumed step; pipeline/training/state.py logs the change).
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,3 +71,41 @@ def losses(run_dir: Path, kind: str = "train") -> dict[int, float]:
 def max_rel_diff(a: dict[int, float], b: dict[int, float]) -> float:
     assert a.keys() == b.keys(), f"different steps logged: {sorted(a)} vs {sorted(b)}"
     return max(abs(a[s] - b[s]) / abs(b[s]) for s in a)
+
+
+class Trainer:
+    """`python -m pipeline.train` as one plain process (no torchrun: signals and the exit status are its
+    own) with BASE + overrides; its output goes to files `logs`.out/.err (pipes could fill and block it)."""
+
+    def __init__(self, run_dir: Path, logs: Path, *overrides: str, env: dict | None = None):
+        cmd = [sys.executable, "-m", "pipeline.train", *BASE, f"run_dir={run_dir}", *overrides]
+        # A world of its own: not the one a test process may have set up in-process (pipeline.distributed).
+        inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        full_env = dict(inherited, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
+        self.run_dir, self._out, self._err = Path(run_dir), logs.with_suffix(".out"), logs.with_suffix(".err")
+        with open(self._out, "w") as out, open(self._err, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=err)
+
+    def wait(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Wait for the exit; the status and the output."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        return subprocess.CompletedProcess(self.proc.args, code, self._out.read_text(), self._err.read_text())
+
+    def wait_for_step(self, step: int, timeout: float = 300) -> None:
+        """Block until metrics.jsonl has a training record of `step` (fail if the trainer ends first)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                done = self.wait()
+                raise AssertionError(f"trainer exited {done.returncode} before step {step}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            try:
+                if (self.run_dir / "metrics.jsonl").exists() and max(losses(self.run_dir), default=0) >= step:
+                    return
+            except json.JSONDecodeError:
+                pass  # a line being written
+            time.sleep(0.2)
+        raise AssertionError(f"no step {step} in {self.run_dir}/metrics.jsonl after {timeout} s")

@@ -152,7 +152,7 @@ def write_checkpoint(run_dir: Path, tokenizer: Path, overrides: list[str], refer
     run_dir/reference.pt."""
     from omegaconf import OmegaConf
 
-    from pipeline.checkpoint import model_sharded_state, save_checkpoint
+    from pipeline.checkpoint import CheckpointMeta, model_sharded_state, save_checkpoint
     from pipeline.config import load_run_config
     from pipeline.distributed import distributed
     from pipeline.model.build import build_model, virtual_stages
@@ -161,13 +161,12 @@ def write_checkpoint(run_dir: Path, tokenizer: Path, overrides: list[str], refer
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), "cpu") as world:
         (chunk,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         lower_dt_bias(chunk)
-        meta = {
-            "step": 0,
-            "consumed_samples": 0,
-            "model": dataclasses.asdict(run.model),
-            "parallel": {"tp": world.tp, "pp": world.pp, "dp": world.dp},
-            "tokenizer": str(tokenizer),
-        }
+        meta = CheckpointMeta(
+            step=0,
+            model=dataclasses.asdict(run.model),
+            parallel={"tp": world.tp, "pp": world.pp, "dp": world.dp, "world_size": world.world_size},
+            tokenizer=str(tokenizer),
+        )
         save_checkpoint(
             run_dir / "checkpoints", 0, model_sharded_state([chunk]), meta, OmegaConf.to_yaml(OmegaConf.structured(run))
         )

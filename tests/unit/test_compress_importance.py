@@ -39,8 +39,7 @@ def make_parent(root, model_overrides=MODEL):
             layer, neuron = DEAD_NEURON
             p[f"decoder.layers.{layer}.mlp.linear_fc1.weight"][neuron] = 0
             p[f"decoder.layers.{DEAD_LAYER}.mixer.out_proj.weight"].zero_()
-        meta = {"step": 1, "consumed_samples": 0, "model": dataclasses.asdict(run.model), "parallel": {},
-                "tokenizer": None}
+        meta = ckpt.CheckpointMeta(step=1, model=dataclasses.asdict(run.model))
         return ckpt.save_checkpoint(root / "checkpoints", 1, ckpt.model_sharded_state([chunk]), meta, "")
 
 
@@ -53,7 +52,7 @@ def scored(tmp_path_factory):
         for i in range(2)
     ]
     meta = ckpt.read_meta(step)
-    identity = ParentIdentity(str(step.resolve()), meta["step"], meta["model"])
+    identity = ParentIdentity(str(step.resolve()), meta.step, meta.model)
     return [load_scores(p, identity) for p in paths], identity, paths
 
 

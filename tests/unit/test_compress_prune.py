@@ -59,8 +59,8 @@ def parent(tmp_path_factory):
                 elif name.endswith("mixer.in_proj.weight"):
                     p.mul_(6)  # gated-norm inputs far above its fixed epsilon (1e-5)
         root = tmp_path_factory.mktemp("parent")
-        meta = {"step": 7, "consumed_samples": 0, "model": dataclasses.asdict(run.model),
-                "parallel": {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}, "tokenizer": None}
+        meta = ckpt.CheckpointMeta(step=7, model=dataclasses.asdict(run.model),
+                                   parallel={"tp": 1, "pp": 1, "dp": 1, "world_size": 1})
         step_dir = ckpt.save_checkpoint(root / "checkpoints", 7, ckpt.model_sharded_state([chunk]), meta, "")
         tokens = torch.randint(0, run.model.vocab_size, (2, 32), generator=gen)
         state = {k: v.detach().clone() for k, v in chunk.named_parameters()}

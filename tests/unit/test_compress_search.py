@@ -131,10 +131,10 @@ def test_search_step_prints_the_table_and_its_top_candidate_prunes_to_a_loadable
     parent_run = _run()
     with distributed(parent_run.parallel, None, "cpu") as world:
         (chunk,) = build_model(parent_run.model, parent_run.parallel, parent_run.precision, parent_run.train.seed, world.device)
-        meta = {"step": 2, "model": dataclasses.asdict(parent_run.model), "parallel": {}, "tokenizer": None}
+        meta = ckpt.CheckpointMeta(step=2, model=dataclasses.asdict(parent_run.model))
         step = ckpt.save_checkpoint(tmp_path / "parent" / "checkpoints", 2, ckpt.model_sharded_state([chunk]),
                                     meta, "")
-    identity = ParentIdentity(str(step.resolve()), 2, meta["model"])
+    identity = ParentIdentity(str(step.resolve()), 2, meta.model)
     run = _run(f"compress.parent={tmp_path / 'parent'}", f"run_dir={tmp_path / 'run'}", "compress.target_params=2e5")
     save_scores(_scores(run.model, identity), tmp_path / "run" / "compress" / "scores")
     found = search(run)

@@ -66,7 +66,7 @@ def test_checkpoint_is_weights_only_at_step_zero_with_its_tokenizer(dirs):
     imported = dirs["root"] / "imported"
     ckpt = resolve_checkpoint(imported)
     meta = read_meta(ckpt)
-    assert ckpt.name == "step_0000000" and meta["step"] == 0 and meta["weights_only"] is True
-    assert meta["tokenizer"] == str(imported / "tokenizer")
+    assert ckpt.name == "step_0000000" and meta.step == 0 and meta.weights_only is True
+    assert meta.tokenizer == str(imported / "tokenizer")
     source_tokenizer = json.loads((dirs["root"] / "source" / "tokenizer.json").read_text())
     assert json.loads((imported / "tokenizer" / "tokenizer.json").read_text()) == source_tokenizer

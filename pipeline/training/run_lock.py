@@ -1,0 +1,74 @@
+"""One owner per run directory: a lock that dies with its process.
+
+    with run_dir_owner(run_dir, world):   # all ranks; rank 0 holds run_dir/.lock
+        ...                               # write checkpoints, metrics, config.yaml
+
+Two trainers on one run_dir (a double-submitted job, a requeue racing a manual restart) would
+overwrite each other's checkpoints and metrics. Rank 0 takes an exclusive lock on run_dir/.lock
+before anything else is written and writes its host, pid and start time into it; a second trainer
+is refused at once with RunDirLockedError naming that holder. The lock is a POSIX record lock
+(`fcntl.lockf`), owned by the process: the kernel drops it when the process exits in any way
+(kill -9 included), so there is never a stale lock to clean up. (An `flock` would be shared with
+forked children, e.g. megatron-core's checkpoint writers, and outlive the trainer while they
+linger.) The other ranks of the same job learn the outcome from rank 0 (a broadcast), so they share
+its ownership. On network file systems the lock needs lock support (NFS: lockd or v4; Lustre: the
+flock or localflock mount option).
+"""
+
+import errno
+import fcntl
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch.distributed as dist
+
+from pipeline.errors import RunDirLockedError
+
+LOCK_FILE = ".lock"
+
+
+def _take(run_dir: Path) -> int:
+    """The descriptor holding the lock on run_dir/.lock; RunDirLockedError naming the holder if taken."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            os.close(fd)
+            raise
+        holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "a process that is starting"
+        os.close(fd)
+        raise RunDirLockedError(
+            f"run_dir {run_dir} is in use by another trainer ({holder}); wait for it to end or stop it, "
+            f"or choose another run_dir"
+        ) from None
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} started {started}\n".encode(), 0)
+    return fd
+
+
+@contextmanager
+def run_dir_owner(run_dir: str | Path, rank: int):
+    """Own `run_dir` for the duration (see the module docstring); call on every rank."""
+    fd, refusal = None, None
+    if rank == 0:
+        try:
+            fd = _take(Path(run_dir))
+        except RunDirLockedError as e:
+            refusal = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal is not None:
+        raise RunDirLockedError(refusal)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)

@@ -1,0 +1,218 @@
+"""What a training run saves and restores: model, optimizer, schedule, loop counters and RNG states.
+
+    found = pick_checkpoint(run, world)                                   # before writing to run_dir
+    state = resume(run, found, chunks, optimizer, scheduler, world, log)  # fresh run: TrainState()
+    save(run, chunks, optimizer, scheduler, state, world, log)            # every save_interval
+
+`pick_checkpoint` chooses the newest intact checkpoint of run_dir (`checkpoint.find_resumable`:
+damaged ones are skipped with a warning naming them); `resume` loads it or, for a fresh run dir,
+the weights of `checkpoint.init_from`. Nothing here is pickled: the loop counters are plain ints and
+the RNG states tensors plus JSON, so the stored objects load with `torch.load(weights_only=True)`.
+"""
+
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import RunConfig
+from pipeline.distributed import World
+from pipeline.errors import CheckpointError
+from pipeline.megatron_patches import prime_optimizer_for_loading, untie_adam_steps
+
+SCHEDULE_GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+"""Values megatron-core copies from the config into every optimizer param group (and saves with it)."""
+SCHEDULE_FIELDS = {
+    "max_lr": "optim.lr", "min_lr": "optim.min_lr", "lr_warmup_steps": "optim.warmup_iters",
+    "lr_decay_steps": "train.iters", "lr_decay_style": "optim.schedule",
+}
+"""Scheduler state -> the config field it comes from, for the message when they changed."""
+
+
+@dataclass
+class TrainState:
+    """Loop counters saved with every checkpoint."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    nonfinite_in_row: int = 0
+
+
+def warn(world: World, message: str) -> None:
+    """A warning the user must see: one line on rank 0's stderr."""
+    if world.rank == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states as tensors (Python's and NumPy's as JSON bytes)."""
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    plain = {"python": [version, list(keys), gauss], "numpy": [name, np_keys.tolist(), pos, has_gauss, cached]}
+    state = {"json": torch.frombuffer(bytearray(json.dumps(plain).encode()), dtype=torch.uint8),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore what `rng_state` returned."""
+    plain = json.loads(bytes(state["json"].tolist()).decode())
+    version, keys, gauss = plain["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, np_keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.array(np_keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def sharded_state(chunks, optimizer, scheduler, state: TrainState, world: World, with_rng: bool, loading: bool) -> dict:
+    """The full training state as megatron-core sharded objects (the same structure to save and load)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    if loading:
+        prime_optimizer_for_loading(optimizer)
+    model_state = ckpt.model_sharded_state(chunks)
+    sharded = dict(model_state)
+    # "fully_reshardable": optimizer state in the canonical per-parameter layout, so a checkpoint
+    # resumes at any TP/PP/DP (the default format relies on flattened ranges, unsupported in 0.19).
+    sharded["optimizer"] = optimizer.sharded_state_dict(
+        model_state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+    )
+    sharded["scheduler"] = scheduler.state_dict()
+    sharded["train_state"] = asdict(state)
+    if with_rng:
+        sharded["rng"] = ShardedObject("rng_state", rng_state(), (world.world_size,), (world.rank,), replica_id=0)
+    return sharded
+
+
+def checkpoint_meta(run: RunConfig, state: TrainState, world: World) -> ckpt.CheckpointMeta:
+    """The meta.json of a training checkpoint at `state.step`."""
+    return ckpt.CheckpointMeta(
+        step=state.step,
+        consumed_samples=state.step * run.train.global_batch_size,
+        model=asdict(run.model),
+        parallel={"tp": world.tp, "pp": world.pp, "dp": world.dp, "world_size": world.world_size},
+        tokenizer=run.data.tokenizer,
+    )
+
+
+def save(run: RunConfig, chunks, optimizer, scheduler, state: TrainState, world: World, log) -> None:
+    """Save a checkpoint of everything `resume` restores (all ranks)."""
+    started = time.perf_counter()
+    path = ckpt.save_checkpoint(
+        Path(run.run_dir) / "checkpoints",
+        state.step,
+        sharded_state(chunks, optimizer, scheduler, state, world, with_rng=True, loading=False),
+        checkpoint_meta(run, state, world),
+        OmegaConf.to_yaml(OmegaConf.structured(run)),
+        keep=run.checkpoint.keep_last or None,
+    )
+    log.info(f"saved checkpoint {path} in {time.perf_counter() - started:.1f}s")
+
+
+def pick_checkpoint(run: RunConfig, world: World) -> Path | None:
+    """The checkpoint of run_dir to resume, or None for a fresh start (all ranks; rank 0 verifies it and
+    warns about damaged ones). CheckpointError if it cannot be resumed (weights only, all damaged)."""
+    choice = [None]
+    if world.rank == 0 and run.checkpoint.resume:
+        try:
+            found = ckpt.find_resumable(Path(run.run_dir) / "checkpoints", lambda m: warn(world, m))
+            if found is not None and ckpt.read_meta(found).weights_only:
+                raise CheckpointError(
+                    f"{found} holds weights only (an import) and cannot be resumed; train from it in a new "
+                    f"run_dir with checkpoint.init_from={Path(run.run_dir)}"
+                )
+            choice = [str(found) if found else None]
+        except CheckpointError as e:
+            choice = [e]
+    if world.world_size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], CheckpointError):
+        raise choice[0]
+    return Path(choice[0]) if choice[0] else None
+
+
+def _adopt_configured_schedule(saved_optimizer: dict, optimizer) -> None:
+    """Give the saved param groups the configured lr/min_lr/wd, so that a changed optim.lr resumes.
+
+    megatron-core pairs saved and current param groups by a tuple that includes max_lr and min_lr
+    (optimizer.param_group_identifier_keys): with another optim.lr the lookup raises KeyError.
+    """
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    def structural(group: dict) -> tuple:
+        return tuple(group.get(k) for k in param_group_identifier_keys if k not in SCHEDULE_GROUP_KEYS)
+
+    current = {}
+    for group in optimizer.param_groups:
+        current.setdefault(structural(group), {k: group[k] for k in SCHEDULE_GROUP_KEYS if k in group})
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for group in node.get("param_groups", []) if isinstance(node.get("param_groups"), list) else []:
+                group.update(current.get(structural(group), {}))
+            for value in node.values():
+                walk(value)
+
+    walk(saved_optimizer)
+
+
+def _schedule_changes(saved: dict, scheduler) -> list[str]:
+    return [
+        f"{field} {saved[key]} -> {getattr(scheduler, key)}"
+        for key, field in SCHEDULE_FIELDS.items()
+        if key in saved and saved[key] != getattr(scheduler, key)
+    ]
+
+
+def _init_from(run: RunConfig, chunks, log) -> None:
+    source = ckpt.resolve_checkpoint(run.checkpoint.init_from)
+    meta = ckpt.verify_checkpoint(source)
+    ckpt.check_compatible(meta, asdict(run.model), source)
+    ckpt.load_model(source, chunks)
+    log.info(f"initialised weights from {source}")
+
+
+def resume(run: RunConfig, found: Path | None, chunks, optimizer, scheduler, world: World, log) -> TrainState:
+    """Load checkpoint `found` (from `pick_checkpoint`: full state) or, without one, the weights of
+    checkpoint.init_from; the loop counters to continue from."""
+    if found is None:
+        if run.checkpoint.init_from:
+            _init_from(run, chunks, log)
+        return TrainState()
+    meta = ckpt.read_meta(found)
+    ckpt.check_compatible(meta, asdict(run.model), found)
+    same_layout = meta.parallel.get("world_size") == world.world_size
+    # Format-1 checkpoints pickled their RNG states, which safe loading refuses: resume without them.
+    with_rng = same_layout and meta.format >= 2
+    sharded = sharded_state(chunks, optimizer, scheduler, TrainState(), world, with_rng=with_rng, loading=True)
+    loaded = ckpt.load_checkpoint(found, sharded)
+    ckpt.apply_model_state(chunks, loaded)
+    _adopt_configured_schedule(loaded["optimizer"], optimizer)
+    optimizer.load_state_dict(loaded["optimizer"])
+    untie_adam_steps(optimizer)
+    changes = _schedule_changes(loaded["scheduler"], scheduler)
+    scheduler.load_state_dict(loaded["scheduler"])
+    if with_rng:
+        set_rng_state(loaded["rng"])
+    state = TrainState(**loaded["train_state"])
+    if not same_layout:
+        note = f" (saved at tp={meta.parallel.get('tp')} pp={meta.parallel.get('pp')}, RNG states not restored)"
+    else:
+        note = "" if with_rng else f" (a format-{meta.format} checkpoint: RNG states not restored)"
+    log.info(f"resumed from {found} at step {state.step}{note}")
+    if changes:
+        log.info(f"learning-rate schedule changed since the checkpoint ({', '.join(changes)}): continuing with the "
+                 f"configured one")
+    return state

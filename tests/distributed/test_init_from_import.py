@@ -1,0 +1,49 @@
+"""The step `convert.py import` tells users to take: train from an imported Hugging Face model with
+`checkpoint.init_from`; and resuming the import's own directory, which holds weights only, is refused
+with that fix named."""
+
+import pytest
+import torch
+
+from pipeline.hf.checkpoint_reader import CheckpointTensors
+from pipeline.hf.import_ import import_hf
+from pipeline.hf.mapping import EMBEDDING, HF_EMBEDDING
+from tests.distributed.training import Trainer
+from tests.distributed.worker_hf_checkpoint import make_hf_model, read_all
+
+LR = 1.0e-3
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """An fp32 HF NemotronH with the embedded corpus's vocabulary size, imported as `tiny_hf`."""
+    root = tmp_path_factory.mktemp("init_from")
+    make_hf_model(root / "hf", dtype=torch.float32, vocab_size=4096)
+    import_hf(root / "hf", root / "imported", name="tiny_hf")
+    return root
+
+
+def model_option(root):
+    return f"hydra.searchpath=[file://{root / 'imported'}]", "model=tiny_hf"
+
+
+def test_training_continues_from_the_imported_weights(imported):
+    run_dir = imported / "run"
+    proc = Trainer(run_dir, imported / "train", *model_option(imported), f"checkpoint.init_from={imported / 'imported'}",
+                   f"train.iters={STEPS}", f"optim.lr={LR}", "optim.warmup_iters=0").wait()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"initialised weights from {imported / 'imported' / 'checkpoints' / 'step_0000000'}" in proc.stdout
+    trained = CheckpointTensors(run_dir / "checkpoints" / f"step_{STEPS:07d}").get(EMBEDDING)
+    source = read_all(imported / "hf")[HF_EMBEDDING]
+    # Adam moves a weight by at most about lr per step; a model not started from the import would
+    # differ by the scale of the weights themselves (0.05).
+    drift = (trained - source).abs().max().item()
+    assert drift <= 2 * STEPS * LR, f"trained embedding is {drift:.3g} away from the imported one"
+
+
+def test_resuming_an_import_directory_names_init_from(imported):
+    proc = Trainer(imported / "imported", imported / "resume", *model_option(imported), "train.iters=2").wait()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert f"checkpoint.init_from={imported / 'imported'}" in errors[0] and "weights only" in errors[0], errors[0]
