@@ -138,7 +138,7 @@ def test_word_rule_falls_back_when_pieces_cross_word_starts():
 
 
 def test_train_command_writes_a_loadable_tokenizer(tmp_path, texts, capsys):
-    from pipeline.data.tokenizer import main
+    from pipeline.data.tokenizer_cli import main
 
     corpus = tmp_path / "in.jsonl"
     corpus.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts), encoding="utf-8")
