@@ -79,6 +79,6 @@ class GigatokenEncoder:
             self._since_reload = 0
         self._since_reload += sum(map(len, texts))
         layout = self._tok.encode_batch(list(texts), parallel=False).layout
-        offsets_D = np.asarray(layout.offsets)
-        ids_N = np.asarray(layout.content)[offsets_D[0] : offsets_D[-1]]
+        offsets_D = np.asarray(layout.offsets.data)
+        ids_N = np.asarray(layout.content.data)[offsets_D[0] : offsets_D[-1]]
         return ids_N, np.diff(offsets_D).astype(np.int64)
