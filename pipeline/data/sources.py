@@ -200,7 +200,7 @@ class _Decompressing(io.RawIOBase):
     """The decompressed bytes of a gzip or zstd file of one or more members (frames), raising
     CorruptInput at the end when the last member is cut short, or when the data is damaged."""
 
-    BLOCK = 1 << 16
+    BLOCK = 1 << 14  # compressed bytes per step: data decoded in a step that hits damage is lost
 
     def __init__(self, path: str, new_decompressor: Callable) -> None:
         self.file = open(path, "rb")

@@ -135,12 +135,17 @@ def test_sigkill_kills_workers_and_the_rerun_resumes_identically(tmp_path, corpu
     marker = f"PREPROCESS_TEST_RUN={uuid.uuid4().hex}"
     key, value = marker.split("=")
     env = {**os.environ, KILL_HOOK: "1", "PYTHONPATH": REPO, key: value}
-    killed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    # Output to a file, not a pipe: workers that outlive the run would hold a pipe open.
+    with open(tmp_path / "stderr", "wb") as log:
+        killed = subprocess.run(command, env=env, cwd=REPO, stdout=log, stderr=log, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, (tmp_path / "stderr").read_text()[-2000:]
     deadline = time.monotonic() + 5
     while processes_with_marker(marker.encode()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not processes_with_marker(marker.encode()), "processes of the killed run are still alive"
+    alive = processes_with_marker(marker.encode())
+    for pid in alive:  # not to leave them behind when failing
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "processes of the killed run were still alive 5 s after it"
     built = prefix.parent / ".out.overwrite" if overwrite else prefix.parent
     if overwrite:
         assert all_files(prefix.parent) == old, "the killed --overwrite run changed the old dataset"
@@ -235,7 +240,7 @@ def test_damaged_compressed_input_is_a_corrupt_file(tmp_path, tokenizer, corpus,
     """Damaged from the middle on: the records before are kept and the file is counted as
     corrupt_file; a cut file is not mistaken for a malformed last line, and --on-error fail stops."""
     with open(corpus, "rb") as f:
-        lines = f.read()
+        lines = b"".join(f.readlines(400_000))  # a few zstd blocks (128 KiB each)
     data = compressed(lines, suffix)
     half = len(data) // 2
     path = tmp_path / f"in.jsonl{suffix}"
