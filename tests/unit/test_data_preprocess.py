@@ -226,6 +226,93 @@ def test_unwritable_output_fails_before_any_work(tmp_path, corpus, tokenizer, wh
     assert named in str(info.value) and "\n" not in str(info.value)
 
 
+# (jsonl line, the reason it must be counted under); None means a good document.
+DIRTY_LINES = [
+    (b'{"text": "good one"}', None),
+    (b'{"text": "unterminated', "malformed_json"),
+    (b'["a", "list"]', "malformed_json"),
+    (b'{"body": "no text field"}', "missing_field"),
+    (b'{"text": null}', "missing_field"),
+    (b'{"text": 42}', "not_string"),
+    (b'{"text": ["a"]}', "not_string"),
+    (b'{"text": "bad \xff\xfe bytes"}', "invalid_utf8"),
+    (b'{"text": "lone \\ud800 surrogate"}', "invalid_utf8"),
+    (b'{"text": ""}', "empty"),
+    (b'{"text": "  \\n\\t "}', "empty"),
+    (b"", "empty"),
+    (b'{"text": "' + b"x" * 101 + b'"}', "too_long"),
+    (b'{"text": "good two"}', None),
+]
+
+
+def write_dirty_inputs(directory):
+    directory.mkdir()
+    (directory / "a.jsonl").write_bytes(b"\n".join(line for line, _ in DIRTY_LINES) + b"\n")
+    (directory / "b.txt").write_bytes(b"text file \xc3\x28 not utf-8")
+    (directory / "c.jsonl.gz").write_bytes(b"this is not gzip data")
+    (directory / "d.txt").write_text("a good text file", encoding="utf-8")
+
+
+def test_dirty_input_counts_every_reason(tmp_path, tokenizer):
+    write_dirty_inputs(tmp_path / "in")
+    summary = run([str(tmp_path / "in")], tmp_path / "out", tokenizer, max_chars=100)
+    expected = {"corrupt_file": 1}
+    for _, reason in DIRTY_LINES:
+        if reason:
+            expected[reason] = expected.get(reason, 0) + 1
+    expected["invalid_utf8"] += 1  # b.txt
+    assert {k: v for k, v in summary["skipped"].items() if v} == expected
+    assert summary["documents"] == 3  # two good lines and d.txt
+    a = str(tmp_path / "in" / "a.jsonl")
+    lines = {reason: [] for reason in expected}
+    for number, (_, reason) in enumerate(DIRTY_LINES, start=1):
+        if reason:
+            lines[reason].append(f"{a}:{number}")
+    lines["invalid_utf8"].append(f"{tmp_path / 'in' / 'b.txt'}:1")
+    lines["corrupt_file"] = [f"{tmp_path / 'in' / 'c.jsonl.gz'}:1"]
+    assert summary["skipped_examples"] == lines
+
+
+def test_fail_fast_stops_at_the_first_bad_record(tmp_path, tokenizer):
+    write_dirty_inputs(tmp_path / "in")
+    with pytest.raises(BadRecordError, match=r"malformed_json at .*a\.jsonl:2"):
+        run([str(tmp_path / "in")], tmp_path / "out", tokenizer, on_error="fail")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("out")], "fail-fast left output files"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl.gz", "jsonl.zst", "parquet", "text", "hf_dataset"])
+def test_every_input_format_gives_the_jsonl_tokens(tmp_path, tokenizer, docs, fmt):
+    sample = docs[:30]
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in sample).encode()
+    (src / "ref.jsonl").write_bytes(lines)
+    if fmt == "jsonl.gz":
+        (src / "in.jsonl.gz").write_bytes(gzip.compress(lines))
+    elif fmt == "jsonl.zst":
+        import zstandard
+
+        (src / "in.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": sample}), src / "in.parquet", row_group_size=7)
+    elif fmt == "text":
+        (src / "in").mkdir()
+        for i, t in enumerate(sample):
+            (src / "in" / f"{i:03d}.txt").write_text(t, encoding="utf-8")
+    else:
+        import datasets
+
+        datasets.Dataset.from_dict({"text": sample}).save_to_disk(str(src / "in"))
+    name = {"jsonl.gz": "in.jsonl.gz", "jsonl.zst": "in.jsonl.zst", "parquet": "in.parquet"}.get(fmt, "in")
+    ref = run([str(src / "ref.jsonl")], tmp_path / "ref", tokenizer)
+    got = run([str(src / name)], tmp_path / "got", tokenizer)
+    assert got["documents"] == len(sample)
+    assert list(output_bytes(tmp_path / "got", got).values()) == list(output_bytes(tmp_path / "ref", ref).values())
+
+
 def compressed(lines, suffix):
     if suffix == ".gz":
         return gzip.compress(lines)
