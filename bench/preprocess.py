@@ -282,9 +282,10 @@ def report(kind: str, encoder: str, results: dict) -> None:
     ours = results.get("ours", {})
     for tool in ("old", "fast"):
         theirs = results.get(tool, {})
-        if ours.get("per_cpu_s") and theirs.get("per_cpu_s"):
-            print(f"  ours / {tool}: {ours['per_core'] / theirs['per_core']:.2f}x per core, "
-                  f"{ours['per_cpu_s'] / theirs['per_cpu_s']:.2f}x per CPU-second")
+        ratios = [f"{ours[key] / theirs[key]:.2f}x {label}" for key, label in
+                  (("per_core", "per core"), ("per_cpu_s", "per CPU-second")) if ours.get(key) and theirs.get(key)]
+        if ratios:
+            print(f"  ours / {tool}: {', '.join(ratios)}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -119,18 +119,13 @@ class Tokenizer:
 def wrap(ids_N: np.ndarray, lengths_D: np.ndarray, before: list[int], after: list[int],
          dtype) -> tuple[np.ndarray, np.ndarray]:
     """(tokens_N, lengths_D) with `before` and `after` around each text's ids."""
-    ends = len(before) + len(after)
-    out_lengths_D = lengths_D + ends
-    out_start_D = np.cumsum(out_lengths_D) - out_lengths_D
-    out_N = np.empty(int(out_lengths_D.sum()), dtype=dtype)
-    in_start_D = np.cumsum(lengths_D) - lengths_D
-    shift_N = np.repeat(out_start_D + len(before) - in_start_D, lengths_D)
-    out_N[np.arange(ids_N.size) + shift_N] = ids_N
-    for k, token in enumerate(before):
-        out_N[out_start_D + k] = token
-    for k, token in enumerate(after):
-        out_N[out_start_D + len(before) + lengths_D + k] = token
-    return out_N, out_lengths_D
+    ends_D = np.cumsum(lengths_D)
+    # One np.insert pass. Insertion points in text order (each text's `before`, then its `after`)
+    # never decrease, and np.insert keeps equal points in the order given: right for empty texts too.
+    at_DK = np.concatenate([np.repeat((ends_D - lengths_D)[:, None], len(before), axis=1),
+                            np.repeat(ends_D[:, None], len(after), axis=1)], axis=1)
+    values = np.tile(np.asarray(before + after, dtype=dtype), ends_D.size)
+    return np.insert(ids_N.astype(dtype, copy=False), at_DK.ravel(), values), lengths_D + len(before) + len(after)
 
 
 def _flat(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
