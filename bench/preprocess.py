@@ -243,7 +243,7 @@ def bench_kind(kind: str, tokenizer: tuple, args, bench_input: str, tiny: str) -
     """Every tool on one kind: rates (best of --repeats), streams compared with ours."""
     results = {}
     for tool in args.tools:
-        prefix = os.path.join(args.dir, f"{tool}_{kind}")
+        prefix = os.path.join(args.dir, f"{tool}_{kind}_{args.mb}mb")
         best = None
         for _ in range(1 if args.memory else args.repeats):
             startup = {"wall": 0.0, "cpu": 0.0} if args.memory else timed(
