@@ -85,7 +85,7 @@ class Tokenizer:
     def special_documents(self, texts: Sequence[str]) -> np.ndarray:
         """bool_D: which texts contain one of `special_strings` (kept as literal text)."""
         pattern = self._special_pattern
-        if pattern is None:
+        if pattern is None or pattern.search("".join(texts)) is None:  # one scan: almost always none
             return np.zeros(len(texts), dtype=bool)
         return np.fromiter((pattern.search(t) is not None for t in texts), dtype=bool, count=len(texts))
 
