@@ -1,15 +1,14 @@
-"""Training data: blends of preprocessed datasets through megatron-core, and document boundaries.
+"""Training data: blends of preprocessed datasets through megatron-core.
 
     train, valid, test = build_datasets(run.data, seq_length=256, seed=1234,
                                         num_samples=(1600, 80, 0), run_dir=run.run_dir)
     sample = train[0]          # megatron GPTDataset sample: tokens, labels, loss_mask, position_ids
-    cu_seqlens = cu_seqlens_from_tokens(sample["tokens"], eod)
 
 Each sample reads seq_length + 1 tokens of documents packed back to back: `tokens` is the first
-seq_length of them and `labels` the last seq_length (shifted by one). Document boundaries refer to
-`tokens`, the model's input: a document ends right after its EOD, so with tokens
-[a b EOD c d] the boundaries are cu_seqlens = [0, 3, 5]. The label at an EOD position is the next
-document's first token; `data.eod_mask_loss=true` masks it. Works on CPU without torch.distributed.
+seq_length of them and `labels` the last seq_length (shifted by one); the label at an EOD position
+is the next document's first token, which `data.eod_mask_loss=true` masks. Every shard is checked
+(sizes, index header, edge checksum: pipeline.data.shards.check_shard) before megatron-core opens it,
+so a damaged dataset fails at setup with the file named. Works on CPU without torch.distributed.
 """
 
 import logging
@@ -17,13 +16,10 @@ import os
 import warnings
 from typing import Optional
 
-import numpy as np
-import torch
-
 from pipeline.data.config import DataConfig
-from pipeline.data.shards import progress_path, read_summary
+from pipeline.data.shards import check_shard, progress_path, read_summary
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
@@ -59,7 +55,8 @@ def build_datasets(
 
     `num_samples` are the sequences to draw per split (datasets repeat in epochs if smaller).
     `model_vocab_size`, when given, must hold every token id of the tokenizer.
-    Raises ConfigError for missing datasets, vocabulary mismatches and empty splits.
+    Raises DataError for missing, incomplete or damaged datasets and vocabulary mismatches, and
+    ConfigError for a too small model vocabulary and empty splits.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -93,7 +90,8 @@ def build_datasets(
 
 def resolve_blend(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[list[str], list[float], list[int]]:
     """Megatron prefixes, their weights and document counts for `cfg.paths`: a preprocessed dataset
-    expands to its non-empty shards, weighted by tokens. Checks each was made with `tokenizer`."""
+    expands to its non-empty shards, weighted by tokens. Checks each was made with `tokenizer` and
+    that its files are intact."""
     prefixes, weights, documents = [], [], []
     for i, (path, weight) in enumerate(zip(cfg.paths, cfg.weights)):
         field = f"data.paths[{i}]={path}"
@@ -102,25 +100,28 @@ def resolve_blend(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[list[str], lis
             _check_vocabulary(field, summary["tokenizer"], tokenizer, cfg.tokenizer)
             shards = [s for s in summary["shards"] if s["documents"] > 0]
             if not shards:
-                raise ConfigError(f"{field} has no documents; check its preprocessing summary {path}.json")
+                raise DataError(f"{field} has no documents; check its preprocessing summary {path}.json")
             total = sum(s["tokens"] for s in shards)
             directory = os.path.dirname(path)
+            fix = f"re-run the preprocess command for {path} with --overwrite"
             for shard in shards:
-                prefixes.append(os.path.join(directory, shard["prefix"]))
+                base = os.path.join(directory, shard["prefix"])
+                check_shard(base, shard, fix)
+                prefixes.append(base)
                 weights.append(weight * shard["tokens"] / total)
                 documents.append(shard["documents"])
-        elif os.path.exists(path + ".bin") and os.path.exists(path + ".idx"):
+        elif os.path.exists(path + ".bin") or os.path.exists(path + ".idx"):
             logger.warning("%s has no preprocessing summary: its vocabulary cannot be checked", field)
+            documents.append(check_shard(path, None, f"rebuild {path}.bin/.idx or fix {field}"))
             prefixes.append(path)
             weights.append(weight)
-            documents.append(_idx_sequence_count(path + ".idx"))
         elif os.path.exists(progress_path(path)):
-            raise ConfigError(
+            raise DataError(
                 f"{field} is incomplete (its preprocessing was interrupted); re-run the same "
                 f"preprocess command to resume it"
             )
         else:
-            raise ConfigError(
+            raise DataError(
                 f"{field}: no dataset there (neither {path}.json nor {path}.bin/.idx); build the default "
                 f"corpus with `python -m pipeline.data.corpus` or fix data.paths"
             )
@@ -129,19 +130,12 @@ def resolve_blend(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[list[str], lis
 
 def _check_vocabulary(field: str, recorded: dict, tokenizer: Tokenizer, tokenizer_path: str) -> None:
     if recorded["fingerprint"] != tokenizer.fingerprint:
-        raise ConfigError(
+        raise DataError(
             f"{field} was tokenized with {recorded['path']} ({recorded['vocab_size']} ids, fingerprint "
             f"{recorded['fingerprint'][:12]}) but data.tokenizer={tokenizer_path} has "
             f"{tokenizer.vocab_size} ids (fingerprint {tokenizer.fingerprint[:12]}); use the same "
             f"tokenizer or re-run preprocessing"
         )
-
-
-def _idx_sequence_count(idx_path: str) -> int:
-    # .idx header: 9-byte magic, u64 version, u8 dtype code, then u64 sequence count.
-    with open(idx_path, "rb") as f:
-        f.seek(18)
-        return int(np.frombuffer(f.read(8), dtype="<u8")[0])
 
 
 def _check_splits(cfg, prefixes, documents, split_matrix) -> None:
@@ -157,23 +151,3 @@ def _check_splits(cfg, prefixes, documents, split_matrix) -> None:
                     f"data.split={cfg.split!r} gives the {name} split none of the {count} documents "
                     f"of {prefix}; raise its share in data.split or use a larger dataset"
                 )
-
-
-def cu_seqlens_from_tokens(tokens_L: torch.Tensor, eod: int) -> torch.Tensor:
-    """Document boundaries of one packed input sequence: int32 [0, ..., L], a boundary right after
-    every EOD (none added twice when the sequence ends with EOD)."""
-    length = tokens_L.numel()
-    ends = torch.nonzero(tokens_L.reshape(-1) == eod).flatten() + 1
-    ends = ends[ends < length]
-    edges = [torch.zeros(1, dtype=torch.long), ends.cpu(), torch.tensor([length])]
-    return torch.cat(edges).to(torch.int32)
-
-
-def cu_seqlens_for_batch(tokens_BL: torch.Tensor, eod: int) -> torch.Tensor:
-    """Boundaries of a micro-batch flattened to B*L tokens (THD layout): each sequence's own
-    boundaries offset by its start, so documents never continue across sequences."""
-    batch, length = tokens_BL.shape
-    parts = [torch.zeros(1, dtype=torch.int32)]
-    for b in range(batch):
-        parts.append(cu_seqlens_from_tokens(tokens_BL[b], eod)[1:] + b * length)
-    return torch.cat(parts)

@@ -30,7 +30,9 @@ import sysconfig
 import time
 from typing import Iterator, Optional
 
-from pipeline.errors import ConfigError
+from pipeline.cli import exit_on_user_error
+from pipeline.errors import DataError
+from pipeline.fs import atomic_write_text, storage_error
 
 RECIPE = "stdlib-v1"
 MIN_DOC_CHARS = 2000
@@ -115,13 +117,14 @@ def build(out_dir: str = "data/build", force: bool = False, max_files: int = 0,
     start = time.perf_counter()
     files = stdlib_files()[: max_files or None]
     if not files:
-        raise ConfigError("no standard-library sources found; this Python ships without them")
+        raise DataError("no standard-library sources found; this Python ships without them: use a full "
+                        "CPython install or preprocess your own data")
     corpus = os.path.join(out_dir, "corpus", "stdlib.jsonl")
-    os.makedirs(os.path.dirname(corpus), exist_ok=True)
-    with open(corpus + ".tmp", "w", encoding="utf-8") as f:
-        for doc in documents(files):
-            f.write(json.dumps(doc, sort_keys=True) + "\n")
-    os.replace(corpus + ".tmp", corpus)
+    try:
+        os.makedirs(os.path.dirname(corpus), exist_ok=True)
+        atomic_write_text(corpus, "".join(json.dumps(doc, sort_keys=True) + "\n" for doc in documents(files)))
+    except OSError as error:
+        raise storage_error(error, "the corpus", os.path.dirname(corpus)) from None
     tokenizer_dir = os.path.join(out_dir, "tokenizer")
     tokenizer = train_sentencepiece_bpe(iter_texts([corpus]), tokenizer_dir, vocab_size, seed=SEED)
     summary = preprocess(PreprocessOptions(
@@ -143,9 +146,7 @@ def build(out_dir: str = "data/build", force: bool = False, max_files: int = 0,
         "tokenizer_fingerprint": tokenizer.fingerprint,
         "elapsed_s": round(time.perf_counter() - start, 2),
     }
-    with open(stamp + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-    os.replace(stamp + ".tmp", stamp)
+    atomic_write_text(stamp, json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -181,10 +182,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
+    with exit_on_user_error():
         record = build(args.out, force=args.force, workers=args.workers, progress=args.progress)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
     print(f"{args.out}: {record['documents']:,} documents, {record['tokens']:,} tokens, corpus "
           f"{record['corpus_bytes'] / 1e6:.1f} MB (built in {record['elapsed_s']} s; this call "
           f"{time.perf_counter() - start:.1f} s)")

@@ -15,14 +15,19 @@ Flags:
   --shard-mb MB        input per output shard (default 1024); resuming restarts at a shard
   --max-chars N        documents longer than this are skipped as too_long (default 10,000,000; 0: none)
   --on-error skip|fail skip bad records and report them (default), or stop at the first one
-  --overwrite          replace an existing output (otherwise refused)
+  --overwrite          replace an existing output (otherwise refused): the new dataset is built
+                       aside and swapped in when complete, so a failed run keeps the old one
+  --no-bos             do not add what a Hugging Face tokenizer's template adds around a document
+                       (Llama-3's BOS); by default it is added, as Megatron-LM's preprocess_data.py does
   --no-progress        no progress bar
 
+Errors (bad flags, unusable input, no documents, an output directory that cannot be written) exit
+with status 2 and one line `error: ...` on stderr, leaving no dataset marked complete.
 Every document gets the tokenizer's EOD appended. The token dtype follows the vocabulary (uint16
 below 65500 ids, else int32). Bad records are counted by reason (see pipeline.data.records) with the
 first few file:line locations, in the summary and on the console. A run killed midway resumes at the
-first unfinished shard when started again with the same arguments. Test hook: with
-PIPELINE_PREPROCESS_KILL_AFTER_SHARDS=N the run SIGKILLs itself and its workers after N shards.
+first unfinished shard when started again with the same arguments; its workers die with it.
+Test hook: with PIPELINE_PREPROCESS_KILL_AFTER_SHARDS=N the run SIGKILLs itself after N shards.
 """
 
 import argparse
@@ -38,16 +43,18 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
+from pipeline.cli import exit_on_user_error
 from pipeline.data import shards
-from pipeline.data.records import MAX_EXAMPLES, REASONS, Worker
+from pipeline.data.records import MAX_EXAMPLES, REASONS
 from pipeline.data.sources import discover, input_bytes, iter_chunks
-from pipeline.errors import ConfigError
+from pipeline.data.workers import Worker
+from pipeline.errors import ConfigError, DataError
 
 KILL_HOOK = "PIPELINE_PREPROCESS_KILL_AFTER_SHARDS"
 MB = 1 << 20
 
 
-class BadRecordError(ValueError):
+class BadRecordError(DataError):
     """A bad input record in fail-fast mode; the message names the reason and file:line."""
 
 
@@ -68,6 +75,8 @@ class PreprocessOptions:
     on_error: str = "skip"
     overwrite: bool = False
     progress: bool = True
+    bos: bool = True
+    """Wrap each document in the HF tokenizer's template (e.g. BOS first), as Megatron-LM does."""
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -95,6 +104,8 @@ class _Totals:
     input_bytes: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
+    first_bad: Optional[str] = None
+    special_documents: int = 0
 
     def add(self, documents: int, tokens: int, size: int, skipped: dict, examples: dict) -> None:
         self.documents += documents
@@ -109,22 +120,27 @@ class _Totals:
         """Count a worker's ChunkResult."""
         self.add(len(result.lengths), int(result.tokens.size), result.size, result.skipped,
                  result.examples)
+        self.first_bad = self.first_bad or result.first_bad
+        self.special_documents += result.special_documents
 
     def add_totals(self, other: "_Totals") -> None:
         self.add(other.documents, other.tokens, other.input_bytes, other.skipped, other.examples)
+        self.first_bad = self.first_bad or other.first_bad
+        self.special_documents += other.special_documents
 
 
 class _Output:
     """The shards of one run: opened at their first chunk, finished (renamed, recorded in the
     progress file) at their last."""
 
-    def __init__(self, opts: "PreprocessOptions", fingerprint: str, vocab_size: int, done: list[dict]):
-        self.prefix, self.fingerprint, self.vocab_size = opts.output, fingerprint, vocab_size
+    def __init__(self, prefix: str, fingerprint: str, vocab_size: int, done: list[dict]):
+        self.prefix, self.fingerprint, self.vocab_size = prefix, fingerprint, vocab_size
         self.finished = list(done)
         self.totals = _Totals()
         for record in done:
             self.totals.add(record["documents"], record["tokens"], record["input_bytes"],
                             record["skipped"], record["examples"])
+            self.totals.special_documents += record["special_documents"]
         self.writer: Optional[shards.ShardWriter] = None
         self.shard = _Totals()
 
@@ -136,7 +152,8 @@ class _Output:
         self.shard.add_result(result)
         if last:
             record = self.writer.finish()
-            record.update(skipped=dict(self.shard.skipped), examples=self.shard.examples)
+            record.update(skipped=dict(self.shard.skipped), examples=self.shard.examples,
+                          special_documents=self.shard.special_documents)
             self.writer = None
             self.finished.append(record)
             self.totals.add_totals(self.shard)
@@ -148,22 +165,27 @@ class _Output:
 
 
 def preprocess(opts: PreprocessOptions) -> dict:
-    """Run preprocessing; return the summary (also written to `<output>.json`)."""
+    """Run preprocessing; return the summary (also written to `<output>.json`).
+
+    Raises DataError (bad input, no documents), StorageError (output not writable) or ConfigError
+    (bad options), leaving no dataset marked complete and an existing one untouched.
+    """
     from pipeline.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(opts.tokenizer)
+    shards.ensure_writable(opts.output)
     sources = discover(opts.inputs, opts.format)
+    tokenizer = load_tokenizer(opts.tokenizer)
     fingerprint = _fingerprint(opts, sources, tokenizer.fingerprint)
-    done = shards.prepare_output(opts.output, fingerprint, opts.overwrite)
+    prefix, done = shards.prepare_output(opts.output, fingerprint, opts.overwrite)
     dtype = shards.token_dtype(tokenizer.vocab_size)
     plan = _plan(iter_chunks(sources, int(opts.chunk_mb * MB), opts.text_key), int(opts.shard_mb * MB))
-    output = _Output(opts, fingerprint, tokenizer.vocab_size, done)
+    output = _Output(prefix, fingerprint, tokenizer.vocab_size, done)
     fresh = _Totals()  # this run's work, for the rates
     kill_after = int(os.environ.get(KILL_HOOK, "0"))
     bar = _progress_bar(opts, sources)
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # workers import only what tokenizing needs
-    initargs = (opts.tokenizer, dtype, opts.text_key, opts.max_chars)
+    initargs = (os.getpid(), opts.tokenizer, dtype, opts.text_key, opts.max_chars, opts.bos)
     with ProcessPoolExecutor(opts.num_workers, context, Worker.start, initargs) as pool:
         try:
             results = _ordered(pool, _not_done(plan, len(done), bar), window=4 * opts.num_workers)
@@ -175,7 +197,7 @@ def preprocess(opts: PreprocessOptions) -> dict:
                 bar.update(result.size)
                 _show_rates(bar, fresh, time.perf_counter() - start)
                 if last and kill_after and len(output.finished) - len(done) >= kill_after:
-                    _kill_self_and_workers()
+                    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup runs, as with an external kill
         except BaseException:
             output.abort()
             pool.shutdown(cancel_futures=True)
@@ -184,9 +206,22 @@ def preprocess(opts: PreprocessOptions) -> dict:
             bar.close()
     elapsed = time.perf_counter() - start
     summary = _summary(opts, tokenizer, dtype, output, fresh, elapsed, len(done))
-    shards.write_summary(opts.output, summary)
     _report(opts.output, summary)
+    if not summary["documents"]:
+        shards.discard(prefix)
+        raise DataError(_no_documents(opts, summary, output.totals.first_bad))
+    shards.write_summary(prefix, summary)
+    if prefix != opts.output:
+        shards.publish(prefix, opts.output)
     return summary
+
+
+def _no_documents(opts: PreprocessOptions, summary: dict, first_bad: Optional[str]) -> str:
+    skipped = sum(summary["skipped"].values())
+    first = f" (first: {first_bad})" if first_bad else ""
+    kept = "; the existing dataset is unchanged" if shards.read_summary(opts.output) else ""
+    return (f"no documents in {' '.join(opts.inputs)}: {skipped} record(s) skipped{first}; fix the "
+            f"input or --text-key and rerun{kept}")
 
 
 def _plan(chunks: Iterator, shard_bytes: int) -> Iterator[tuple[int, bool, object]]:
@@ -244,6 +279,7 @@ def _fingerprint(opts: PreprocessOptions, sources, tokenizer_fingerprint: str) -
         "chunk_mb": opts.chunk_mb,
         "shard_mb": opts.shard_mb,
         "max_chars": opts.max_chars,
+        "bos": opts.bos,
     }
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
@@ -259,6 +295,10 @@ def _summary(opts, tokenizer, dtype, output: _Output, fresh: _Totals, elapsed, r
         "shards": finished,
         "documents": totals.documents,
         "tokens": totals.tokens,
+        "bos": opts.bos,
+        "document_prefix": tokenizer.prefix if opts.bos else [],
+        "document_suffix": (tokenizer.suffix if opts.bos else []) + [tokenizer.eod],
+        "documents_with_special_token_strings": totals.special_documents,
         "input_bytes": totals.input_bytes,
         "output_bytes": sum(r["bin_bytes"] + r["idx_bytes"] for r in finished),
         "skipped": {reason: totals.skipped.get(reason, 0) for reason in REASONS},
@@ -302,13 +342,9 @@ def _report(prefix: str, summary: dict) -> None:
             where = ", ".join(summary["skipped_examples"].get(reason, []))
             print(f"  skipped {count:,} {reason}: {where}{' ...' if count > MAX_EXAMPLES else ''}",
                   file=sys.stderr)
-
-
-def _kill_self_and_workers() -> None:
-    """The test hook's crash: no cleanup runs, exactly as with an external SIGKILL."""
-    for child in multiprocessing.active_children():
-        os.kill(child.pid, signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGKILL)
+    if summary["documents_with_special_token_strings"]:
+        print(f"  {summary['documents_with_special_token_strings']:,} documents contain special-token "
+              f"strings, kept as literal text", file=sys.stderr)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> PreprocessOptions:
@@ -331,17 +367,14 @@ def parse_args(argv: Optional[list[str]] = None) -> PreprocessOptions:
     parser.add_argument("--on-error", choices=("skip", "fail"), default=defaults.on_error)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--no-bos", dest="bos", action="store_false")
     return PreprocessOptions(**vars(parser.parse_args(argv)))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Command line entry point; bad arguments or input exit with a one-line error."""
-    try:
-        summary = preprocess(parse_args(argv))
-    except (ConfigError, BadRecordError) as error:
-        sys.exit(f"error: {error}")
-    if not summary["documents"]:
-        sys.exit(f"error: no documents in {' '.join(summary['inputs'])}; see the skipped counts above")
+    """Command line entry point; bad options, input or output exit 2 with a one-line error."""
+    with exit_on_user_error():
+        preprocess(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,12 @@ Every record that does not become a document is counted under one reason, with i
 - invalid_utf8: the bytes are not UTF-8, or the text holds lone surrogates ("\\ud800" escapes)
 - empty: the text is empty or whitespace only (a blank jsonl line counts here)
 - too_long: the text has more than `max_chars` characters
-- unreadable_file: a file could not be opened, read or decompressed (counted once per file)
+- unreadable_file: a file could not be opened or read (counted once per file)
+- corrupt_file: a compressed file is truncated or its data is damaged (counted once per file; the
+  records read before the damage are kept)
+
+A parquet file or HF dataset without the text column counts once, as missing_field, with the columns
+it has. The processes that run `encode_chunk` are in pipeline.data.workers.
 """
 
 import json
@@ -27,9 +32,11 @@ REASONS = (
     "empty",
     "too_long",
     "unreadable_file",
+    "corrupt_file",
 )
 MAX_EXAMPLES = 5
 """Locations kept per reason."""
+MAX_FIELDS_SHOWN = 10
 
 
 @dataclass
@@ -62,13 +69,15 @@ class ChunkResult:
     skipped: Counter
     examples: dict[str, list[str]]
     first_bad: Optional[str]
+    special_documents: int = 0
+    """Documents containing a special-token string (kept as literal text)."""
 
 
 def parse_chunk(chunk, text_key: str = "text", max_chars: int = 0) -> Parsed:
     """Valid document texts of `chunk` (a sources.Chunk) in order; `max_chars` 0 means no limit."""
     parsed = Parsed()
     if chunk.kind == "error":
-        parsed.skip("unreadable_file", f"{chunk.path}:{chunk.first}", chunk.data)
+        parsed.skip(chunk.reason, f"{chunk.path}:{chunk.first}", chunk.data)
     elif chunk.kind == "jsonl":
         _parse_jsonl(chunk, text_key, max_chars, parsed)
     elif chunk.kind == "values":
@@ -121,12 +130,21 @@ def _parse_jsonl(chunk, text_key: str, max_chars: int, parsed: Parsed) -> None:
         if not isinstance(record, dict):
             parsed.skip("malformed_json", location, f"a JSON {type(record).__name__}, not an object")
             continue
-        _add_value(record.get(text_key), location, max_chars, parsed, text_key)
+        if text_key not in record:
+            parsed.skip("missing_field", location, missing_field_detail(text_key, list(record), "field"))
+            continue
+        _add_value(record[text_key], location, max_chars, parsed)
 
 
-def _add_value(value, location: str, max_chars: int, parsed: Parsed, key: str = "") -> None:
+def missing_field_detail(text_key: str, present: list[str], kind: str) -> str:
+    """Why a record has no text: the fields (or columns) it does have, and the flag that picks one."""
+    shown = ", ".join(present[:MAX_FIELDS_SHOWN]) + (" ..." if len(present) > MAX_FIELDS_SHOWN else "")
+    return f"no {kind} {text_key!r}; {kind}s present: {shown or 'none'}; choose the text {kind} with --text-key"
+
+
+def _add_value(value, location: str, max_chars: int, parsed: Parsed) -> None:
     if value is None:
-        parsed.skip("missing_field", location, f"no {key!r} field" if key else "null")
+        parsed.skip("missing_field", location, "null")
     elif not isinstance(value, str):
         parsed.skip("not_string", location, f"a {type(value).__name__}")
     else:
@@ -148,10 +166,11 @@ def _add_text(text: str, location: str, max_chars: int, parsed: Parsed) -> None:
         parsed.texts.append(text)
 
 
-def encode_chunk(chunk, tokenizer, dtype, text_key: str, max_chars: int) -> ChunkResult:
-    """Parse and tokenize `chunk`; each document's ids are followed by the tokenizer's EOD."""
+def encode_chunk(chunk, tokenizer, dtype, text_key: str, max_chars: int, template: bool = False) -> ChunkResult:
+    """Parse and tokenize `chunk`; each document's ids (inside the tokenizer's template when
+    `template`) are followed by the tokenizer's EOD."""
     parsed = parse_chunk(chunk, text_key, max_chars)
-    tokens_N, lengths_D = tokenizer.encode_flat(parsed.texts, dtype=dtype)
+    tokens_N, lengths_D = tokenizer.encode_flat(parsed.texts, dtype=dtype, template=template)
     return ChunkResult(
         index=chunk.index,
         size=chunk.size,
@@ -160,29 +179,5 @@ def encode_chunk(chunk, tokenizer, dtype, text_key: str, max_chars: int) -> Chun
         skipped=parsed.skipped,
         examples=parsed.examples,
         first_bad=parsed.first_bad,
+        special_documents=int(tokenizer.special_documents(parsed.texts).sum()),
     )
-
-
-class Worker:
-    """Per-process state of a preprocessing worker: the tokenizer, loaded once in each process."""
-
-    current: Optional["Worker"] = None
-
-    def __init__(self, tokenizer_path: str, dtype, text_key: str, max_chars: int) -> None:
-        from pipeline.data.tokenizer import load_tokenizer
-
-        self.tokenizer = load_tokenizer(tokenizer_path)
-        self.dtype = dtype
-        self.text_key = text_key
-        self.max_chars = max_chars
-
-    @classmethod
-    def start(cls, *args) -> None:
-        """Pool initializer."""
-        cls.current = cls(*args)
-
-    @classmethod
-    def run(cls, chunk) -> ChunkResult:
-        """Pool task: encode one chunk with this process's worker."""
-        self = cls.current
-        return encode_chunk(chunk, self.tokenizer, self.dtype, self.text_key, self.max_chars)

@@ -1,4 +1,4 @@
-"""The on-disk layout of a preprocessed dataset, and the only code that writes it.
+"""The on-disk layout of a preprocessed dataset, and the only code that writes or checks it.
 
 For an output prefix P:
 
@@ -9,18 +9,34 @@ For an output prefix P:
 A shard is written as `P_00000.bin.tmp`/`.idx.tmp` and renamed when complete; the summary is written
 last, so an interrupted run never leaves a dataset that looks finished. A re-run with the same inputs
 and options resumes after the last shard recorded in the progress file.
+
+With --overwrite the new dataset is built aside, in `.<name>.overwrite/` next to P (resumable the
+same way), and swapped in only when complete: until then the old dataset stays whole and usable.
+
+Each shard's record in the summary holds, per file, its size and `*_edges_sha256`, a digest of its
+first and last EDGE_BYTES: `check_shard` compares them, and the .idx header against them, whenever
+a dataset is opened, at a cost that does not grow with the dataset's size.
 """
 
+import hashlib
 import json
 import os
 import re
+import shutil
+import struct
+import tempfile
 from typing import Optional
 
 import numpy as np
 
-from pipeline.errors import ConfigError
+from pipeline.errors import DataError
+from pipeline.fs import atomic_write_text, fsync_dir, storage_error
 
 SUMMARY_FORMAT = "pipeline.data.preprocess/1"
+EDGE_BYTES = 1 << 16
+IDX_MAGIC = b"MMIDIDX\x00\x00"
+IDX_HEADER = struct.Struct("<9sQBQQ")
+"""megatron-core .idx header: magic, version, dtype code, sequence count, document count."""
 
 
 def summary_path(prefix: str) -> str:
@@ -33,6 +49,12 @@ def progress_path(prefix: str) -> str:
 
 def shard_prefix(prefix: str, index: int) -> str:
     return f"{prefix}_{index:05d}"
+
+
+def staging_prefix(prefix: str) -> str:
+    """Where an --overwrite run builds the dataset that replaces `prefix` when complete."""
+    directory, name = os.path.split(prefix)
+    return os.path.join(directory, f".{name}.overwrite", name)
 
 
 def token_dtype(vocab_size: int):
@@ -50,57 +72,117 @@ def _shard_files(prefix: str) -> list[str]:
                   if pattern.fullmatch(f))
 
 
-def prepare_output(prefix: str, fingerprint: str, overwrite: bool) -> list[dict]:
-    """Make `prefix` ready to write; return the shard records of an interrupted run to resume from.
+def _dataset_files(prefix: str) -> list[str]:
+    return [p for p in (summary_path(prefix), progress_path(prefix)) if os.path.exists(p)] + _shard_files(prefix)
 
-    Raises ConfigError when a complete or foreign output exists and `overwrite` is false.
+
+def ensure_writable(prefix: str) -> None:
+    """Create the directory of `prefix` if needed and prove a file can be written there.
+
+    Raises StorageError naming the directory (missing parent that cannot be made, a file in the way,
+    read-only or full file system, permissions).
     """
-    parent = os.path.dirname(os.path.abspath(prefix))
-    os.makedirs(parent, exist_ok=True)
+    directory = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        raise storage_error(error, "the preprocessed dataset", directory) from None
+
+
+def prepare_output(prefix: str, fingerprint: str, overwrite: bool) -> tuple[str, list[dict]]:
+    """Make `prefix` ready to write: the prefix to write shards under, and the shard records of an
+    interrupted run to resume from.
+
+    Without `overwrite` that is `prefix` itself, and an existing complete or foreign output is
+    refused with DataError. With `overwrite` it is the staging prefix beside it; an interrupted
+    overwrite run with the same fingerprint is resumed, anything else there is cleared.
+    """
+    ensure_writable(prefix)
     if overwrite:
-        for path in [summary_path(prefix), progress_path(prefix), *_shard_files(prefix)]:
-            if os.path.exists(path):
-                os.remove(path)
-        return []
+        staging = staging_prefix(prefix)
+        if _progress_fingerprint(staging) != fingerprint:
+            shutil.rmtree(os.path.dirname(staging), ignore_errors=True)
+        os.makedirs(os.path.dirname(staging), exist_ok=True)
+        return staging, _resumable_shards(staging, fingerprint)
     if os.path.exists(summary_path(prefix)):
-        raise ConfigError(
-            f"output {prefix} already exists ({summary_path(prefix)}); pass --overwrite to replace it"
+        raise DataError(
+            f"output {prefix} already exists ({summary_path(prefix)}); pass --overwrite to replace it "
+            f"(the old dataset stays until the new one is complete)"
         )
-    for path in _shard_files(prefix):
-        if path.endswith(".tmp"):
-            os.remove(path)  # a shard the interrupted run did not finish
     if not os.path.exists(progress_path(prefix)):
-        leftovers = _shard_files(prefix)
+        leftovers = [p for p in _shard_files(prefix) if not p.endswith(".tmp")]
         if leftovers:
-            raise ConfigError(
+            raise DataError(
                 f"{leftovers[0]} exists but there is no summary or progress file for {prefix}; pass "
                 f"--overwrite to replace it"
             )
-        return []
-    with open(progress_path(prefix), encoding="utf-8") as f:
-        progress = json.load(f)
-    if progress.get("fingerprint") != fingerprint:
-        raise ConfigError(
+    elif _progress_fingerprint(prefix) != fingerprint:
+        raise DataError(
             f"{progress_path(prefix)} is from a run with other inputs or options; re-run with those "
             f"or pass --overwrite to start over"
         )
+    return prefix, _resumable_shards(prefix, fingerprint)
+
+
+def _progress_fingerprint(prefix: str) -> Optional[str]:
+    try:
+        with open(progress_path(prefix), encoding="utf-8") as f:
+            return json.load(f).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _resumable_shards(prefix: str, fingerprint: str) -> list[dict]:
+    """The intact shards recorded in `prefix`'s progress file; every other shard file is removed."""
     done = []
-    for record in progress["shards"]:
-        if not _shard_intact(prefix, record):
-            break
-        done.append(record)
+    if _progress_fingerprint(prefix) == fingerprint:
+        with open(progress_path(prefix), encoding="utf-8") as f:
+            for record in json.load(f)["shards"]:
+                if not _sizes_match(prefix, record):
+                    break
+                done.append(record)
     for path in _shard_files(prefix):
         if not any(path.startswith(shard_prefix(prefix, r["index"]) + ".") for r in done):
             os.remove(path)
     return done
 
 
-def _shard_intact(prefix: str, record: dict) -> bool:
+def _sizes_match(prefix: str, record: dict) -> bool:
     base = shard_prefix(prefix, record["index"])
     return all(
         os.path.exists(base + ext) and os.path.getsize(base + ext) == record[key]
         for ext, key in ((".bin", "bin_bytes"), (".idx", "idx_bytes"))
     )
+
+
+def publish(staging: str, prefix: str) -> None:
+    """Move the complete dataset at `staging` to `prefix`, replacing what is there.
+
+    The old summary goes first and the new one comes last, so a crash in between leaves no dataset
+    that looks complete (re-running the --overwrite command rebuilds it).
+    """
+    directory, name = os.path.split(prefix)
+    old = os.path.join(directory, f".{name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.makedirs(old)
+    for path in _dataset_files(prefix):
+        os.replace(path, os.path.join(old, os.path.basename(path)))
+    for path in _shard_files(staging) + [summary_path(staging)]:
+        os.replace(path, os.path.join(directory, os.path.basename(path)))
+    fsync_dir(directory or ".")
+    shutil.rmtree(old)
+    shutil.rmtree(os.path.dirname(staging))
+
+
+def discard(prefix: str) -> None:
+    """Remove the shards and progress file of an unfinished run at `prefix`."""
+    for path in _dataset_files(prefix):
+        os.remove(path)
+    if os.path.basename(os.path.dirname(prefix)).endswith(".overwrite"):
+        shutil.rmtree(os.path.dirname(prefix), ignore_errors=True)
 
 
 class ShardWriter:
@@ -113,7 +195,10 @@ class ShardWriter:
             raise RuntimeError(f"token_dtype({vocab_size}) disagrees with megatron-core's optimal_dtype")
         self.index = index
         self.base = shard_prefix(prefix, index)
-        self.builder = IndexedDatasetBuilder(self.base + ".bin.tmp", dtype=dtype)
+        try:
+            self.builder = IndexedDatasetBuilder(self.base + ".bin.tmp", dtype=dtype)
+        except OSError as error:
+            raise storage_error(error, "a dataset shard", self.base + ".bin") from None
         self.documents = 0
         self.tokens = 0
         self.input_bytes = 0
@@ -125,7 +210,10 @@ class ShardWriter:
         appends one document at a time, too slow in the single writing process for small documents.
         """
         builder = self.builder
-        builder.data_file.write(tokens.tobytes(order="C"))
+        try:
+            builder.data_file.write(tokens.tobytes(order="C"))
+        except OSError as error:
+            raise storage_error(error, "a dataset shard", self.base + ".bin") from None
         builder.sequence_lengths.extend(lengths.tolist())
         start = len(builder.document_indices)
         builder.document_indices.extend(range(start, start + len(lengths)))
@@ -135,13 +223,19 @@ class ShardWriter:
 
     def finish(self) -> dict:
         """Write the index, rename both files to their final names and return the shard's record."""
-        self.builder.finalize(self.base + ".idx.tmp")
         record = {"index": self.index, "prefix": os.path.basename(self.base)}
-        for ext in (".bin", ".idx"):
-            _fsync(self.base + ext + ".tmp")
-            os.replace(self.base + ext + ".tmp", self.base + ext)
-            record[f"{ext[1:]}_bytes"] = os.path.getsize(self.base + ext)
+        try:
+            self.builder.finalize(self.base + ".idx.tmp")
+            for ext in (".bin", ".idx"):
+                _fsync(self.base + ext + ".tmp")
+                os.replace(self.base + ext + ".tmp", self.base + ext)
+                record[f"{ext[1:]}_bytes"] = os.path.getsize(self.base + ext)
+            fsync_dir(os.path.dirname(os.path.abspath(self.base)))
+        except OSError as error:
+            raise storage_error(error, "a dataset shard", self.base + ".bin") from None
         record.update(documents=self.documents, tokens=self.tokens, input_bytes=self.input_bytes)
+        for ext in ("bin", "idx"):
+            record[f"{ext}_edges_sha256"] = edges_sha256(f"{self.base}.{ext}")
         return record
 
     def abort(self) -> None:
@@ -150,6 +244,72 @@ class ShardWriter:
         for ext in (".bin.tmp", ".idx.tmp"):
             if os.path.exists(self.base + ext):
                 os.remove(self.base + ext)
+
+
+def edges_sha256(path: str) -> str:
+    """Digest of the first and last EDGE_BYTES of the file `path`."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(EDGE_BYTES))
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - EDGE_BYTES, 0))
+        digest.update(f.read(EDGE_BYTES))
+    return digest.hexdigest()
+
+
+def check_shard(base: str, record: Optional[dict], fix: str) -> int:
+    """Check the indexed dataset `base`.bin/.idx before megatron-core opens it; return its documents.
+
+    With the summary's `record`: sizes, edge digest and document count as recorded; always: the .idx
+    header is megatron-core's and its counts agree with both file sizes. Raises DataError naming the
+    damaged file, the damage and `fix`.
+    """
+    idx, bin_ = base + ".idx", base + ".bin"
+    for path in (idx, bin_):
+        if not os.path.isfile(path):
+            raise DataError(f"{path} is missing; {fix}")
+    if record is not None:
+        for path, key in ((idx, "idx_bytes"), (bin_, "bin_bytes")):
+            size = os.path.getsize(path)
+            if size != record[key]:
+                raise DataError(f"{path} has {size} bytes, {record[key]} when written (truncated or "
+                                f"replaced); {fix}")
+    sequences, itemsize, pointers_end = _read_idx(idx, fix)
+    if record is not None and sequences != record["documents"]:
+        raise DataError(f"{idx} indexes {sequences} documents, {record['documents']} when written; {fix}")
+    if os.path.getsize(bin_) != pointers_end:
+        raise DataError(f"{bin_} has {os.path.getsize(bin_)} bytes but {idx} indexes {pointers_end} "
+                        f"(truncated or mismatched pair); {fix}")
+    for path, key in ((idx, "idx_edges_sha256"), (bin_, "bin_edges_sha256")):
+        if record is not None and key in record and edges_sha256(path) != record[key]:
+            raise DataError(f"{path} differs from the file written (checksum of its first and last "
+                            f"{EDGE_BYTES // 1024} KiB); {fix}")
+    return sequences
+
+
+def _read_idx(path: str, fix: str) -> tuple[int, int, int]:
+    """(sequence count, token size in bytes, end of the last sequence in the .bin) from a .idx,
+    checking its header and its size."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header = f.read(IDX_HEADER.size)
+        if len(header) < IDX_HEADER.size:
+            raise DataError(f"{path} is {size} bytes, shorter than an index header; {fix}")
+        magic, version, code, sequences, documents = IDX_HEADER.unpack(header)
+        DType, _ = _megatron_indexed_dataset()
+        if magic != IDX_MAGIC or version != 1 or code not in {d.value for d in DType}:
+            raise DataError(f"{path} does not start with a megatron-core index header; {fix}")
+        expected = IDX_HEADER.size + 12 * sequences + 8 * documents
+        if size not in (expected, expected + sequences):  # + one mode byte per sequence, if stored
+            raise DataError(f"{path} has {size} bytes but its header implies {expected} (truncated or "
+                            f"damaged); {fix}")
+        if sequences == 0:
+            return 0, DType.size(code), 0
+        f.seek(IDX_HEADER.size + 4 * (sequences - 1))
+        last_length = int(np.frombuffer(f.read(4), dtype="<i4")[0])
+        f.seek(IDX_HEADER.size + 4 * sequences + 8 * (sequences - 1))
+        last_pointer = int(np.frombuffer(f.read(8), dtype="<i8")[0])
+    return sequences, DType.size(code), last_pointer + last_length * DType.size(code)
 
 
 def _megatron_indexed_dataset():
@@ -180,20 +340,21 @@ def read_summary(prefix: str) -> Optional[dict]:
     path = summary_path(prefix)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        summary = json.load(f)
-    if summary.get("format") != SUMMARY_FORMAT:
-        raise ConfigError(f"{path} is not a preprocessing summary ({SUMMARY_FORMAT}); check the path")
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except ValueError as error:
+        raise DataError(f"{path} is not valid JSON ({error}); re-run preprocessing with --overwrite") from None
+    if not isinstance(summary, dict) or summary.get("format") != SUMMARY_FORMAT:
+        raise DataError(f"{path} is not a preprocessing summary ({SUMMARY_FORMAT}); check the path")
     return summary
 
 
 def _write_json(path: str, content: dict) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    try:
+        atomic_write_text(path, json.dumps(content, indent=2) + "\n")
+    except OSError as error:
+        raise storage_error(error, os.path.basename(path), os.path.dirname(os.path.abspath(path))) from None
 
 
 def _fsync(path: str) -> None:

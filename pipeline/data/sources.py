@@ -5,17 +5,20 @@ Inputs are files, directories (searched recursively, sorted) or globs of: jsonl 
 Hugging Face `datasets` directories (`save_to_disk` output of one split). Each input is cut into
 `Chunk`s of about `chunk_bytes` of text. Chunk boundaries depend only on the inputs and `chunk_bytes`
 (never on the number of workers), which is what makes the output identical for any worker count.
-An input that cannot be read becomes an `error` chunk, counted as `unreadable_file`.
+An input that cannot be read becomes an `error` chunk, counted as `unreadable_file`; a compressed
+input that is truncated or damaged, as `corrupt_file` (gzip and zstd streams are checked to end
+with their end-of-stream marker: a cut file would otherwise end in a silently half-read record).
 """
 
 import glob
-import gzip
 import io
 import os
+import zlib
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
-from pipeline.errors import ConfigError
+from pipeline.data.records import missing_field_detail, parse_chunk
+from pipeline.errors import ConfigError, DataError
 
 FORMATS = ("jsonl", "parquet", "text", "hf_dataset")
 EXTENSIONS = {
@@ -49,8 +52,8 @@ class Chunk:
 
     kind: `jsonl` (data: raw bytes of whole lines; first: line number of the first),
     `values` (data: the text field of consecutive rows; first: row number of the first),
-    `files` (data: [(path, raw bytes)], one document per file) or `error` (data: the reason the
-    file could not be read; first: the line/row where reading stopped).
+    `files` (data: [(path, raw bytes)], one document per file) or `error` (data: why the file
+    could not be read; first: the line/row where reading stopped; reason: the records.REASONS entry).
     size: bytes (jsonl/files) or characters (values) of input; shard boundaries are counted in it.
     """
 
@@ -60,6 +63,15 @@ class Chunk:
     data: Union[bytes, list, str]
     size: int
     index: int = -1
+    reason: str = "unreadable_file"
+
+
+class CorruptInput(Exception):
+    """A compressed input is truncated or its data is damaged."""
+
+
+class MissingColumn(Exception):
+    """A parquet file or HF dataset has no column named by --text-key."""
 
 
 def discover(inputs: list[str], fmt: Optional[str] = None) -> list[Source]:
@@ -73,12 +85,12 @@ def discover(inputs: list[str], fmt: Optional[str] = None) -> list[Source]:
     for pattern in inputs:
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         if not matches or not all(os.path.exists(m) or os.path.islink(m) for m in matches):
-            raise ConfigError(f"input {pattern} does not exist; give files, directories or globs")
+            raise DataError(f"input {pattern} does not exist; give files, directories or globs")
         for match in matches:
             sources.extend(_expand(match, fmt, explicit=not os.path.isdir(match)))
     unique = list(dict.fromkeys(sources))
     if not unique:
-        raise ConfigError(
+        raise DataError(
             f"no input files found in {' '.join(inputs)}; supported: "
             f"{', '.join(sorted(EXTENSIONS))} (optionally {'/'.join(COMPRESSIONS)}), HF datasets dirs"
         )
@@ -88,7 +100,7 @@ def discover(inputs: list[str], fmt: Optional[str] = None) -> list[Source]:
 def _expand(path: str, fmt: Optional[str], explicit: bool) -> list[Source]:
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "dataset_dict.json")):
-            raise ConfigError(
+            raise DataError(
                 f"{path} is a DatasetDict; pass one split's directory, e.g. {os.path.join(path, 'train')}"
             )
         if os.path.exists(os.path.join(path, "state.json")):
@@ -102,7 +114,7 @@ def _expand(path: str, fmt: Optional[str], explicit: bool) -> list[Source]:
     detected = fmt or _format_of(path)
     if detected is None:
         if explicit:
-            raise ConfigError(
+            raise DataError(
                 f"cannot tell the format of {path}; name it .jsonl/.parquet/.txt or pass --format"
             )
         return []
@@ -150,7 +162,7 @@ def _all_chunks(sources: list[Source], chunk_bytes: int, text_key: str) -> Itera
             if files:
                 yield Chunk("files", files[0][0], 1, files, size)
                 files, size = [], 0
-            yield Chunk("error", source.path, 1, _describe(error), 0)
+            yield _error_chunk(source.path, 1, error)
             continue
         files.append((source.path, data))
         size += len(data)
@@ -161,8 +173,6 @@ def _all_chunks(sources: list[Source], chunk_bytes: int, text_key: str) -> Itera
 def iter_texts(inputs: list[str], text_key: str = "text", chunk_bytes: int = 1 << 20) -> Iterator[str]:
     """The valid document texts of `inputs`, in order (bad records are skipped silently: for training
     a tokenizer; preprocessing counts and reports them)."""
-    from pipeline.data.records import parse_chunk
-
     for chunk in iter_chunks(discover(inputs), chunk_bytes, text_key):
         yield from parse_chunk(chunk, text_key).texts
 
@@ -178,13 +188,59 @@ def _chunks_of(source: Source, chunk_bytes: int, text_key: str) -> Iterator[Chun
 
 def _open(source: Source) -> io.BufferedIOBase:
     if source.compression == ".gz":
-        return gzip.open(source.path, "rb")
+        return io.BufferedReader(_Decompressing(source.path, lambda: zlib.decompressobj(wbits=31)))
     if source.compression == ".zst":
         import zstandard
 
-        raw = open(source.path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+        return io.BufferedReader(_Decompressing(source.path, zstandard.ZstdDecompressor().decompressobj))
     return open(source.path, "rb")
+
+
+class _Decompressing(io.RawIOBase):
+    """The decompressed bytes of a gzip or zstd file of one or more members (frames), raising
+    CorruptInput at the end when the last member is cut short, or when the data is damaged."""
+
+    BLOCK = 1 << 14  # compressed bytes per step: data decoded in a step that hits damage is lost
+
+    def __init__(self, path: str, new_decompressor: Callable) -> None:
+        self.file = open(path, "rb")
+        self.new_decompressor = new_decompressor
+        self.decompressor = new_decompressor()
+        self.started = False  # bytes went into the current member
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            raw = self.file.read(self.BLOCK)
+            if not raw:
+                if self.started and not self.decompressor.eof:
+                    raise CorruptInput("truncated: the file ends inside its compressed data")
+                return 0
+            self.pending = self._decompress(raw)
+        size = min(len(buffer), len(self.pending))
+        buffer[:size] = self.pending[:size]
+        self.pending = self.pending[size:]
+        return size
+
+    def _decompress(self, raw: bytes) -> bytes:
+        out = []
+        while raw:
+            if self.decompressor.eof:  # the next member starts here
+                self.decompressor = self.new_decompressor()
+            self.started = True
+            try:
+                out.append(self.decompressor.decompress(raw))
+            except Exception as error:  # zlib.error, zstandard.ZstdError: damaged data
+                raise CorruptInput(f"damaged compressed data ({_describe(error)})") from None
+            raw = self.decompressor.unused_data if self.decompressor.eof else b""
+        return b"".join(out)
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
 
 
 def _read_all(source: Source) -> bytes:
@@ -208,7 +264,7 @@ def _jsonl_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
                 yield Chunk("jsonl", source.path, line, data, size)
                 line += data.count(b"\n")
     except Exception as error:  # open/read/decompress failures: the rest of the file is unreadable
-        yield Chunk("error", source.path, line, _describe(error), 0)
+        yield _error_chunk(source.path, line, error)
 
 
 def _value_chunks(source: Source, batches: Iterator[list], chunk_bytes: int) -> Iterator[Chunk]:
@@ -223,7 +279,7 @@ def _value_chunks(source: Source, batches: Iterator[list], chunk_bytes: int) -> 
     except Exception as error:  # unreadable or corrupt file: keep what was read, report the rest
         if values:
             yield Chunk("values", source.path, row, values, size)
-        yield Chunk("error", source.path, row + len(values), _describe(error), 0)
+        yield _error_chunk(source.path, row + len(values), error)
         return
     if values:
         yield Chunk("values", source.path, row, values, size)
@@ -234,9 +290,7 @@ def _parquet_batches(path: str, text_key: str) -> Iterator[list]:
 
     file = pq.ParquetFile(path)
     if text_key not in file.schema_arrow.names:
-        for group in range(file.num_row_groups):
-            yield [None] * file.metadata.row_group(group).num_rows
-        return
+        raise MissingColumn(missing_field_detail(text_key, file.schema_arrow.names, "column"))
     for batch in file.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_key]):
         yield batch.column(0).to_pylist()
 
@@ -246,11 +300,18 @@ def _hf_batches(path: str, text_key: str) -> Iterator[list]:
 
     dataset = datasets.load_from_disk(path)
     if text_key not in dataset.column_names:
-        for start in range(0, len(dataset), PARQUET_BATCH_ROWS):
-            yield [None] * min(PARQUET_BATCH_ROWS, len(dataset) - start)
-        return
+        raise MissingColumn(missing_field_detail(text_key, dataset.column_names, "column"))
     for batch in dataset.select_columns([text_key]).iter(batch_size=PARQUET_BATCH_ROWS):
         yield batch[text_key]
+
+
+def _error_chunk(path: str, first: int, error: BaseException) -> Chunk:
+    """The chunk that reports why reading `path` stopped at line/row `first`."""
+    if isinstance(error, MissingColumn):
+        return Chunk("error", path, first, str(error), 0, reason="missing_field")
+    if isinstance(error, CorruptInput):
+        return Chunk("error", path, first, str(error), 0, reason="corrupt_file")
+    return Chunk("error", path, first, _describe(error), 0)
 
 
 def _describe(error: BaseException) -> str:

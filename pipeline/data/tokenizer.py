@@ -1,53 +1,65 @@
 """Tokenizers from local files: Hugging Face `tokenizer.json` (or a directory) and sentencepiece `.model`.
 
-One small interface for the rest of the pipeline (`vocab_size`, `eod`, `pad`, `bos`, `encode`, `decode`,
-`save_hf`, `fingerprint`); nothing is ever downloaded. Train a sentencepiece BPE tokenizer (saved as
-`tokenizer.model` plus the equivalent Hugging Face files in the same directory):
-
-    python -m pipeline.data.tokenizer train --input corpus.jsonl --vocab-size 4096 --out data/build/tokenizer
-
-`--input` takes what `pipeline.data.preprocess` reads (jsonl[.gz|.zst], parquet, text files, directories,
-globs; `--text-key` names the JSON/parquet field). Training is deterministic: same input and flags give
-byte-identical files. Check a tokenizer: `python -m pipeline.data.tokenizer info PATH`.
+One small interface for the rest of the pipeline (`vocab_size`, `eod`, `pad`, `bos`, `encode`,
+`encode_flat`, `decode`, `save_hf`, `fingerprint`); nothing is ever downloaded. Train or inspect one
+with `python -m pipeline.data.tokenizer_cli`.
 
 Which file is loaded: a path ending in `.model` is sentencepiece; a `tokenizer.json` file or a directory
-holding one is Hugging Face (a directory with only `tokenizer.model` is sentencepiece). Document text is
-encoded literally: a special-token string such as "</s>" inside a document is not turned into the special
-token (only the EOD appended by preprocessing is), so data cannot inject control tokens.
+holding one is Hugging Face (a directory with only `tokenizer.model` is sentencepiece).
+
+What is written per document (`encode_flat`), as Megatron-LM's tools/preprocess_data.py writes it:
+the text's ids, wrapped in what the tokenizer's template adds to one sequence when `template` is on
+(a Hugging Face post-processor such as Llama-3's, which puts BOS first; sentencepiece models have
+none, and Megatron-LM adds none for them), then the EOD. Document text is encoded literally: a
+special-token string such as "</s>" inside a document stays text, so data cannot inject control
+tokens (Megatron-LM's tool turns it into the special token); `special_documents` finds such texts.
+
+Encoders: sentencepiece through the word cache (pipeline.data.wordcache) where it is exact, else the
+library; Hugging Face through gigatoken where it is exact (pipeline.data.hf_fast), else `tokenizers`.
+All give the libraries' ids exactly.
 
 Shapes: N tokens, D texts.
 """
 
-import argparse
 import hashlib
 import json
 import os
-import sys
+import re
 from functools import cached_property
-from itertools import chain
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from pipeline.data.sp_bpe import sentencepiece_to_hf, word_rule
-from pipeline.data.wordcache import WordCache
+from pipeline.data.hf_fast import RELOAD_CHARS, GigatokenEncoder, gigatoken_version
+from pipeline.data.sp_model import sentencepiece_to_hf, special_strings, unknown_to_merge, word_rule
+from pipeline.data.wordcache import WORD_LIMIT, WordCache
 from pipeline.errors import ConfigError
 
 HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
 
 
 class Tokenizer:
-    """The interface every tokenizer implements. Ids of special tokens are None when absent (not eod)."""
+    """The interface every tokenizer implements. Ids of special tokens are None when absent (not eod).
+    `prefix`/`suffix`: the ids the tokenizer's template puts around one sequence (often none)."""
 
     kind: str
+    encoder: str
     path: str
     vocab_size: int
     eod: int
     pad: Optional[int]
     bos: Optional[int]
+    prefix: list[int] = []
+    suffix: list[int] = []
+    special_strings: list[str]
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, without BOS/EOD."""
+        """Token ids of each text, without template or EOD."""
+        ids_N, lengths_D = self._encode_ids(texts)
+        return [ids.tolist() for ids in np.split(ids_N, np.cumsum(lengths_D)[:-1])] if len(texts) else []
+
+    def _encode_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids_N, lengths_D): the texts' ids concatenated, and how many each has."""
         raise NotImplementedError
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -62,15 +74,25 @@ class Tokenizer:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to `directory`."""
         raise NotImplementedError
 
-    def encode_flat(self, texts: Sequence[str], dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens_N, lengths_D): all texts' ids concatenated, each followed by EOD, and the length
-        (EOD included) of each."""
-        encoded = self.encode(texts)
-        lengths_D = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
-        eod = [self.eod]
-        tokens_N = np.fromiter(chain.from_iterable(ids + eod for ids in encoded), dtype=dtype,
-                               count=int(lengths_D.sum()))
-        return tokens_N, lengths_D
+    def encode_flat(self, texts: Sequence[str], dtype=np.int64,
+                    template: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens_N, lengths_D): each text's ids (inside `prefix`/`suffix` when `template`)
+        followed by EOD, all concatenated, and each document's length (EOD included)."""
+        ids_N, lengths_D = self._encode_ids(texts)
+        before, after = (self.prefix, self.suffix) if template else ([], [])
+        return wrap(ids_N, lengths_D, before, after + [self.eod], dtype)
+
+    def special_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """bool_D: which texts contain one of `special_strings` (kept as literal text)."""
+        pattern = self._special_pattern
+        if pattern is None or pattern.search("".join(texts)) is None:  # one scan: almost always none
+            return np.zeros(len(texts), dtype=bool)
+        return np.fromiter((pattern.search(t) is not None for t in texts), dtype=bool, count=len(texts))
+
+    @cached_property
+    def _special_pattern(self) -> Optional[re.Pattern]:
+        strings = sorted(self.special_strings, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, strings))) if strings else None
 
     @cached_property
     def fingerprint(self) -> str:
@@ -86,16 +108,39 @@ class Tokenizer:
             "path": self.path,
             "vocab_size": self.vocab_size,
             "eod": self.eod,
+            "bos": self.bos,
+            "template_prefix": self.prefix,
+            "template_suffix": self.suffix,
+            "encoder": self.encoder,
             "fingerprint": self.fingerprint,
         }
 
 
+def wrap(ids_N: np.ndarray, lengths_D: np.ndarray, before: list[int], after: list[int],
+         dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens_N, lengths_D) with `before` and `after` around each text's ids."""
+    ends_D = np.cumsum(lengths_D)
+    # One np.insert pass. Insertion points in text order (each text's `before`, then its `after`)
+    # never decrease, and np.insert keeps equal points in the order given: right for empty texts too.
+    at_DK = np.concatenate([np.repeat((ends_D - lengths_D)[:, None], len(before), axis=1),
+                            np.repeat(ends_D[:, None], len(after), axis=1)], axis=1)
+    values = np.tile(np.asarray(before + after, dtype=dtype), ends_D.size)
+    return np.insert(ids_N.astype(dtype, copy=False), at_DK.ravel(), values), lengths_D + len(before) + len(after)
+
+
+def _flat(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths_D = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    ids_N = np.fromiter((i for ids in encoded for i in ids), dtype=np.int64, count=int(lengths_D.sum()))
+    return ids_N, lengths_D
+
+
 class SentencePieceTokenizer(Tokenizer):
-    """A sentencepiece `.model`. EOD is the model's `</s>` (eos_id)."""
+    """A sentencepiece `.model`. EOD is the model's `</s>` (eos_id). `word_limit`: distinct words the
+    word cache keeps before it starts over."""
 
     kind = "sentencepiece"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, word_limit: int = WORD_LIMIT) -> None:
         import sentencepiece
 
         self.path = path
@@ -106,27 +151,30 @@ class SentencePieceTokenizer(Tokenizer):
         if self.eod is None:
             raise ConfigError(
                 f"tokenizer {path} has no end-of-document piece (eos_id=-1); retrain it with an "
-                f"eos_id (python -m pipeline.data.tokenizer train sets </s>=2)"
+                f"eos_id (python -m pipeline.data.tokenizer_cli train sets </s>=2)"
             )
         self.pad = _sp_id(self._sp.pad_id())
         self.bos = _sp_id(self._sp.bos_id())
+        self.special_strings = special_strings(self._proto_bytes)
         # Exact (see pipeline.data.wordcache) and several times faster than the library alone.
         rule = word_rule(self._proto_bytes)
-        self._words = None if rule is None else WordCache(self._encode_batch, rule)
+        self._words = None if rule is None else WordCache(
+            self._encode_batch, rule, word_limit, unk=unknown_to_merge(self._proto_bytes))
+        self.encoder = "sentencepiece" + ("" if rule is None else f" + word cache ({rule})")
 
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(texts, num_threads=1)
 
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+    def _encode_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         if self._words is None:
-            return self._encode_batch(list(texts))
-        tokens_N, lengths_D = self._words.encode(list(texts), eod=None)
-        return [ids.tolist() for ids in np.split(tokens_N, np.cumsum(lengths_D)[:-1])] if texts else []
+            return _flat(self._encode_batch(list(texts)))
+        return self._words.encode(list(texts), eod=None)
 
-    def encode_flat(self, texts: Sequence[str], dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+    def encode_flat(self, texts: Sequence[str], dtype=np.int64,
+                    template: bool = False) -> tuple[np.ndarray, np.ndarray]:
         if self._words is None:
-            return super().encode_flat(texts, dtype)
-        return self._words.encode(list(texts), eod=self.eod, dtype=dtype)
+            return super().encode_flat(texts, dtype, template)
+        return self._words.encode(list(texts), eod=self.eod, dtype=dtype)  # no template
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -138,13 +186,13 @@ class SentencePieceTokenizer(Tokenizer):
         os.makedirs(directory, exist_ok=True)
         hf = sentencepiece_to_hf(self._proto_bytes)
         hf.save(os.path.join(directory, "tokenizer.json"))
-        _write_hf_configs(directory, self._special_strings())
+        _write_hf_configs(directory, self._named_specials())
         target = os.path.join(directory, "tokenizer.model")
         if not os.path.exists(target) or _read_bytes(target) != self._proto_bytes:
             with open(target, "wb") as f:
                 f.write(self._proto_bytes)
 
-    def _special_strings(self) -> dict:
+    def _named_specials(self) -> dict:
         names = {"eos_token": self.eod, "bos_token": self.bos, "pad_token": self.pad}
         names["unk_token"] = _sp_id(self._sp.unk_id())
         return {k: self._sp.id_to_piece(v) for k, v in names.items() if v is not None}
@@ -152,11 +200,13 @@ class SentencePieceTokenizer(Tokenizer):
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face fast tokenizer: `tokenizer.json`, or a directory with it and tokenizer_config.json
-    (whose eos_token is the EOD). Encoding runs single-threaded: preprocessing parallelises over processes."""
+    (whose eos_token is the EOD). Encoding runs single-threaded: preprocessing parallelises over
+    processes. `gigatoken`: use it where it is exact (pipeline.data.hf_fast), rebuilt every
+    `reload_chars` characters."""
 
     kind = "huggingface"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, gigatoken: bool = True, reload_chars: int = RELOAD_CHARS) -> None:
         # Before the first encode: each preprocessing worker is one core, so no Rust thread pool.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from tokenizers import Tokenizer as RustTokenizer
@@ -164,8 +214,9 @@ class HFTokenizer(Tokenizer):
         self.path = path
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        spec = _read_bytes(file)
         try:
-            self._tok = RustTokenizer.from_file(file)
+            self._tok = RustTokenizer.from_str(spec.decode("utf-8"))
         except Exception as error:  # tokenizers raises a bare Exception on parse errors
             raise ConfigError(f"tokenizer {file} is not a valid tokenizer.json: {error}") from None
         self._tok.encode_special_tokens = True
@@ -183,9 +234,27 @@ class HFTokenizer(Tokenizer):
         self.eod = vocab[eod]
         self.pad = vocab.get(specials.get("pad_token"))
         self.bos = vocab.get(specials.get("bos_token"))
+        self.special_strings = [t.content for t in self._tok.get_added_tokens_decoder().values()
+                                if t.special]
+        self.prefix, self.suffix = _template(self._tok, file)
+        self._fast = GigatokenEncoder.load(spec, reload_chars) if gigatoken else None
+        self.encoder = "tokenizers" if self._fast is None else f"gigatoken {gigatoken_version()}"
 
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+    def _library(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def _encode_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        texts = list(texts)
+        if self._fast is None:
+            return _flat(self._library(texts))
+        literal_D = self.special_documents(texts)
+        if not literal_D.any():
+            return self._fast.encode(texts)
+        # gigatoken would read the special-token strings as special tokens: the library does these.
+        fast_ids_N, fast_lengths_D = self._fast.encode([t for t, s in zip(texts, literal_D) if not s])
+        fast = iter(np.split(fast_ids_N, np.cumsum(fast_lengths_D)[:-1]) if fast_lengths_D.size else [])
+        slow = iter(self._library([t for t, s in zip(texts, literal_D) if s]))
+        return _flat([list(next(slow)) if s else next(fast).tolist() for s in literal_D])
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -199,6 +268,18 @@ class HFTokenizer(Tokenizer):
         _write_hf_configs(directory, self._specials)
 
 
+def _template(tok, file: str) -> tuple[list[int], list[int]]:
+    """The ids the post-processor puts before and after one sequence (Llama-3: BOS before)."""
+    probe = "template probe"
+    plain = tok.encode(probe, add_special_tokens=False).ids
+    full = tok.encode(probe, add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise ConfigError(f"tokenizer {file}: its post-processor changes the text's ids, not only adds "
+                      f"tokens around them; remove the post_processor from the tokenizer.json")
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     """The tokenizer at a local `path` (see the module docstring for which file is read)."""
     if not path:
@@ -206,7 +287,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     if not os.path.exists(path):
         raise ConfigError(
             f"tokenizer {path} does not exist; build the default one with `python -m "
-            f"pipeline.data.corpus` or train one with `python -m pipeline.data.tokenizer train`"
+            f"pipeline.data.corpus` or train one with `python -m pipeline.data.tokenizer_cli train`"
         )
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "tokenizer.json")):
@@ -260,55 +341,3 @@ def _write_hf_configs(directory: str, specials: dict) -> None:
         with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2, sort_keys=True)
             f.write("\n")
-
-
-def _train(args: argparse.Namespace) -> None:
-    from pipeline.data.sources import iter_texts
-    from pipeline.data.sp_bpe import train_sentencepiece_bpe
-
-    tokenizer = train_sentencepiece_bpe(
-        iter_texts(args.input, text_key=args.text_key),
-        args.out,
-        vocab_size=args.vocab_size,
-        seed=args.seed,
-        max_sentences=args.max_sentences,
-    )
-    print(json.dumps(tokenizer.describe()))
-
-
-def _info(args: argparse.Namespace) -> None:
-    tokenizer = load_tokenizer(args.path)
-    info = tokenizer.describe()
-    info.update(pad=tokenizer.pad, bos=tokenizer.bos)
-    if args.text is not None:
-        info["ids"] = tokenizer.encode([args.text])[0]
-    print(json.dumps(info, indent=2))
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """Command line: `train` a sentencepiece BPE tokenizer, or print `info` about one."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.data.tokenizer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a sentencepiece BPE tokenizer")
-    train.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
-    train.add_argument("--text-key", default="text", help="JSON/parquet field holding the text")
-    train.add_argument("--vocab-size", type=int, required=True, help="total ids, specials included")
-    train.add_argument("--out", required=True, help="output directory")
-    train.add_argument("--seed", type=int, default=1234, help="sentencepiece's random seed")
-    train.add_argument("--max-sentences", type=int, default=0,
-                       help="train on at most this many lines, sampled with --seed (0: all)")
-    train.set_defaults(run=_train)
-    info = commands.add_parser("info", help="print vocab size, special ids and fingerprint")
-    info.add_argument("path")
-    info.add_argument("--text", help="also print the ids of this text")
-    info.set_defaults(run=_info)
-    args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
-
-
-if __name__ == "__main__":
-    main()

@@ -5,6 +5,9 @@ m of data-parallel rank r holds samples s*G + (m*dp + r)*mb + [0, mb). The sampl
 the same for every layout, so DP/TP/PP runs see identical data, and a resumed run continues at
 sample (step * G) without any iterator state to save.
 
+Document boundaries refer to `tokens`, the model's input: a document ends right after its EOD, so
+with tokens [a b EOD c d] the boundaries are cu_seqlens = [0, 3, 5].
+
 Shapes: B micro-batch, L sequence length, T = B*L packed tokens.
 """
 
@@ -14,8 +17,6 @@ from typing import Iterator
 import numpy as np
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
-
-from pipeline.data.blend import cu_seqlens_for_batch
 
 
 @dataclass
@@ -27,6 +28,26 @@ class ModelInputs:
     labels: torch.Tensor
     loss_mask: torch.Tensor
     packed_seq_params: PackedSeqParams | None
+
+
+def cu_seqlens_from_tokens(tokens_L: torch.Tensor, eod: int) -> torch.Tensor:
+    """Document boundaries of one packed input sequence: int32 [0, ..., L], a boundary right after
+    every EOD (none added twice when the sequence ends with EOD)."""
+    length = tokens_L.numel()
+    ends = torch.nonzero(tokens_L.reshape(-1) == eod).flatten() + 1
+    ends = ends[ends < length]
+    edges = [torch.zeros(1, dtype=torch.long), ends.cpu(), torch.tensor([length])]
+    return torch.cat(edges).to(torch.int32)
+
+
+def cu_seqlens_for_batch(tokens_BL: torch.Tensor, eod: int) -> torch.Tensor:
+    """Boundaries of a micro-batch flattened to B*L tokens (THD layout): each sequence's own
+    boundaries offset by its start, so documents never continue across sequences."""
+    batch, length = tokens_BL.shape
+    parts = [torch.zeros(1, dtype=torch.int32)]
+    for b in range(batch):
+        parts.append(cu_seqlens_from_tokens(tokens_BL[b], eod)[1:] + b * length)
+    return torch.cat(parts)
 
 
 def micro_batch_indices(step: int, global_batch: int, micro_batch: int, dp_rank: int, dp: int) -> list[list[int]]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import CheckpointMeta, fingerprint, load_checkpoint, save_checkpoint
-from pipeline.config import ParallelConfig
+from pipeline.distributed import ParallelConfig
 from pipeline.distributed import distributed
 from pipeline.errors import UnsafeCheckpointError
 from pipeline.training.state import rng_state, set_rng_state

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.blend import build_datasets, cu_seqlens_for_batch, cu_seqlens_from_tokens
+from pipeline.data.blend import build_datasets
 from pipeline.data.config import DataConfig
 from pipeline.data.corpus import documents, stdlib_files
 from pipeline.data.preprocess import PreprocessOptions, preprocess
 from pipeline.data.sp_bpe import train_sentencepiece_bpe
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
+from pipeline.training.batches import cu_seqlens_for_batch, cu_seqlens_from_tokens
 
 SEQ = 64
 
@@ -150,22 +151,22 @@ def test_blend_draws_by_weight(tmp_path, texts, tokenizer, dataset):
     assert abs(from_first / len(train) - 0.75) < 0.02
 
 
-def test_missing_prefix_is_a_config_error(tokenizer, tmp_path):
+def test_missing_prefix_is_a_data_error(tokenizer, tmp_path):
     cfg = config(str(tmp_path / "absent"), tokenizer, tmp_path)
-    with pytest.raises(ConfigError, match=r"data.paths\[0\].*no dataset there"):
+    with pytest.raises(DataError, match=r"data.paths\[0\].*no dataset there"):
         build_datasets(cfg, SEQ, 1, (10, 1, 0))
 
 
-def test_interrupted_dataset_is_a_config_error(tokenizer, tmp_path):
+def test_interrupted_dataset_is_a_data_error(tokenizer, tmp_path):
     (tmp_path / "half.progress.json").write_text("{}")
-    with pytest.raises(ConfigError, match="incomplete"):
+    with pytest.raises(DataError, match="incomplete"):
         build_datasets(config(str(tmp_path / "half"), tokenizer, tmp_path), SEQ, 1, (10, 1, 0))
 
 
-def test_vocabulary_mismatch_is_a_config_error(tmp_path, texts, dataset):
+def test_vocabulary_mismatch_is_a_data_error(tmp_path, texts, dataset):
     other = str(tmp_path / "tok")
     train_sentencepiece_bpe(texts[:100], other, vocab_size=600)
-    with pytest.raises(ConfigError, match="fingerprint"):
+    with pytest.raises(DataError, match="fingerprint"):
         build_datasets(config(dataset, other, tmp_path), SEQ, 1, (10, 1, 0))
 
 
@@ -197,3 +198,71 @@ def test_bad_data_config_is_a_one_line_error(overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
         DataConfig(**{**fields, **overrides})
     assert "\n" not in str(info.value)
+
+
+def copy_dataset(prefix, directory):
+    """A copy of the dataset at `prefix` (summary and shards) in `directory`, to damage."""
+    import shutil
+
+    directory.mkdir()
+    source, name = os.path.split(prefix)
+    for file in os.listdir(source):
+        if file.startswith(name) and file.endswith((".json", ".bin", ".idx")):
+            shutil.copy(os.path.join(source, file), directory / file)
+    return str(directory / name)
+
+
+def truncate(path, by):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - by)
+
+
+def overwrite(path, data, at_end=True):
+    with open(path, "r+b") as f:
+        f.seek(-len(data) if at_end else 0, os.SEEK_END if at_end else os.SEEK_SET)
+        f.write(data)
+
+
+def append(path, data):
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+# (file of the first shard, how it is damaged, what the message must say)
+DAMAGE = [
+    (".bin", lambda p: truncate(p, 10), "when written"),
+    (".idx", lambda p: truncate(p, 8), "when written"),
+    (".bin", os.remove, "missing"),
+    (".idx", os.remove, "missing"),
+    (".bin", lambda p: append(p, b"\0\0"), "when written"),
+    (".idx", lambda p: overwrite(p, b"garbage!!", at_end=False), "index header"),
+    (".idx", lambda p: overwrite(p, b"\x07" * 8), "differs from the file written"),
+    (".bin", lambda p: overwrite(p, b"\xff\xff"), "differs from the file written"),
+]
+
+
+@pytest.mark.parametrize("ext, damage, message", DAMAGE)
+def test_damaged_shard_fails_at_setup_naming_the_file(tmp_path, dataset, tokenizer, ext, damage, message):
+    prefix = copy_dataset(dataset, tmp_path / "data")
+    damage(f"{prefix}_00000{ext}")
+    with pytest.raises(DataError, match=message) as info:
+        build_datasets(config(prefix, tokenizer, tmp_path), SEQ, 1, (10, 1, 0))
+    line = str(info.value)
+    assert f"docs_00000{ext}" in line and "--overwrite" in line and "\n" not in line
+
+
+@pytest.mark.parametrize(
+    "ext, damage, message",
+    [
+        (".bin", lambda p: truncate(p, 10), "bytes but .* indexes"),
+        (".idx", lambda p: truncate(p, 8), "header implies"),
+        (".idx", lambda p: overwrite(p, b"garbage!!", at_end=False), "index header"),
+    ],
+)
+def test_damaged_plain_megatron_prefix_fails_at_setup(tmp_path, dataset, tokenizer, ext, damage, message):
+    """A prefix without a preprocessing summary is checked for consistency of its .idx and .bin."""
+    plain = copy_dataset(dataset, tmp_path / "data") + "_00000"
+    damage(plain + ext)
+    with pytest.raises(DataError, match=message) as info:
+        build_datasets(config(plain, tokenizer, tmp_path), SEQ, 1, (10, 1, 0))
+    assert f"docs_00000{ext}" in str(info.value)

@@ -1,4 +1,5 @@
-"""Preprocessing: output independent of workers, resume after SIGKILL, every bad-input reason counted."""
+"""Preprocessing: output independent of workers, resume after SIGKILL, every bad-input reason counted,
+faults (failed overwrite, no documents, unwritable output, damaged input) end in one-line errors."""
 
 import gzip
 import json
@@ -6,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from pipeline.data.corpus import documents, stdlib_files
 from pipeline.data.preprocess import KILL_HOOK, BadRecordError, PreprocessOptions, preprocess
 from pipeline.data.sp_bpe import train_sentencepiece_bpe
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.errors import ConfigError
+from pipeline.errors import DataError, StorageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,6 +42,13 @@ def corpus(tmp_path_factory, docs):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus, tokenizer):
+    """(prefix, summary) of the corpus preprocessed with the tests' default options, one worker."""
+    prefix = tmp_path_factory.mktemp("ref") / "out"
+    return prefix, run([corpus], prefix, tokenizer)
+
+
 def run(inputs, output, tokenizer, **options):
     defaults = dict(chunk_mb=0.05, shard_mb=0.3, progress=False, workers=1)
     return preprocess(
@@ -57,25 +67,53 @@ def output_bytes(prefix, summary):
     return files
 
 
-def test_tokens_are_the_tokenizer_output_plus_eod(tmp_path, corpus, tokenizer, docs):
-    summary = run([corpus], tmp_path / "out", tokenizer)
+def test_tokens_are_the_tokenizer_output_plus_eod(reference, tokenizer, docs):
+    prefix, summary = reference
     tok = load_tokenizer(tokenizer)
-    stream = np.concatenate([np.fromfile(tmp_path / f"{s['prefix']}.bin", dtype=np.uint16) for s in summary["shards"]])
+    stream = np.concatenate([np.fromfile(prefix.parent / f"{s['prefix']}.bin", dtype=np.uint16) for s in summary["shards"]])
     expected = [i for ids in tok.encode(docs) for i in ids + [tok.eod]]
     assert stream.tolist() == expected
     assert summary["documents"] == len(docs) and summary["tokens"] == len(expected)
 
 
-def test_output_is_identical_for_one_and_two_workers(tmp_path, corpus, tokenizer):
-    one = run([corpus], tmp_path / "one" / "out", tokenizer, workers=1)
+def test_output_is_identical_for_one_and_two_workers(tmp_path, corpus, tokenizer, reference):
+    one_prefix, one = reference
     two = run([corpus], tmp_path / "two" / "out", tokenizer, workers=2)
     assert len(one["shards"]) >= 3, "input too small to exercise several shards"
-    assert output_bytes(tmp_path / "one" / "out", one) == output_bytes(tmp_path / "two" / "out", two)
+    assert output_bytes(one_prefix, one) == output_bytes(tmp_path / "two" / "out", two)
 
 
-def test_resume_after_sigkill_gives_the_uninterrupted_bytes(tmp_path, corpus, tokenizer):
-    reference = run([corpus], tmp_path / "ref" / "out", tokenizer)
+def processes_with_marker(marker):
+    """Live processes whose environment holds `marker` (the run and everything it started)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        if state != b"Z" and marker in environ:
+            found.append(int(pid))
+    return found
+
+
+def all_files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite"])
+def test_sigkill_kills_workers_and_the_rerun_resumes_identically(tmp_path, corpus, tokenizer, docs, reference,
+                                                                 overwrite):
+    """kill -9 of the run: its workers die with it, an --overwrite run leaves the old dataset whole,
+    and the same command again resumes at the first unfinished shard with the uninterrupted bytes."""
     prefix = tmp_path / "killed" / "out"
+    if overwrite:
+        old_input = tmp_path / "old.jsonl"
+        old_input.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[:5]), encoding="utf-8")
+        run([str(old_input)], prefix, tokenizer)
+        old = all_files(prefix.parent)
     command = [
         sys.executable,
         "-m",
@@ -93,23 +131,99 @@ def test_resume_after_sigkill_gives_the_uninterrupted_bytes(tmp_path, corpus, to
         "--workers",
         "2",
         "--no-progress",
-    ]
-    env = {**os.environ, KILL_HOOK: "1", "PYTHONPATH": REPO}
-    killed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert not os.path.exists(f"{prefix}.json"), "an interrupted run left a summary"
-    assert os.path.exists(f"{prefix}_00000.bin") and not os.path.exists(f"{prefix}_00001.bin")
-    resumed = run([corpus], prefix, tokenizer, workers=2)
+    ] + ["--overwrite"] * overwrite
+    marker = f"PREPROCESS_TEST_RUN={uuid.uuid4().hex}"
+    key, value = marker.split("=")
+    env = {**os.environ, KILL_HOOK: "1", "PYTHONPATH": REPO, key: value}
+    # Output to a file, not a pipe: workers that outlive the run would hold a pipe open.
+    with open(tmp_path / "stderr", "wb") as log:
+        killed = subprocess.run(command, env=env, cwd=REPO, stdout=log, stderr=log, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, (tmp_path / "stderr").read_text()[-2000:]
+    deadline = time.monotonic() + 5
+    while processes_with_marker(marker.encode()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = processes_with_marker(marker.encode())
+    for pid in alive:  # not to leave them behind when failing
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "processes of the killed run were still alive 5 s after it"
+    built = prefix.parent / ".out.overwrite" if overwrite else prefix.parent
+    if overwrite:
+        assert all_files(prefix.parent) == old, "the killed --overwrite run changed the old dataset"
+    else:
+        assert not os.path.exists(f"{prefix}.json"), "an interrupted run left a summary"
+    assert (built / "out_00000.bin").exists() and not (built / "out_00001.bin").exists()
+    resumed = run([corpus], prefix, tokenizer, workers=2, overwrite=overwrite)
     assert resumed["resumed_shards"] == 1
-    assert output_bytes(prefix, resumed) == output_bytes(tmp_path / "ref" / "out", reference)
-    assert resumed["documents"] == reference["documents"]
+    reference_prefix, uninterrupted = reference
+    assert output_bytes(prefix, resumed) == output_bytes(reference_prefix, uninterrupted)
+    assert resumed["documents"] == uninterrupted["documents"]
 
 
 def test_existing_output_needs_overwrite(tmp_path, corpus, tokenizer):
     run([corpus], tmp_path / "out", tokenizer)
-    with pytest.raises(ConfigError, match="--overwrite"):
+    with pytest.raises(DataError, match="--overwrite"):
         run([corpus], tmp_path / "out", tokenizer)
     assert run([corpus], tmp_path / "out", tokenizer, overwrite=True)["documents"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], "build leftovers"
+
+
+def write_jsonl(path, texts, key="text"):
+    path.write_text("".join(json.dumps({key: t, "id": i}) + "\n" for i, t in enumerate(texts)), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("failure", ["no documents", "bad record with --on-error fail"])
+def test_failed_overwrite_keeps_the_old_dataset(tmp_path, tokenizer, docs, failure):
+    good = write_jsonl(tmp_path / "good.jsonl", docs[:20])
+    (tmp_path / "out").mkdir()
+    prefix = tmp_path / "out" / "data"
+    before = run([good], prefix, tokenizer)
+    files = all_files(tmp_path / "out")
+    if failure == "no documents":
+        bad, options = write_jsonl(tmp_path / "bad.jsonl", docs[:20], key="body"), {}
+    else:
+        bad, options = str(tmp_path / "bad.jsonl"), {"on_error": "fail"}
+        (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n', encoding="utf-8")
+    with pytest.raises(DataError):
+        run([bad], prefix, tokenizer, overwrite=True, **options)
+    assert all_files(tmp_path / "out") == files, "the failed --overwrite run changed the old dataset"
+    assert json.loads((tmp_path / "out" / "data.json").read_text())["documents"] == before["documents"]
+
+
+def test_zero_documents_fail_and_leave_nothing_complete(tmp_path, tokenizer, docs):
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", docs[:5], key="body")
+    with pytest.raises(DataError, match="no documents") as info:
+        run([wrong], tmp_path / "out", tokenizer)
+    assert "\n" not in str(info.value)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("out")], "a run without documents left files"
+    fixed = run([wrong], tmp_path / "out", tokenizer, text_key="body")
+    assert fixed["documents"] == 5, "the corrected rerun was refused or lost documents"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_wrong_text_key_names_the_columns_present(tmp_path, tokenizer, docs, fmt):
+    if fmt == "jsonl":
+        path = write_jsonl(tmp_path / "in.jsonl", docs[:5], key="body")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = str(tmp_path / "in.parquet")
+        pq.write_table(pa.table({"body": docs[:5], "id": list(range(5))}), path)
+    with pytest.raises(DataError, match=r"no (field|column) 'text'; \w+ present: body, id; .*--text-key"):
+        run([path], tmp_path / "out", tokenizer)
+
+
+@pytest.mark.parametrize("where", ["below a file", "read-only file system"])
+def test_unwritable_output_fails_before_any_work(tmp_path, corpus, tokenizer, where):
+    if where == "below a file":
+        (tmp_path / "file").write_text("x")
+        output, named = tmp_path / "file" / "sub" / "out", str(tmp_path / "file")
+    else:
+        output, named = "/sys/preprocess-test/out", "/sys/preprocess-test"
+    with pytest.raises(StorageError, match="preprocessed dataset") as info:
+        run([corpus], output, tokenizer)
+    assert named in str(info.value) and "\n" not in str(info.value)
 
 
 # (jsonl line, the reason it must be counted under); None means a good document.
@@ -142,7 +256,7 @@ def write_dirty_inputs(directory):
 def test_dirty_input_counts_every_reason(tmp_path, tokenizer):
     write_dirty_inputs(tmp_path / "in")
     summary = run([str(tmp_path / "in")], tmp_path / "out", tokenizer, max_chars=100)
-    expected = {"unreadable_file": 1}
+    expected = {"corrupt_file": 1}
     for _, reason in DIRTY_LINES:
         if reason:
             expected[reason] = expected.get(reason, 0) + 1
@@ -155,7 +269,7 @@ def test_dirty_input_counts_every_reason(tmp_path, tokenizer):
         if reason:
             lines[reason].append(f"{a}:{number}")
     lines["invalid_utf8"].append(f"{tmp_path / 'in' / 'b.txt'}:1")
-    lines["unreadable_file"] = [f"{tmp_path / 'in' / 'c.jsonl.gz'}:1"]
+    lines["corrupt_file"] = [f"{tmp_path / 'in' / 'c.jsonl.gz'}:1"]
     assert summary["skipped_examples"] == lines
 
 
@@ -197,3 +311,31 @@ def test_every_input_format_gives_the_jsonl_tokens(tmp_path, tokenizer, docs, fm
     got = run([str(src / name)], tmp_path / "got", tokenizer)
     assert got["documents"] == len(sample)
     assert list(output_bytes(tmp_path / "got", got).values()) == list(output_bytes(tmp_path / "ref", ref).values())
+
+
+def compressed(lines, suffix):
+    if suffix == ".gz":
+        return gzip.compress(lines)
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(lines)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_damaged_compressed_input_is_a_corrupt_file(tmp_path, tokenizer, corpus, suffix, damage):
+    """Damaged from the middle on: the records before are kept and the file is counted as
+    corrupt_file; a cut file is not mistaken for a malformed last line, and --on-error fail stops."""
+    with open(corpus, "rb") as f:
+        lines = b"".join(f.readlines(400_000))  # a few zstd blocks (128 KiB each)
+    data = compressed(lines, suffix)
+    half = len(data) // 2
+    path = tmp_path / f"in.jsonl{suffix}"
+    path.write_bytes(data[:half] if damage == "truncated" else data[:half] + bytes(b ^ 0x5A for b in data[half:]))
+    summary = run([str(path)], tmp_path / "skip", tokenizer, chunk_mb=0.1)
+    assert summary["skipped"]["corrupt_file"] == 1, summary["skipped"]
+    assert 0 < summary["documents"] < lines.count(b"\n"), "kept nothing before the damage, or read past it"
+    if damage == "truncated":  # (gzip checks its CRC only at the end: damaged deflate data decodes first)
+        assert {k: v for k, v in summary["skipped"].items() if v} == {"corrupt_file": 1}, summary["skipped"]
+        with pytest.raises(BadRecordError, match=rf"corrupt_file at .*in\.jsonl\{suffix}:\d+ \(truncated"):
+            run([str(path)], tmp_path / "fail", tokenizer, chunk_mb=0.1, on_error="fail")

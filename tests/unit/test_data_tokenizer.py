@@ -138,7 +138,7 @@ def test_word_rule_falls_back_when_pieces_cross_word_starts():
 
 
 def test_train_command_writes_a_loadable_tokenizer(tmp_path, texts, capsys):
-    from pipeline.data.tokenizer import main
+    from pipeline.data.tokenizer_cli import main
 
     corpus = tmp_path / "in.jsonl"
     corpus.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts), encoding="utf-8")
@@ -147,3 +147,25 @@ def test_train_command_writes_a_loadable_tokenizer(tmp_path, texts, capsys):
     loaded = load_tokenizer(str(tmp_path / "tok"))
     assert loaded.vocab_size == printed["vocab_size"] == 700
     assert loaded.fingerprint == printed["fingerprint"]
+
+
+def test_info_command_prints_ids_and_encoder(trained, capsys):
+    import sentencepiece
+
+    from pipeline.data.tokenizer_cli import main
+
+    model = os.path.join(trained, "tokenizer.model")
+    main(["info", model, "--text", "def f(x):  return x"])
+    printed = json.loads(capsys.readouterr().out)
+    library = sentencepiece.SentencePieceProcessor(model_file=model)
+    assert printed["ids"] == library.encode("def f(x):  return x")
+    assert printed["encoder"].startswith("sentencepiece + word cache") and printed["template_prefix"] == []
+
+
+def test_info_command_on_a_missing_path_exits_2(tmp_path, capsys):
+    from pipeline.data.tokenizer_cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["info", str(tmp_path / "nope")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: tokenizer ")

@@ -20,6 +20,10 @@ MODULE_LAYERS = {
     "pipeline.cli": ENTRY,
     "pipeline.generate": ENTRY,
     "pipeline.compress.__main__": ENTRY,
+    # The data commands are entry points too (`python -m pipeline.data.preprocess ...`).
+    "pipeline.data.preprocess": ENTRY,
+    "pipeline.data.corpus": ENTRY,
+    "pipeline.data.tokenizer_cli": ENTRY,
     "pipeline.config": CORE,
     "pipeline.distributed": CORE,
     "pipeline.checkpoint": CORE,
@@ -42,7 +46,7 @@ PACKAGE_LAYERS = {
     "pipeline.model": CORE,
 }
 # Only a stage's entry may take the whole RunConfig; everything below takes its slices.
-MAY_IMPORT_RUN_CONFIG = {"pipeline.training.loop"}
+MAY_IMPORT_RUN_CONFIG = {"pipeline.training.loop", "pipeline.training.state"}
 NO_RUN_CONFIG_PACKAGES = ("pipeline.model", "pipeline.data", "pipeline.training")
 
 
