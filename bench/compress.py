@@ -44,7 +44,7 @@ def train_parent(preset: dict, data: Path, out: Path) -> Path:
     from pipeline.config import load_run_config
     from pipeline.training.loop import train
 
-    precision = preset["precisions"][0] if preset is CPU else "bf16"
+    precision = preset["precisions"][0] if preset["model"] == CPU["model"] else "bf16"
     run = load_run_config(base_overrides(preset, data, precision, out / "parent")
                           + [f"train.iters={preset['parent_iters']}", "train.eval_interval=0"])
     train(run)
@@ -120,10 +120,12 @@ def main() -> None:
     parser.add_argument("--parent", type=Path, help="parent checkpoint (default: train one here)")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "build")
     parser.add_argument("--iters", type=int, help="distillation steps (default 100; 3 with --tiny)")
+    parser.add_argument("--parent-iters", type=int, help="training steps of the parent made here (default 300; 4 with --tiny)")
     parser.add_argument("--target-fraction", type=float, default=0.6, help="student parameters / parent's")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_compress"))
     args = parser.parse_args()
-    preset = CPU if args.tiny else GPU
+    preset = dict(CPU if args.tiny else GPU)
+    preset["parent_iters"] = args.parent_iters or preset["parent_iters"]
     args.iters = args.iters or (3 if args.tiny else 100)
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.data.resolve()
@@ -140,10 +142,10 @@ def main() -> None:
     (args.out / "bench_compress.json").write_text(json.dumps({"runs": results, "modelopt": modelopt}, indent=2))
     print(f"\n{preset['model']} parent {parent}, student at {args.target_fraction:.0%} of its parameters, "
           f"{args.iters} distillation steps of {preset['global']} x {preset['seq']} tokens")
-    print(f"{'precision':<16}{'score s':>9}{'student':>22}{'params':>13}{'loss before':>13}{'after':>8}"
+    print(f"{'precision':<16}{'score s':>9}{'  student':<28}{'params':>13}{'loss before':>13}{'after':>8}"
           f"{'teacher':>9}{'KD tok/s':>11}{'plain tok/s':>13}{'overhead':>10}")
     for name, r in results.items():
-        print(f"{name:<16}{r['score_s']:>9.1f}{r['label']:>22}{r['student_params']:>13,}{r['loss_before']:>13.4f}"
+        print(f"{name:<16}{r['score_s']:>9.1f}{'  ' + r['label']:<28}{r['student_params']:>13,}{r['loss_before']:>13.4f}"
               f"{r['loss_after']:>8.4f}{r['teacher_loss']:>9.4f}{r['kd_tokens_per_s']:>11,.0f}"
               f"{r['plain_tokens_per_s']:>13,.0f}{r['plain_tokens_per_s'] / r['kd_tokens_per_s']:>9.2f}x")
     print(modelopt)

@@ -52,8 +52,14 @@ def main(argv: list[str]) -> int:
         # Every step needs the parent: check it first. One process group for all steps (a second
         # init in the same processes would hang under torchrun); steps nest inside it.
         parent = model_of(resolve_parent(run))
+        steps = run.compress.steps if step == "all" else [step]
+        if "search" in steps:
+            from pipeline.compress.search import check_search_request
+
+            # An impossible budget or width list fails now, not after the importance step's forwards.
+            check_search_request(parent, run.compress, run.parallel, run.precision)
         with distributed(run.parallel, virtual_stages(parent, run.parallel), run.device):
-            for name in run.compress.steps if step == "all" else [step]:
+            for name in steps:
                 _step(name)(run)
     return 0
 

@@ -70,3 +70,8 @@ def test_unknown_step(capsys):
 
     assert main(["prune"]) == 2
     assert "unknown step 'prune'" in capsys.readouterr().err
+
+
+def test_impossible_budget_fails_before_importance(capsys, tmp_path, parent):
+    err = _fails(capsys, tmp_path, "all", f"compress.parent={parent}", "compress.target_params=1000")
+    assert "compress.target_params" in err
