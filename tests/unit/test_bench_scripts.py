@@ -22,3 +22,9 @@ def test_hf_export_bench_runs_as_a_script_from_any_directory(tmp_path):
 def test_train_gpu_bench_runs_as_a_module():
     proc = subprocess.run([sys.executable, "-m", "bench.train_gpu", "--help"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and "--data" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_preprocess_bench_runs_as_a_script():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "preprocess.py"), "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--megatron-lm" in proc.stdout, proc.stderr[-3000:]

@@ -5,9 +5,6 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-# README.md is integrated by hand; its line about staging the lent machines' GPU kit is the one
-# reference outside the repository left, until that text moves.
-OUTSIDE_REFERENCES_ALLOWED = {"README.md"}
 
 
 def tracked_text_files() -> dict[str, str]:
@@ -26,7 +23,6 @@ def test_no_file_points_outside_the_repository():
     found = [
         f"{name}:{text.count(chr(10), 0, m.start()) + 1}"
         for name, text in tracked_text_files().items()
-        if name not in OUTSIDE_REFERENCES_ALLOWED
         for m in outside.finditer(text)
     ]
     assert not found, f"references to files users do not have (cite docs/ instead): {found}"
