@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 
 from pipeline.data.tokenizer import SentencePieceTokenizer
 from pipeline.errors import ConfigError
+from pipeline.fs import atomic_write_bytes
 
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 MAX_LINE_BYTES = 1 << 14
@@ -56,9 +57,7 @@ def train_sentencepiece_bpe(
         raise ConfigError(f"sentencepiece training failed: {str(error).strip()}") from None
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "tokenizer.model")
-    with open(path + ".tmp", "wb") as f:
-        f.write(model.getvalue())
-    os.replace(path + ".tmp", path)
+    atomic_write_bytes(path, model.getvalue())
     tokenizer = SentencePieceTokenizer(path)
     tokenizer.save_hf(out_dir)
     return tokenizer

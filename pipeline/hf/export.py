@@ -30,6 +30,7 @@ from typing import Iterator
 import torch
 
 from pipeline.errors import CheckpointError, ConversionError
+from pipeline.fs import replace_dir, temporary_sibling
 from pipeline.hf.checkpoint_reader import CheckpointTensors
 from pipeline.hf.config import hf_config
 from pipeline.hf.mapping import Conversion, conversions, hf_shapes
@@ -79,28 +80,6 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise ConversionError(f"output {out_dir} exists and is not a directory; choose another path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ConversionError(f"output directory {out_dir} is not empty; pass --overwrite to replace it")
-
-
-def temporary_sibling(target: Path) -> Path:
-    """A fresh directory next to `target` (same filesystem, so the final rename is atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished `tmp` to `target`, replacing an existing `target` last."""
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)
 
 
 def load_export_tokenizer(path: str | None, ckpt_dir: Path):

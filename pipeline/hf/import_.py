@@ -30,7 +30,8 @@ import torch
 
 from pipeline.errors import ConversionError, PipelineError
 from pipeline.hf.config import TIME_STEP_MIN, hf_dtype, model_config_from_hf, time_step_clamp
-from pipeline.hf.export import check_out_dir, replace_dir, temporary_sibling
+from pipeline.fs import replace_dir, temporary_sibling
+from pipeline.hf.export import check_out_dir
 from pipeline.hf.mapping import conversions, hf_shapes
 from pipeline.hf.safetensors_io import HFTensors
 from pipeline.model.config import ModelConfig
