@@ -1,11 +1,10 @@
 """Process group and megatron-core parallel state: set up once per run, torn down at the end.
 
 Works under torchrun/srun (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment) and as a plain
-single process (a world of one on loopback). CPU runs use gloo, GPU runs NCCL.
+single process (a world of one with an in-memory store: no port). CPU runs use gloo, GPU runs NCCL.
 """
 
 import os
-import socket
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -59,12 +58,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _slurm_env_defaults() -> None:
     """Map srun's SLURM_* variables to the torch.distributed ones when torchrun did not set them."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
@@ -115,11 +108,15 @@ def distributed(parallel: ParallelConfig, vp: int | None, device: str = "auto"):
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if os.environ["WORLD_SIZE"] != "1":
-            raise ConfigError("MASTER_PORT is not set for a multi-process run; launch with torchrun or srun")
-        os.environ["MASTER_PORT"] = str(_free_port())
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = None
+    if "MASTER_PORT" not in os.environ:
+        if world_size != 1:
+            raise ConfigError("MASTER_PORT is not set for a multi-process run; launch with torchrun or srun")
+        # One process needs no rendezvous: an in-memory store, so no port to race for. A port picked,
+        # released and bound again was taken by another process now and then, and a Hydra sweep runs
+        # its jobs back to back in one process ("address already in use" on the second job).
+        store = dist.HashStore()
     local_rank = int(os.environ["LOCAL_RANK"])
     model_parallel = parallel.tp * parallel.pp
     if world_size % model_parallel:
@@ -131,7 +128,9 @@ def distributed(parallel: ParallelConfig, vp: int | None, device: str = "auto"):
     if dev.type == "cuda":
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
-    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    dist.init_process_group(
+        backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size, store=store
+    )
     with ExitStack() as stack:
         if dev.type == "cpu":
             stack.enter_context(cpu_mode())
