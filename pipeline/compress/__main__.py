@@ -45,13 +45,13 @@ def main(argv: list[str]) -> int:
         from pipeline.config import load_run_config
 
         run = load_run_config(overrides)
-        from pipeline.compress.distill import model_of, resolve_parent
+        from pipeline.compress.parent import parent_run
         from pipeline.distributed import distributed
         from pipeline.model.build import virtual_stages
 
         # Every step needs the parent: check it first. One process group for all steps (a second
         # init in the same processes would hang under torchrun); steps nest inside it.
-        parent = model_of(resolve_parent(run))
+        parent = parent_run(run)[0].model
         steps = run.compress.steps if step == "all" else [step]
         if "search" in steps:
             from pipeline.compress.search import check_search_request

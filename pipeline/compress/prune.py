@@ -248,36 +248,6 @@ def prune_tensors(
         yield key, prune_tensor(get_full_tensor, plan, key)
 
 
-def param_checkpoint_keys(name: str) -> list[str]:
-    """Checkpoint keys whose full tensors, concatenated along dim 0, make module parameter `name`
-    (global name; Mamba's fused in_proj / conv parameters hold several components)."""
-    match = re.fullmatch(rf"({re.escape(params.LAYER_PREFIX)}\.\d+\.)(.+)", name)
-    if not match:
-        return [name]
-    prefix, param = match.groups()
-    for specs in params.LAYER_TENSORS.values():
-        keys = [prefix + s.key for s in specs if s.param == param]
-        if keys:
-            return keys
-    raise ValueError(f"no parameter {name!r} in pipeline/model/params.py")
-
-
-@torch.no_grad()
-def load_full_tensors(chunks: list[torch.nn.Module], get_full_tensor: Callable[[str], torch.Tensor]) -> None:
-    """Copy this rank's slice of every full tensor (by checkpoint key) into its model chunks."""
-    from megatron.core import parallel_state
-
-    from pipeline.model.init import global_param_names
-    from pipeline.model.sharding import local_slice
-
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    for chunk in chunks:
-        for name, param in global_param_names(getattr(chunk, "module", chunk)).items():
-            whole = torch.cat([get_full_tensor(k) for k in param_checkpoint_keys(name)], dim=0)
-            param.copy_(local_slice(whole, param, tp_rank, tp_size))
-
-
 def student_meta(plan: KeepPlan, parent_step: Path, parent_meta, parallel: dict):
     """The CheckpointMeta of a pruned student checkpoint (weights only, step 0)."""
     from pipeline.checkpoint import CheckpointMeta
@@ -301,17 +271,6 @@ def plan_record(plan: KeepPlan) -> dict:
     }
 
 
-def write_model_yaml(model: ModelConfig, root: Path) -> Path:
-    """root/model/NAME.yaml: the student as a Hydra `model` option (hydra.searchpath=[file://root])."""
-    from omegaconf import OmegaConf
-
-    path = root / "model" / f"{model.name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields = {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
-    path.write_text(f"# Pruned by pipeline/compress/prune.py; every size explicit.\n{OmegaConf.to_yaml(fields)}")
-    return path
-
-
 def prune_checkpoint(parent_dir, plan: KeepPlan, out_dir, parallel=None, precision=None) -> Path:
     """Write OUT_DIR/checkpoints/step_0000000 (the student's weights, usable by
     `checkpoint.init_from`), OUT_DIR/model/NAME.yaml and OUT_DIR/keep_plan.json (the parent units
@@ -332,6 +291,8 @@ def prune_checkpoint(parent_dir, plan: KeepPlan, out_dir, parallel=None, precisi
     from pipeline.training.config import TrainConfig
     from pipeline.fs import replace_dir, temporary_sibling
     from pipeline.model.build import build_model, virtual_stages
+    from pipeline.model.config import write_model_option
+    from pipeline.model.init import load_full_tensors
 
     step_dir, meta, parent, tensors = open_parent(parent_dir)
     if dataclasses.asdict(parent) != dataclasses.asdict(plan.parent):
@@ -370,7 +331,7 @@ def prune_checkpoint(parent_dir, plan: KeepPlan, out_dir, parallel=None, precisi
                 student_meta(plan, step_dir, meta, layout), OmegaConf.to_yaml(OmegaConf.structured(run)),
             )
             if rank == 0:
-                write_model_yaml(plan.student, Path(tmp[0]))
+                write_model_option(plan.student, Path(tmp[0]), "Pruned by pipeline/compress/prune.py; every size explicit.")
                 (Path(tmp[0]) / PLAN_FILE).write_text(json.dumps(plan_record(plan), indent=1))
                 replace_dir(tmp[0], out_dir)
         except BaseException:

@@ -34,8 +34,7 @@ from pipeline.fs import replace_dir, temporary_sibling
 from pipeline.hf.export import check_out_dir
 from pipeline.hf.mapping import conversions, hf_shapes
 from pipeline.hf.safetensors_io import HFTensors
-from pipeline.model.config import ModelConfig
-from pipeline.model.params import param_keys
+from pipeline.model.config import ModelConfig, write_model_option
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_FILES = (
@@ -131,24 +130,19 @@ def import_run_config(model: ModelConfig, hf_config: dict, overrides: list[str],
 @torch.no_grad()
 def load_hf_into_chunks(chunks, model: ModelConfig, tensors: CanonicalHFTensors) -> None:
     """Copy this rank's slice of every HF tensor into its model chunks' parameters."""
-    from megatron.core import parallel_state
+    from pipeline.model.init import load_full_tensors
 
-    from pipeline.model.init import global_param_names
-    from pipeline.model.sharding import local_slice
-
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     by_key = {key: c for c in conversions(model) for key, _ in c.megatron}
-    for chunk in chunks:
-        for name, param in global_param_names(chunk).items():
-            full = {}
-            for key in param_keys(name):
-                if key not in full:
-                    c = by_key[key]
-                    converted = c.to_megatron([tensors.get(n) for n, _ in c.hf])
-                    full.update(zip((k for k, _ in c.megatron), converted, strict=True))
-            whole = torch.cat([full[k] for k in param_keys(name)], dim=0)
-            param.copy_(local_slice(whole, param, tp_rank, tp_size))
+    converted: dict[str, torch.Tensor] = {}
+
+    def full_tensor(key: str) -> torch.Tensor:
+        # One HF tensor can hold several checkpoint tensors (QKV): convert each group once.
+        if key not in converted:
+            c = by_key[key]
+            converted.update(zip((k for k, _ in c.megatron), c.to_megatron([tensors.get(n) for n, _ in c.hf]), strict=True))
+        return converted.pop(key)
+
+    load_full_tensors(chunks, full_tensor)
 
 
 def save_imported(run, hf_dir: Path, tmp_root: Path, tokenizer: str | None) -> None:
@@ -196,17 +190,6 @@ def copy_tokenizer(hf_dir: Path, target: Path, model: ModelConfig) -> tuple[str 
             f"{hf_dir} tokenizer has {vocab} tokens but config.json vocab_size={model.vocab_size}; fix config.json"
         )
     return str(target), []
-
-
-def write_model_yaml(model: ModelConfig, root: Path) -> Path:
-    """root/model/NAME.yaml: the model as a Hydra `model` option (use with hydra.searchpath=[file://root])."""
-    from omegaconf import OmegaConf
-
-    path = root / "model" / f"{model.name}.yaml"
-    path.parent.mkdir()
-    fields = {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
-    path.write_text(f"# Imported from Hugging Face by pipeline/convert.py import.\n{OmegaConf.to_yaml(fields)}")
-    return path
 
 
 def _launch_workers(nproc: int, args: list[str]) -> None:
@@ -265,7 +248,7 @@ def import_hf(
             _launch_workers(
                 nproc, [str(hf_dir), str(tmp), str(out_dir), model.name, final_tokenizer or "-", *overrides]
             )
-        model_yaml = write_model_yaml(model, tmp)
+        model_yaml = write_model_option(model, tmp, "Imported from Hugging Face by pipeline/convert.py import.")
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

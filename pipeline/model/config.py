@@ -1,6 +1,8 @@
 """The model's shape: the `model` config group (conf/model/*.yaml) is validated against this."""
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from pipeline.errors import ConfigError
@@ -96,3 +98,15 @@ class ModelConfig:
         """Embedding rows: vocab_size rounded up to make_vocab_size_divisible_by (times TP upstream)."""
         m = self.make_vocab_size_divisible_by
         return -(-self.vocab_size // m) * m
+
+
+def write_model_option(model: ModelConfig, root: Path, header: str) -> Path:
+    """root/model/NAME.yaml: `model` as a Hydra `model` option with every size explicit (use it with
+    `hydra.searchpath=[file://root] model=NAME`); `header` is its first comment line."""
+    from omegaconf import OmegaConf
+
+    path = Path(root) / "model" / f"{model.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
+    path.write_text(f"# {header}\n{OmegaConf.to_yaml(fields)}")
+    return path

@@ -9,12 +9,13 @@ TP/PP/VPP and either backend.
 
 import math
 import zlib
+from collections.abc import Callable
 
 import torch
 from megatron.core import parallel_state
 
 from pipeline.model.config import ModelConfig
-from pipeline.model.params import init_rule
+from pipeline.model.params import init_rule, param_keys
 from pipeline.model.sharding import full_shape, local_slice
 
 # Mamba-2 defaults (mamba-ssm and megatron-core MambaMixer).
@@ -61,12 +62,26 @@ def global_param_names(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def initialize_weights(chunks: list[torch.nn.Module], model: ModelConfig, seed: int) -> None:
-    """Overwrite every parameter of this rank's model chunks with the layout-independent init."""
+def _copy_full_values(chunks: list[torch.nn.Module], full_value: Callable[[str, torch.Tensor, int], torch.Tensor]) -> None:
+    """Copy this rank's slice of `full_value(global name, param, tp_size)` into every parameter."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for chunk in chunks:
-        for name, param in global_param_names(chunk).items():
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            full = _full_value(name, full_shape(param, tp_size), model, gen)
-            param.copy_(local_slice(full, param, tp_rank, tp_size))
+        for name, param in global_param_names(getattr(chunk, "module", chunk)).items():
+            param.copy_(local_slice(full_value(name, param, tp_size), param, tp_rank, tp_size))
+
+
+def initialize_weights(chunks: list[torch.nn.Module], model: ModelConfig, seed: int) -> None:
+    """Overwrite every parameter of this rank's model chunks with the layout-independent init."""
+
+    def draw(name: str, param: torch.Tensor, tp_size: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return _full_value(name, full_shape(param, tp_size), model, gen)
+
+    _copy_full_values(chunks, draw)
+
+
+def load_full_tensors(chunks: list[torch.nn.Module], get_full_tensor: Callable[[str], torch.Tensor]) -> None:
+    """Overwrite every parameter with this rank's slice of the full tensors `get_full_tensor(checkpoint key)`
+    (any TP/PP layout; a fused Mamba parameter is the concatenation of its stored components)."""
+    _copy_full_values(chunks, lambda name, param, tp_size: torch.cat([get_full_tensor(k) for k in param_keys(name)]))

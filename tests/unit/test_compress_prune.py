@@ -16,13 +16,14 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.compress.prune import (
-    keep_plan, load_full_tensors, make_plan, prune_checkpoint, prune_tensor, prune_tensors,
+    keep_plan, make_plan, prune_checkpoint, prune_tensor, prune_tensors,
 )
 from pipeline.compress.search import Candidate
 from pipeline.config import load_run_config
 from pipeline.distributed import distributed
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.hf.checkpoint_reader import CheckpointTensors
+from pipeline.model.init import load_full_tensors
 from pipeline.model import params
 from pipeline.model.build import build_model
 from pipeline.model.init import global_param_names
