@@ -4,15 +4,20 @@ Works under torchrun/srun (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment
 single process (a world of one with an in-memory store: no port). CPU runs use gloo, GPU runs NCCL.
 """
 
+from __future__ import annotations
+
 import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError
-from pipeline.megatron_patches import cpu_mode
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where used: composing a run config (--help, shell completion, describe) imports
+# ParallelConfig from here and should not pay for importing torch (~1.3 s).
 
 
 @dataclass
@@ -51,6 +56,8 @@ class World:
 
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda when a GPU is visible, else cpu; 'cuda' without a GPU is an error."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -68,6 +75,9 @@ def _slurm_env_defaults() -> None:
 
 
 def _active_world(parallel: ParallelConfig, vp: int | None, device: str) -> World:
+    import torch
+    import torch.distributed as dist
+
     """The World of the process group and parallel state already set up, if `parallel` fits it."""
     from megatron.core import parallel_state
 
@@ -96,7 +106,11 @@ def distributed(parallel: ParallelConfig, vp: int | None, device: str = "auto"):
 
     On CPU, megatron-core's CUDA-only paths run under `megatron_patches.cpu_mode()` meanwhile.
     """
+    import torch
+    import torch.distributed as dist
     from megatron.core import parallel_state
+
+    from pipeline.megatron_patches import cpu_mode
 
     if dist.is_initialized():
         # Nested (e.g. each candidate's distillation inside `pipeline.compress rank`): reuse the
