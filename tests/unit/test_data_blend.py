@@ -138,7 +138,7 @@ def test_cu_seqlens_examples():
     assert cu_seqlens_from_tokens(torch.tensor([1, 9, 9, 2, 9]), eod).tolist() == [0, 2, 3, 5]
     assert cu_seqlens_from_tokens(torch.tensor([1, 2, 3]), eod).tolist() == [0, 3]
     batch = torch.tensor([[1, 9, 2], [3, 4, 5]])
-    assert cu_seqlens_for_batch(batch, eod).tolist() == [0, 2, 3, 6]
+    assert cu_seqlens_for_batch(batch, eod)[0].tolist() == [0, 2, 3, 6]
 
 
 def test_blend_draws_by_weight(tmp_path, texts, tokenizer, dataset):

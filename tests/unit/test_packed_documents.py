@@ -79,3 +79,28 @@ def test_micro_batch_flattens_to_one_sequence_with_sample_edges():
     assert inputs.tokens.shape == (1, 8)
     assert inputs.packed_seq_params.cu_seqlens_q.tolist() == [0, 2, 4, 7, 8]
     assert inputs.packed_seq_params.total_tokens == 8
+
+
+def test_fixed_document_count_pads_and_joins():
+    tokens = torch.tensor([[5, EOD, 6, 7], [EOD, 9, EOD, 3]])  # 2 documents, then 3
+    batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(2, 4)}
+    inputs = to_model_inputs(batch, EOD, True, torch.device("cpu"), documents_per_sequence=2)
+    params = inputs.packed_seq_params
+    # Sequence 1 fits exactly; sequence 2's last two documents ([9, EOD], [3]) are joined.
+    assert params.cu_seqlens_q.tolist() == [0, 2, 4, 5, 8]
+    assert inputs.joined_documents == 1
+    assert params.max_seqlen_q == 4, "max_seqlen must not depend on the documents (graphs replay it)"
+    inputs = to_model_inputs(batch, EOD, True, torch.device("cpu"), documents_per_sequence=4)
+    assert inputs.packed_seq_params.cu_seqlens_q.tolist() == [0, 2, 4, 4, 4, 5, 7, 8, 8]
+    assert inputs.joined_documents == 0
+    assert inputs.packed_seq_params.seq_idx.tolist() == [[0, 0, 1, 1, 4, 5, 5, 6]]
+
+
+def test_zero_length_padding_documents_change_nothing(model):
+    """The fixed-shape boundaries (zero-length segments appended) compute the same logits."""
+    docs = _documents()
+    tokens = torch.cat(docs)[None]
+    batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones_like(tokens, dtype=torch.float)}
+    padded = _logits(model, to_model_inputs(batch, EOD, True, torch.device("cpu"), documents_per_sequence=8))
+    errs = _rel_per_doc(padded, _separately(model, docs))
+    assert max(errs) <= 1e-5, f"per-document relative errors {errs}"
