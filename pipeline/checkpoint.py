@@ -45,6 +45,8 @@ class CheckpointConfig:
 
     save_interval: int = 100
     """Save every N steps (also at the end and on SIGTERM/SIGUSR1); 0 = only those."""
+    save_at_end: bool = True
+    """Save when train.iters is reached (benchmarks turn it off; stop signals still save)."""
     keep_last: int = 3
     """Keep the newest K checkpoints (0 keeps all)."""
     resume: bool = True

@@ -51,11 +51,22 @@ def check_precision_supported(precision: PrecisionConfig, device: torch.device) 
 
 
 def transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, device: torch.device, vp: int | None
+    model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, device: torch.device, vp: int | None,
+    cuda_graphs: bool = False, fused_cross_entropy: bool = False,
 ) -> TransformerConfig:
     """megatron-core's TransformerConfig for this model, layout and precision."""
     dtype = DTYPES[precision.params_dtype]
     on_gpu = device.type == "cuda"
+    graphs = {}
+    if fused_cross_entropy:
+        # Transformer Engine's one-kernel cross entropy: the unfused one makes ~10 fp32 passes over
+        # the [tokens, vocabulary] logits, a few % of the step at vocabulary 131k.
+        graphs.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="te")
+    if cuda_graphs:
+        # "local": megatron-core's own per-layer graphs, the implementation whose graph inputs may be a
+        # PackedSeqParams (Transformer Engine's make_graphed_callables path takes no packed sequences).
+        # An empty module list graphs whole layers. The RNG tracker must be graph-safe (build_model).
+        graphs.update(cuda_graph_impl="local", cuda_graph_modules=[], use_te_rng_tracker=True)
     fp8 = {}
     if precision.fp8:
         fp8 = dict(
@@ -107,6 +118,7 @@ def transformer_config(
         # received swapped. The unbatched path puts the two directions on different groups.
         batch_p2p_comm=on_gpu,
         **fp8,
+        **graphs,
     )
 
 
@@ -117,18 +129,26 @@ def build_model(
     seed: int,
     device: torch.device,
     backend: str | None = None,
+    cuda_graphs: bool = False,
+    fused_cross_entropy: bool = False,
 ) -> list[HybridModel]:
     """This rank's model chunks (one per virtual pipeline stage), initialised from `seed`.
 
-    Needs `pipeline.distributed.distributed(...)` to be active.
+    `cuda_graphs` makes every layer a megatron-core CUDA graph module (captured by the schedule at
+    the end of the first training step; `release_cuda_graphs` frees them); `fused_cross_entropy`
+    computes the loss with Transformer Engine's fused kernel. Both are GPU-only. Needs
+    `pipeline.distributed.distributed(...)` to be active.
     """
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     backend = backend or default_backend(device)
     check_precision_supported(precision, device)
+    for name, on in (("cuda_graphs", cuda_graphs), ("fused_cross_entropy", fused_cross_entropy)):
+        if on and device.type != "cuda":
+            raise ConfigError(f"train.{name}=true needs a GPU (this run is on {device.type}); set train.{name}=false")
     vp = virtual_stages(model, parallel)
-    config = transformer_config(model, parallel, precision, device, vp)
+    config = transformer_config(model, parallel, precision, device, vp, cuda_graphs, fused_cross_entropy)
     pattern = megatron_pattern(model.parsed_pattern(), parallel.pp)
     spec = stack_spec(model, backend)
     pg = ProcessGroupCollection.use_mpu_process_groups()
@@ -136,7 +156,9 @@ def build_model(
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         # MambaMixer and TE layers draw (then we overwrite) weights under megatron's CUDA RNG tracker.
-        model_parallel_cuda_manual_seed(seed)
+        # Graphed layers need TE's graph-safe tracker; the reset replaces a tracker of the other kind
+        # that an earlier model in this process installed.
+        model_parallel_cuda_manual_seed(seed, te_rng_tracker=cuda_graphs, force_reset_rng=cuda_graphs)
     chunks = []
     for stage in range(vp or 1):
         vp_stage = stage if vp else None
@@ -159,3 +181,11 @@ def build_model(
     # created in fp32), the optimizer keeps fp32 main copies. One dtype also keeps the distributed
     # optimizer to a single grad buffer per chunk.
     return [chunk.to(config.params_dtype) for chunk in chunks]
+
+
+def release_cuda_graphs() -> None:
+    """Forget the CUDA graphs megatron-core captured in this process (its record is global), so that
+    a later model in the same process captures its own."""
+    from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
+
+    delete_cuda_graphs()

@@ -28,6 +28,25 @@ class TrainConfig:
     packed_documents: bool = True
     """Reset Mamba state and attention at document boundaries (EOD) inside packed sequences;
     false = plain concatenation, state flows across documents."""
+    cuda_graphs: bool = False
+    """GPU: capture each Mamba, attention and FFN layer's forward and backward as CUDA graphs after
+    the first step and replay them (megatron-core's per-layer graphs), which removes the CPU launch
+    overhead that bounds small layers and FP8. Works with packed documents (shapes fixed by
+    cuda_graph_documents). Off by default: graphed layers compute the same math but may differ from
+    eager by bf16 rounding (tests/gpu/test_cuda_graphs.py states the bound)."""
+    cuda_graph_documents: int = 64
+    """With cuda_graphs and packed documents: document boundaries per sequence, fixed because a graph
+    replays fixed shapes. Sequences with fewer documents are padded with empty ones; in one with more,
+    the documents past this count are joined into one (counted in the train metrics as
+    joined_documents; raise this if it is not 0)."""
+    fused_cross_entropy: bool = False
+    """GPU: the loss through Transformer Engine's fused cross-entropy kernel instead of megatron-core's
+    unfused fp32 one (the same loss up to rounding; tests/gpu/test_cuda_graphs.py). Off by default
+    because it changes the rounding."""
+    kernel_cache: Optional[str] = None
+    """Directory keeping the compiled Triton kernels and the Mamba kernels' autotune choices, so a
+    restart skips the autotuning of its first step (pipeline/training/kernel_cache.py). None:
+    run_dir/kernel_cache. Point it at shared storage to share it between runs on the same GPU model."""
     max_nonfinite_steps: int = 3
     """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
     exit_after_steps: Optional[int] = None
@@ -35,7 +54,8 @@ class TrainConfig:
     next start resumes. None runs to train.iters."""
 
     def __post_init__(self) -> None:
-        for name in ("micro_batch_size", "global_batch_size", "seq_length", "iters", "max_nonfinite_steps"):
+        for name in ("micro_batch_size", "global_batch_size", "seq_length", "iters", "max_nonfinite_steps",
+                     "cuda_graph_documents"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
         if self.global_batch_size % self.micro_batch_size:

@@ -28,18 +28,21 @@ from pipeline.data.tokenizer import load_tokenizer
 from pipeline.distributed import World, distributed
 from pipeline.errors import ConfigError
 from pipeline.metrics import MetricsLogger
-from pipeline.model.build import build_model, virtual_stages
+from pipeline.model.build import build_model, release_cuda_graphs, virtual_stages
 from pipeline.model.sizes import flops_per_step
 from pipeline.training.batches import step_batches
+from pipeline.training.kernel_cache import KernelCache
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.run_lock import run_dir_owner
-from pipeline.training.state import pick_checkpoint, resume, save
+from pipeline.training.state import pick_checkpoint, resume, save, warn
 from pipeline.training.step import eval_step, train_step
 
 DONE = "DONE"
-# Dense peak TFLOP/s of the GPUs we run on, for MFU (H100 SXM; the H200 has the same tensor cores).
-# fp32 runs its matmuls as TF32 (494 dense).
-PEAK_TFLOPS = {"bf16": 989.0, "fp32": 494.0, "fp8": 1979.0}
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "B200": 2250.0, "GB200": 2500.0}
+"""Dense BF16 tensor-core peak per GPU (first name found in the device name). MFU is always against
+this peak, whatever the precision, so FP8 and BF16 runs compare on one scale (README, Metrics)."""
+STEADY_AFTER = 10
+"""Steps timed before the steady step time is reported (the first pays for autotuning and graphs)."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 """Slurm's preemption / time-limit warning, and Ctrl-C: each saves a checkpoint at the step's end."""
 
@@ -98,18 +101,50 @@ def _ddp_wrap(chunks, world: World, distributed_optimizer: bool):
     return wrapped
 
 
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The dense BF16 peak of a GPU by its name, or None when unknown (MFU is then not reported)."""
+    for name in sorted(BF16_PEAK_TFLOPS, key=len, reverse=True):
+        if name in device_name:
+            return BF16_PEAK_TFLOPS[name]
+    return None
+
+
 def _throughput(run: RunConfig, world: World, seconds: float) -> dict:
     tokens = run.train.global_batch_size * run.train.seq_length
     record = {"tokens_per_s": tokens / seconds}
     tflops = flops_per_step(run.model, run.train.seq_length, run.train.global_batch_size) / seconds / world.world_size / 1e12
     record["tflops_per_gpu" if world.device.type == "cuda" else "tflops_per_process"] = tflops
     if world.device.type == "cuda":
-        peak = PEAK_TFLOPS["fp8" if run.precision.fp8 else run.precision.params_dtype]
-        record["mfu"] = tflops / peak
+        peak = bf16_peak_tflops(torch.cuda.get_device_name())
+        if peak:
+            record["mfu"] = tflops / peak
         record["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
         record["rss_gib"] = psutil.Process().memory_info().rss / 2**30
     return record
+
+
+class StartupTiming:
+    """Start-up (process start to the first step) and first step time, then the steady step time
+    (median of steps 2..STEADY_AFTER), logged as `timing` records: the first step pays for kernel
+    autotuning (kernel_cache) and CUDA graph capture."""
+
+    def __init__(self, log: MetricsLogger):
+        self._log = log
+        self._startup = time.time() - psutil.Process().create_time()
+        self._steps: list[float] = []
+
+    def step_done(self, seconds: float, step: int) -> int:
+        """Record one step's wall time; returns how many this invocation has run."""
+        self._steps.append(seconds)
+        n = len(self._steps)
+        if n == 1:
+            self._log.log(step, {"startup_s": self._startup, "first_step_s": seconds}, kind="timing")
+        elif n == STEADY_AFTER:
+            steady = float(np.median(self._steps[1:]))
+            self._log.log(step, {"steady_step_s": steady, "first_step_vs_steady": self._steps[0] / steady},
+                          kind="timing")
+        return n
 
 
 def _check_batch_layout(run: RunConfig, world: World) -> None:
@@ -135,6 +170,8 @@ def train(run: RunConfig, objective=None) -> dict:
             try:
                 return _train(run, world, log, stop, objective)
             finally:
+                if run.train.cuda_graphs:
+                    release_cuda_graphs()
                 stop.close()
                 log.close()
 
@@ -160,20 +197,26 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
     )
     train_data, valid_data = datasets[0], datasets[1]
     chunks = _ddp_wrap(
-        build_model(run.model, run.parallel, run.precision, run.train.seed, world.device),
+        build_model(run.model, run.parallel, run.precision, run.train.seed, world.device,
+                    cuda_graphs=run.train.cuda_graphs, fused_cross_entropy=run.train.fused_cross_entropy),
         world, run.parallel.distributed_optimizer,
     )
+    kernels = KernelCache.open(run.train.kernel_cache or run_dir / "kernel_cache", lambda m: warn(world, m))
+    if kernels.primed:
+        log.info(f"kernel cache {kernels.directory}: {kernels.primed} autotune choices reused")
     optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
     scheduler = build_scheduler(optimizer, run.optim, run.train.iters)
     # Before resume: building a teacher draws weights, the RNG state restored must come after.
     objective = make_objective(run, world, log, chunks) if make_objective else None
     state = resume(run, found, chunks, optimizer, scheduler, world, log)
     dp_rank = parallel_state.get_data_parallel_rank()
+    documents_per_sequence = run.train.cuda_graph_documents if run.train.cuda_graphs else None
+    joined_documents = 0
 
     def batches(dataset, step: int) -> list:
         return list(step_batches(
             dataset, step, run.train.global_batch_size, run.train.micro_batch_size, dp_rank, world.dp,
-            tokenizer.eod, run.train.packed_documents, world.device))
+            tokenizer.eod, run.train.packed_documents, world.device, documents_per_sequence))
 
     def validate() -> dict:
         results = [eval_step(chunks, batches(valid_data, i), world.device, objective) for i in range(eval_batches)]
@@ -183,6 +226,8 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
         record = {"loss": val, **extra}
         log.log(state.step, {**record, "windows": eval_windows, "tokens": eval_windows * run.train.seq_length},
                 kind="valid")
+        if world.rank == 0:
+            kernels.save()
         return record
 
     log.info(f"training {run.model.name} for {run.train.iters} steps from step {state.step} "
@@ -191,11 +236,16 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
     exit_at = state.step + run.train.exit_after_steps if run.train.exit_after_steps else None
     if state.step == 0 and eval_batches:
         last_val = validate()
+    timing = StartupTiming(log)
     while state.step < run.train.iters:
         started = time.perf_counter()
-        result = train_step(chunks, optimizer, scheduler, batches(train_data, state.step), world.device, objective)
+        micro_batches = batches(train_data, state.step)
+        joined_documents += sum(m.joined_documents for m in micro_batches)
+        result = train_step(chunks, optimizer, scheduler, micro_batches, world.device, objective)
         state.step += 1
         last_loss = result.loss
+        if timing.step_done(time.perf_counter() - started, state.step) == 1 and world.rank == 0:
+            kernels.save()
         if result.skipped:
             state.skipped_steps += 1
             state.nonfinite_in_row += 1
@@ -206,6 +256,8 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
                       "grad_norm": float(result.grad_norm) if result.grad_norm is not None else float("nan"),
                       "skipped_steps": state.skipped_steps,
                       **{key.replace(" ", "_"): value for key, value in result.metrics.items()}}
+            if documents_per_sequence and run.train.packed_documents:
+                record["joined_documents"] = joined_documents
             record.update(_throughput(run, world, time.perf_counter() - started))
             log.log(state.step, record)
         if state.nonfinite_in_row >= run.train.max_nonfinite_steps:
@@ -218,7 +270,8 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
             last_val = validate()
         stopping = (stop.agreed(world.device) or state.step == exit_at) and state.step < run.train.iters
         interval = run.checkpoint.save_interval
-        if stopping or state.step == run.train.iters or (interval and state.step % interval == 0):
+        at_end = state.step == run.train.iters and run.checkpoint.save_at_end
+        if stopping or at_end or (interval and state.step % interval == 0):
             save(run, chunks, optimizer, scheduler, state, world, log)
         if stopping:
             signame = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
