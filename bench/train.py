@@ -1,0 +1,222 @@
+"""Training throughput on one GPU: the pipeline's full step against bare megatron-core, per preset,
+precision and CUDA graphs on/off, plus time to first step with a cold and a reused kernel cache.
+
+    python -m pipeline.data.corpus                 # the embedded corpus (data/build), once
+    python bench/train.py                          # bench_1p5b and bench_8b_width, every run below
+    python bench/train.py --presets bench_1p5b --runs bf16,bf16+graphs --steps 8 --out /tmp/bench
+
+Every run: sequence 8192, micro-batch 1, global batch 8, packed documents on (the default). For each
+(preset, run) one subprocess measures
+  bare      megatron-core alone: the same HybridModel, DDP and distributed optimizer driven by
+            megatron-core's schedule on token tensors already on the GPU (no data loading, loss
+            reduction, finiteness check or logging): the floor for our step;
+  pipeline  `pipeline.training.loop.train` on the embedded corpus: the full step users run.
+Step time is the median over the steps after the first two. TFLOP/s and MFU follow docs/performance.md
+(MFU against the dense BF16 peak for every precision). All runs share one kernel cache (--out), so
+only the first run of the benchmark autotunes the Mamba kernels; the last line times a second start
+of that first configuration (same kernel cache) against it. Prints one table per preset; JSON in --out.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    # Run as a script: Python put bench/ first on sys.path; the pipeline package lives one level up.
+    sys.path[0] = str(REPO)
+
+SEQ, MICRO, GLOBAL = 8192, 1, 8
+PRESETS = ("bench_1p5b", "bench_8b_width")
+RUNS = ("bf16", "bf16+graphs", "fp8_tensorwise", "fp8_tensorwise+graphs", "fp8_delayed", "fp8_delayed+graphs",
+        "fp8_blockwise", "fp8_blockwise+graphs")
+"""precision preset, '+graphs' for train.cuda_graphs=true."""
+SKIP_STEPS = 2
+"""Steps not timed: the first autotunes kernels and captures graphs, the second still settles."""
+
+
+def overrides(preset: str, run: str, data: Path, steps: int, run_dir: Path, kernel_cache: Path) -> list[str]:
+    precision, _, graphs = run.partition("+")
+    return [
+        f"model={preset}", f"precision={precision}", f"train.cuda_graphs={str(bool(graphs)).lower()}",
+        f"train.iters={steps}", f"train.seq_length={SEQ}", f"train.micro_batch_size={MICRO}",
+        f"train.global_batch_size={GLOBAL}", "train.eval_interval=0", "logging.interval=1",
+        "checkpoint.save_interval=0", "checkpoint.save_at_end=false", f"train.kernel_cache={kernel_cache}",
+        f"data.tokenizer={data / 'tokenizer'}", f"data.paths=[{data / 'corpus_text_document'}]",
+        f"run_dir={run_dir}",
+    ]
+
+
+def bare_step_seconds(run, steps: int) -> float:
+    """Median seconds of a bare megatron-core training step (schedule + optimizer) for `run`."""
+    import torch
+
+    from pipeline.distributed import distributed
+    from pipeline.model.build import build_model, release_cuda_graphs
+    from pipeline.training.batches import to_model_inputs
+    from pipeline.training.loop import _ddp_wrap
+    from pipeline.training.optim import build_optimizer
+    from pipeline.training.step import run_schedule
+
+    with distributed(run.parallel, None, "cuda") as world:
+        chunks = _ddp_wrap(build_model(run.model, run.parallel, run.precision, run.train.seed, world.device,
+                                       cuda_graphs=run.train.cuda_graphs,
+                                       fused_cross_entropy=run.train.fused_cross_entropy),
+                           world, run.parallel.distributed_optimizer)
+        optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
+        gen = torch.Generator().manual_seed(0)
+        micro_batches = []
+        for _ in range(GLOBAL // MICRO):
+            tokens = torch.randint(1, 4096, (MICRO, SEQ), generator=gen)
+            tokens[:, torch.randint(0, SEQ, (8,), generator=gen)] = 0  # a few documents per sequence
+            batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(MICRO, SEQ)}
+            documents = run.train.cuda_graph_documents if run.train.cuda_graphs else None
+            micro_batches.append(to_model_inputs(batch, 0, True, world.device, documents))
+        times = []
+        try:
+            for _ in range(steps):
+                started = time.perf_counter()
+                for chunk in chunks:
+                    chunk.zero_grad_buffer()
+                optimizer.zero_grad()
+                run_schedule(chunks, micro_batches, forward_only=False, objective=None)
+                optimizer.step()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - started)
+        finally:
+            if run.train.cuda_graphs:
+                release_cuda_graphs()
+        del chunks, optimizer, micro_batches
+    return statistics.median(times[SKIP_STEPS:])
+
+
+def one(preset: str, run_name: str, data: Path, steps: int, out: Path, bare: bool, tag: str = "") -> dict:
+    """Measure one (preset, run) in this process: the pipeline first (a cold kernel cache stays cold
+    for it), then bare megatron-core once the pipeline's memory is freed."""
+    import gc
+
+    import torch
+
+    from pipeline.config import load_run_config
+    from pipeline.model.sizes import flops_per_step
+    from pipeline.training.loop import bf16_peak_tflops, train
+
+    run_dir = out / preset / (run_name + tag).replace("+", "_")
+    run = load_run_config(overrides(preset, run_name, data, steps, run_dir, out / "kernel_cache"))
+    train(run)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps_rows = [r for r in rows if r["kind"] == "train"][SKIP_STEPS:]
+    timing = next(r for r in rows if r["kind"] == "timing")
+    result = {
+        "preset": preset, "run": run_name, "flops_per_step": flops_per_step(run.model, SEQ, GLOBAL),
+        "peak_tflops": bf16_peak_tflops(torch.cuda.get_device_name()),
+        "step_s": statistics.median(GLOBAL * SEQ / r["tokens_per_s"] for r in steps_rows),
+        "mem_gib": max(r["mem_gib"] for r in steps_rows),
+        "loss": steps_rows[-1]["loss"],
+        "startup_s": timing["startup_s"],
+        "first_step_s": timing["first_step_s"],
+    }
+    if bare:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        result["bare_s"] = bare_step_seconds(run, steps)
+        result["bare_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def launch(args, preset: str, run_name: str, bare: bool, tag: str = "") -> dict:
+    """Run `one` in a fresh process (each configuration gets the whole GPU), its log kept in --out."""
+    name = f"{preset}-{run_name}{tag}".replace("+", "_")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", preset, run_name, "--steps", str(args.steps),
+           "--data", str(args.data), "--out", str(args.out)] + ([] if bare else ["--no-bare"])
+    if tag:
+        cmd.append(f"--tag={tag}")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    (args.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        print(f"{preset} {run_name}{tag}: failed ({' | '.join(tail)[-400:]})", flush=True)
+        return {"preset": preset, "run": run_name, "error": tail[-1] if tail else "failed"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{preset} {run_name}{tag}: step {result['step_s']:.3f} s, bare {result.get('bare_s', float('nan')):.3f} s, "
+          f"first step {result['first_step_s']}", flush=True)
+    return result
+
+
+def table(preset: str, results: list[dict]) -> str:
+    """One preset's rows: throughput, MFU, FP8 speed-up (vs BF16 with the same graphs setting), memory, bare."""
+    def base(run: str) -> dict | None:
+        return next((r for r in results if r["run"] == ("bf16+graphs" if run.endswith("+graphs") else "bf16")
+                     and "error" not in r), None)
+
+    lines = [f"\n{preset} (seq {SEQ}, micro-batch {MICRO}, global batch {GLOBAL}, packed documents)",
+             f"{'run':<24}{'tokens/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'vs BF16':>9}{'mem GiB':>9}"
+             f"{'bare tok/s':>12}{'bare MFU':>10}{'step/bare':>11}"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['run']:<24}failed: {r['error'][:80]}")
+            continue
+        tflops = r["flops_per_step"] / r["step_s"] / 1e12
+        mfu = tflops / r["peak_tflops"] if r["peak_tflops"] else float("nan")
+        b = base(r["run"])
+        speedup = b["step_s"] / r["step_s"] if b else float("nan")
+        bare = r.get("bare_s")
+        bare_cells = (f"{GLOBAL * SEQ / bare:>12,.0f}{r['flops_per_step'] / bare / 1e12 / r['peak_tflops']:>10.1%}"
+                      f"{r['step_s'] / bare:>11.3f}") if bare else f"{'-':>12}{'-':>10}{'-':>11}"
+        lines.append(f"{r['run']:<24}{GLOBAL * SEQ / r['step_s']:>10,.0f}{tflops:>9.1f}{mfu:>7.1%}{speedup:>8.2f}x"
+                     f"{r['mem_gib']:>9.1f}{bare_cells}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "build")
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
+    parser.add_argument("--steps", type=int, default=8, help="training steps per run (the first two are not timed)")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/bench_train")))
+    parser.add_argument("--no-bare", action="store_true", help="skip bare megatron-core")
+    parser.add_argument("--one", nargs=2, metavar=("PRESET", "RUN"), help=argparse.SUPPRESS)
+    parser.add_argument("--tag", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.out = args.out.resolve()
+    args.data = args.data.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.steps <= SKIP_STEPS:
+        raise SystemExit(f"--steps must be > {SKIP_STEPS}")
+    if args.one:
+        result = one(*args.one, args.data, args.steps, args.out, not args.no_bare, args.tag)
+        print(json.dumps(result))
+        return
+    tables, restart = [], None
+    for preset in args.presets.split(","):
+        results = []
+        for run_name in args.runs.split(","):
+            results.append(launch(args, preset, run_name, bare=not args.no_bare))
+            if restart is None and "error" not in results[-1]:
+                # The same configuration again: its kernels are in the cache the first run filled.
+                again = launch(args, preset, run_name, bare=False, tag="-restart")
+                restart = (preset, run_name, results[-1], again)
+        tables.append(table(preset, results))
+        (args.out / f"{preset}.json").write_text(json.dumps(results, indent=2))
+    import torch
+
+    print(f"\n{torch.cuda.get_device_name()}; step = full training step (forward, backward, optimizer); "
+          f"MFU vs dense BF16 peak for every precision")
+    print("\n".join(tables))
+    if restart and "error" not in restart[3]:
+        preset, run_name, cold, warm = restart
+        cold_s, warm_s = cold["startup_s"] + cold["first_step_s"], warm["startup_s"] + warm["first_step_s"]
+        print(f"\ntime to first step, {preset} {run_name}: cold {cold_s:.1f} s (start-up {cold['startup_s']:.1f} + "
+              f"first step {cold['first_step_s']:.1f}), restart with the kernel cache {warm_s:.1f} s "
+              f"(start-up {warm['startup_s']:.1f} + first step {warm['first_step_s']:.1f}): {cold_s / warm_s:.1f}x faster")
+
+
+if __name__ == "__main__":
+    main()
