@@ -7,9 +7,11 @@
 For each precision preset: time to score the parent (`importance`), the best searched student at
 --target-fraction of the parent's parameters pruned from it, its validation loss before and after
 --iters distillation steps, and distillation tokens/s against plain training of the same student
-(the teacher's overhead). The side-by-side with nvidia-modelopt's `mcore_minitron` is not wired
-yet: the benchmark reports whether modelopt is importable.
-Prints one table; everything it ran stays under --out.
+(the teacher's overhead). Then, at the first preset, the side by side with nvidia-modelopt's
+`mcore_minitron` (bench/compress_modelopt.py): the same parent pruned by modelopt to the
+architecture our search picked, its time to score, parameters and validation loss before
+distillation on the same batches as ours (a row saying why not where modelopt or a GPU is missing).
+Prints two tables; everything it ran stays under --out (modelopt's log: <out>/<precision>/modelopt.log).
 """
 
 import argparse
@@ -27,13 +29,15 @@ GPU = {"model": "bench_125m", "precisions": ["bf16", "fp8_tensorwise"], "seq": 2
        "parent_iters": 300, "calibration": 256, "layer_calibration": 32}
 CPU = {"model": "tiny", "precisions": ["fp32"], "seq": 64, "micro": 2, "global": 4,
        "parent_iters": 4, "calibration": 8, "layer_calibration": 4}
+EVAL_ITERS = 2
+"""Global batches of every validation (the side by side evaluates both students on the same ones)."""
 
 
 def base_overrides(preset: dict, data: Path, precision: str, run_dir: Path) -> list[str]:
     return [
         f"model={preset['model']}", f"precision={precision}", f"train.seq_length={preset['seq']}",
         f"train.micro_batch_size={preset['micro']}", f"train.global_batch_size={preset['global']}",
-        "train.eval_iters=2", "optim.lr=1e-3", "optim.min_lr=1e-4", "logging.interval=5",
+        f"train.eval_iters={EVAL_ITERS}", "optim.lr=1e-3", "optim.min_lr=1e-4", "logging.interval=5",
         "checkpoint.save_interval=0", f"data.tokenizer={data / 'tokenizer'}",
         f"data.paths=[{data / 'corpus_text_document'}]", f"run_dir={run_dir}",
     ]
@@ -59,7 +63,10 @@ def tokens_per_s(run_dir: Path) -> float:
     return statistics.median(r["tokens_per_s"] for r in steady)
 
 
-def bench_precision(preset: dict, data: Path, parent: Path, precision: str, args, out: Path) -> dict:
+def bench_precision(preset: dict, data: Path, parent: Path, precision: str, args, out: Path,
+                    device, compare: bool) -> dict:
+    """One precision's row; with `compare`, also the side by side with modelopt (under "side_by_side")."""
+    from bench.compress_modelopt import side_by_side
     from pipeline.checkpoint import resolve_checkpoint
     from pipeline.compress.distill import distill, model_of
     from pipeline.compress.importance import score_importance
@@ -96,22 +103,31 @@ def bench_precision(preset: dict, data: Path, parent: Path, precision: str, args
         train=dataclasses.replace(run.train, eval_interval=0),
     )
     train(plain)
-    return {
+    row = {
         "score_s": score_s, "student_params": best.params, "label": best.candidate.label(parent_model),
         "loss_before": valid[0]["student_loss"], "loss_after": valid[-1]["student_loss"],
         "teacher_loss": valid[-1]["teacher_loss"], "kd_tokens_per_s": tokens_per_s(run_dir),
         "plain_tokens_per_s": tokens_per_s(run_dir / "plain"),
     }
+    if compare:
+        row["side_by_side"] = side_by_side(run, resolve_checkpoint(parent), parent_model, plan.student, student,
+                                           device, run_dir, score_s, row["label"])
+    return row
 
 
-def modelopt_status() -> str:
-    """Whether modelopt's mcore_minitron can be compared here."""
-    try:
-        import modelopt.torch.prune  # noqa: F401
-    except ImportError:
-        return "modelopt: not installed"
-    return ("modelopt: installed; the mcore_minitron side-by-side is not wired in this benchmark yet "
-            "(it needs the parent built from modelopt's Megatron specs at TP=1)")
+def print_side_by_side(precision: str, preset: dict, rows: dict) -> None:
+    tokens = f"{EVAL_ITERS} x {preset['global']} x {preset['seq']}"
+    print(f"\nside by side at {precision}: the same parent pruned to our search's pick, validation loss before "
+          f"distillation on the same {tokens} tokens")
+    print(f"{'pruner':<22}{'score s':>9}{'params':>14}{'val loss':>10}  architecture")
+    names = {"ours": "ours (MiniPuzzle)", "modelopt": "modelopt minitron"}
+    for key, r in rows.items():
+        if "error" in r:
+            print(f"{names[key]:<22}  {r['error']}")
+            continue
+        print(f"{names[key]:<22}{r['score_s']:>9.1f}{r['params']:>14,}{r['val_loss']:>10.4f}  {r['label']}")
+        for note in r["notes"]:
+            print(f"{'':<24}{note}")
 
 
 def main() -> None:
@@ -135,11 +151,11 @@ def main() -> None:
 
     outer = load_run_config([f"model={preset['model']}", "device=" + ("cpu" if args.tiny else "auto")])
     # One process group for every run (a second one in the same process would hang under torchrun).
-    with distributed(outer.parallel, None, outer.device):
+    with distributed(outer.parallel, None, outer.device) as world:
         parent = (args.parent or train_parent(preset, data, args.out)).resolve()
-        results = {p: bench_precision(preset, data, parent, p, args, args.out) for p in preset["precisions"]}
-    modelopt = modelopt_status()
-    (args.out / "bench_compress.json").write_text(json.dumps({"runs": results, "modelopt": modelopt}, indent=2))
+        results = {p: bench_precision(preset, data, parent, p, args, args.out, world.device, p == preset["precisions"][0])
+                   for p in preset["precisions"]}
+    (args.out / "bench_compress.json").write_text(json.dumps({"runs": results}, indent=2))
     print(f"\n{preset['model']} parent {parent}, student at {args.target_fraction:.0%} of its parameters, "
           f"{args.iters} distillation steps of {preset['global']} x {preset['seq']} tokens")
     print(f"{'precision':<16}{'score s':>9}{'  student':<28}{'params':>13}{'loss before':>13}{'after':>8}"
@@ -148,7 +164,8 @@ def main() -> None:
         print(f"{name:<16}{r['score_s']:>9.1f}{'  ' + r['label']:<28}{r['student_params']:>13,}{r['loss_before']:>13.4f}"
               f"{r['loss_after']:>8.4f}{r['teacher_loss']:>9.4f}{r['kd_tokens_per_s']:>11,.0f}"
               f"{r['plain_tokens_per_s']:>13,.0f}{r['plain_tokens_per_s'] / r['kd_tokens_per_s']:>9.2f}x")
-    print(modelopt)
+    first = preset["precisions"][0]
+    print_side_by_side(first, preset, results[first]["side_by_side"])
 
 
 if __name__ == "__main__":

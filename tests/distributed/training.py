@@ -75,10 +75,13 @@ def max_rel_diff(a: dict[int, float], b: dict[int, float]) -> float:
 
 class Trainer:
     """`python -m pipeline.train` as one plain process (no torchrun: signals and the exit status are its
-    own) with BASE + overrides; its output goes to files `logs`.out/.err (pipes could fill and block it)."""
+    own) with BASE + overrides; its output goes to files `logs`.out/.err (pipes could fill and block it).
+    `command` replaces what follows the interpreter before run_dir and the overrides (another entry
+    point, e.g. `-m pipeline.compress distill` with its own base overrides)."""
 
-    def __init__(self, run_dir: Path, logs: Path, *overrides: str, env: dict | None = None):
-        cmd = [sys.executable, "-m", "pipeline.train", *BASE, f"run_dir={run_dir}", *overrides]
+    def __init__(self, run_dir: Path, logs: Path, *overrides: str, env: dict | None = None,
+                 command: tuple[str, ...] = ("-m", "pipeline.train", *BASE)):
+        cmd = [sys.executable, *command, f"run_dir={run_dir}", *overrides]
         # A world of its own: not the one a test process may have set up in-process (pipeline.distributed).
         inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
         full_env = dict(inherited, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
