@@ -138,10 +138,13 @@ def main() -> None:
     parser.add_argument("--iters", type=int, help="distillation steps (default 100; 3 with --tiny)")
     parser.add_argument("--parent-iters", type=int, help="training steps of the parent made here (default 300; 4 with --tiny)")
     parser.add_argument("--target-fraction", type=float, default=0.6, help="student parameters / parent's")
+    parser.add_argument("--precisions", help="comma-separated precision presets (default: bf16,fp8_tensorwise on GPU)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_compress"))
     args = parser.parse_args()
     preset = dict(CPU if args.tiny else GPU)
     preset["parent_iters"] = args.parent_iters or preset["parent_iters"]
+    if args.precisions:
+        preset["precisions"] = args.precisions.split(",")
     args.iters = args.iters or (3 if args.tiny else 100)
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.data.resolve()

@@ -5,7 +5,8 @@ precision and CUDA graphs on/off, plus time to first step with a cold and a reus
     python bench/train.py                          # bench_1p5b and bench_8b_width, every run below
     python bench/train.py --presets bench_1p5b --runs bf16,bf16+graphs --steps 8 --out /tmp/bench
 
-Every run: sequence 8192, micro-batch 1, global batch 8, packed documents on (the default). For each
+Every run: sequence 8192, micro-batch 1, global batch 8, packed documents on (the default), fused
+cross entropy (train.fused_cross_entropy). For each
 (preset, run) one subprocess measures
   bare      megatron-core alone: the same HybridModel, DDP and distributed optimizer driven by
             megatron-core's schedule on token tensors already on the GPU (no data loading, loss
@@ -44,6 +45,7 @@ def overrides(preset: str, run: str, data: Path, steps: int, run_dir: Path, kern
     precision, _, graphs = run.partition("+")
     return [
         f"model={preset}", f"precision={precision}", f"train.cuda_graphs={str(bool(graphs)).lower()}",
+        "train.fused_cross_entropy=true",
         f"train.iters={steps}", f"train.seq_length={SEQ}", f"train.micro_batch_size={MICRO}",
         f"train.global_batch_size={GLOBAL}", "train.eval_interval=0", "logging.interval=1",
         "checkpoint.save_interval=0", "checkpoint.save_at_end=false", f"train.kernel_cache={kernel_cache}",
@@ -52,42 +54,55 @@ def overrides(preset: str, run: str, data: Path, steps: int, run_dir: Path, kern
     ]
 
 
-def bare_step_seconds(run, steps: int) -> float:
-    """Median seconds of a bare megatron-core training step (schedule + optimizer) for `run`."""
+def bare_setup(run, world):
+    """Model, optimizer and resident micro-batches of a bare megatron-core step for `run`."""
     import torch
 
-    from pipeline.distributed import distributed
-    from pipeline.model.build import build_model, release_cuda_graphs
+    from pipeline.model.build import build_model
     from pipeline.training.batches import to_model_inputs
-    from pipeline.training.loop import _ddp_wrap
+    from pipeline.training.loop import ddp_wrap
     from pipeline.training.optim import build_optimizer
+
+    chunks = ddp_wrap(build_model(run.model, run.parallel, run.precision, run.train.seed, world.device,
+                                  cuda_graphs=run.train.cuda_graphs, fused_cross_entropy=run.train.fused_cross_entropy),
+                      world, run.parallel.distributed_optimizer)
+    optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
+    gen = torch.Generator().manual_seed(0)
+    micro_batches = []
+    for _ in range(GLOBAL // MICRO):
+        tokens = torch.randint(1, 4096, (MICRO, SEQ), generator=gen)
+        tokens[:, torch.randint(0, SEQ, (8,), generator=gen)] = 0  # a few documents per sequence
+        batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(MICRO, SEQ)}
+        documents = run.train.cuda_graph_documents if run.train.cuda_graphs else None
+        micro_batches.append(to_model_inputs(batch, 0, True, world.device, documents))
+    return chunks, optimizer, micro_batches
+
+
+def bare_step(chunks, optimizer, micro_batches) -> float:
+    """One bare step (megatron-core schedule + optimizer step); its wall seconds."""
+    import torch
+
     from pipeline.training.step import run_schedule
 
+    started = time.perf_counter()
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    run_schedule(chunks, micro_batches, forward_only=False, objective=None)
+    optimizer.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def bare_step_seconds(run, steps: int) -> float:
+    """Median seconds of a bare megatron-core training step for `run`."""
+    from pipeline.distributed import distributed
+    from pipeline.model.build import release_cuda_graphs
+
     with distributed(run.parallel, None, "cuda") as world:
-        chunks = _ddp_wrap(build_model(run.model, run.parallel, run.precision, run.train.seed, world.device,
-                                       cuda_graphs=run.train.cuda_graphs,
-                                       fused_cross_entropy=run.train.fused_cross_entropy),
-                           world, run.parallel.distributed_optimizer)
-        optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
-        gen = torch.Generator().manual_seed(0)
-        micro_batches = []
-        for _ in range(GLOBAL // MICRO):
-            tokens = torch.randint(1, 4096, (MICRO, SEQ), generator=gen)
-            tokens[:, torch.randint(0, SEQ, (8,), generator=gen)] = 0  # a few documents per sequence
-            batch = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(MICRO, SEQ)}
-            documents = run.train.cuda_graph_documents if run.train.cuda_graphs else None
-            micro_batches.append(to_model_inputs(batch, 0, True, world.device, documents))
-        times = []
+        chunks, optimizer, micro_batches = bare_setup(run, world)
         try:
-            for _ in range(steps):
-                started = time.perf_counter()
-                for chunk in chunks:
-                    chunk.zero_grad_buffer()
-                optimizer.zero_grad()
-                run_schedule(chunks, micro_batches, forward_only=False, objective=None)
-                optimizer.step()
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - started)
+            times = [bare_step(chunks, optimizer, micro_batches) for _ in range(steps)]
         finally:
             if run.train.cuda_graphs:
                 release_cuda_graphs()
@@ -207,8 +222,8 @@ def main() -> None:
         (args.out / f"{preset}.json").write_text(json.dumps(results, indent=2))
     import torch
 
-    print(f"\n{torch.cuda.get_device_name()}; step = full training step (forward, backward, optimizer); "
-          f"MFU vs dense BF16 peak for every precision")
+    print(f"\n{torch.cuda.get_device_name()}; step = full training step (forward, backward, optimizer), fused "
+          f"cross entropy; MFU vs dense BF16 peak for every precision")
     print("\n".join(tables))
     if restart and "error" not in restart[3]:
         preset, run_name, cold, warm = restart

@@ -84,7 +84,9 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def _ddp_wrap(chunks, world: World, distributed_optimizer: bool):
+def ddp_wrap(chunks, world: World, distributed_optimizer: bool):
+    """megatron-core's DistributedDataParallel around each chunk (fp32 grad buffers, no bucketing
+    after the first chunk), as the trainer uses it."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     config = chunks[0].config
@@ -196,7 +198,7 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
         run_dir=str(run_dir), model_vocab_size=run.model.vocab_size,
     )
     train_data, valid_data = datasets[0], datasets[1]
-    chunks = _ddp_wrap(
+    chunks = ddp_wrap(
         build_model(run.model, run.parallel, run.precision, run.train.seed, world.device,
                     cuda_graphs=run.train.cuda_graphs, fused_cross_entropy=run.train.fused_cross_entropy),
         world, run.parallel.distributed_optimizer,

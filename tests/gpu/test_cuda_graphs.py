@@ -85,12 +85,14 @@ def test_graph_replay_resets_state_at_document_boundaries():
     from pipeline.config import load_run_config
     from pipeline.distributed import distributed
     from pipeline.model.build import build_model, release_cuda_graphs
+    from pipeline.training.loop import ddp_wrap
 
     run = load_run_config(["precision=bf16"])
     with distributed(run.parallel, None, "cuda") as world:
         (eager,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
-        (graphed,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device,
-                                 cuda_graphs=True)
+        # Graph capture of the backward writes into the grad buffers of megatron-core's DDP, as in training.
+        (graphed,) = ddp_wrap(build_model(run.model, run.parallel, run.precision, run.train.seed, world.device,
+                                          cuda_graphs=True), world, distributed_optimizer=True)
         try:
             first = _packed_inputs(_documents(0), 8)
             # One eager step records every layer; create_cudagraphs() captures them (the schedule

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -19,9 +21,17 @@ def test_hf_export_bench_runs_as_a_script_from_any_directory(tmp_path):
     assert not (tmp_path / "b").exists(), "the scratch directory must be deleted without --keep"
 
 
-def test_train_gpu_bench_runs_as_a_module():
-    proc = subprocess.run([sys.executable, "-m", "bench.train_gpu", "--help"], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0 and "--data" in proc.stdout, proc.stderr[-3000:]
+@pytest.mark.parametrize("module, option", [("bench.fp8_convergence", "--data"), ("bench.train", "--presets"),
+                                            ("bench.profile_step", "--kernel-cache")])
+def test_gpu_bench_runs_as_a_module(module, option):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and option in proc.stdout, proc.stderr[-3000:]
+
+
+def test_gpu_bench_runs_as_a_script_from_any_directory(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "profile_step.py"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "--run" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_preprocess_bench_runs_as_a_script():
