@@ -3,7 +3,8 @@ committed before the run ends, and still atomic when the trainer is killed or th
 the writer process is writing.
 
 One synchronous run is the reference; an async run whose writer kills the trainer at step 4 is resumed
-to the end; a copy of the reference continues with a full disk under the writer.
+to the end; a copy of the reference continues with a full disk under the writer. Last, the CPU smoke
+test of bench/checkpoint_save.py.
 """
 
 import io
@@ -155,3 +156,14 @@ def test_full_disk_under_the_background_writer_is_one_line_and_keeps_the_previou
     assert latest(run_dir) == "step_0000008"
     assert not list((run_dir / "checkpoints").glob(".tmp-*")), "the half-written save was left behind"
     assert not (run_dir / "DONE").exists(), "a run whose last save failed must not look finished"
+
+
+def test_checkpoint_save_benchmark_runs_on_cpu(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cpu([sys.executable, "bench/checkpoint_save.py", "--model", "tiny", "--out", str(out)])
+    result = json.loads((out / "checkpoint_save.json").read_text())
+    assert result["gb"] > 0 and result["copy_gb"] == result["gb"], result
+    assert abs(result["async_gb"] / result["gb"] - 1) < 1e-4, result  # RNG states serialise to varying lengths
+    assert min(result["sync_save_s"], result["async_stall_s"], result["async_write_s"], result["copy_s"]) > 0, result
+    assert "background save: stall of the loop" in proc.stdout, proc.stdout[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint_save.json"], "checkpoints left without --keep"
