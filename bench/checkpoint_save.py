@@ -7,16 +7,17 @@ a preset's full training state cost the training loop, next to a plain copy of t
 
 DIR must be on the disk checkpoints go to, with room for two copies of the state. The model and
 optimizer are built as the trainer builds them (`pipeline.config.load_run_config`, build_model,
-megatron's DDP and optimizer, one optimizer step so that Adam's moments exist) and saved with
-`pipeline.checkpoint.CheckpointWriter`: once synchronously, once in the background while the process
-polls every 0.1 s as the training loop does every step. Prints one table: the state's size, the
-synchronous save's seconds, the background save's stall (what the loop pays: staging to host memory,
-polls, commit) and write seconds, and the seconds and GB/s of copying the synchronous checkpoint's
-data files with shutil.copyfile + fsync on the same disk. The checkpoints are deleted unless --keep;
-the numbers go to DIR/checkpoint_save.json too.
+megatron's DDP and optimizer, one optimizer step so that Adam's moments exist) and saved with the
+trainer's `Saver`: once synchronously, once in the background while the process polls it every
+0.1 s as the training loop does every step. Prints one table: the state's size, the synchronous
+save's seconds, the background save's stall (what the loop pays: building the sharded state,
+staging it to host memory, polls, commit) and write seconds, and the seconds and GB/s of copying
+the synchronous checkpoint's data files with shutil.copyfile + fsync on the same disk. The
+checkpoints are deleted unless --keep; the numbers go to DIR/checkpoint_save.json too.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -45,10 +46,22 @@ def copy_files(source: Path, names: list[str], target: Path) -> tuple[int, float
     return total, time.perf_counter() - started
 
 
+class Records:
+    """The `log` a Saver reports to: prints its lines, keeps its metric records."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def info(self, message: str) -> None:
+        print(message, flush=True)
+
+    def log(self, step: int, record: dict, kind: str = "train") -> None:
+        self.records.append(record)
+
+
 def measure(model: str, precision: str, out: Path, keep: bool) -> dict:
     import torch
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from omegaconf import OmegaConf
 
     from pipeline import checkpoint as ckpt
     from pipeline.config import load_run_config
@@ -56,7 +69,7 @@ def measure(model: str, precision: str, out: Path, keep: bool) -> dict:
     from pipeline.model.build import build_model, virtual_stages
     from pipeline.training.loop import _ddp_wrap
     from pipeline.training.optim import build_optimizer, build_scheduler
-    from pipeline.training.state import TrainState, checkpoint_meta, sharded_state
+    from pipeline.training.state import Saver, TrainState
 
     run = load_run_config([f"model={model}", f"precision={precision}", f"run_dir={out}"])
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
@@ -66,35 +79,36 @@ def measure(model: str, precision: str, out: Path, keep: bool) -> dict:
         scheduler = build_scheduler(optimizer, run.optim, run.train.iters)
         optimizer.step()  # zero gradients: creates Adam's moments as the first training step does
         state = TrainState(step=1)
-        yaml = OmegaConf.to_yaml(OmegaConf.structured(run))
 
-        def save(background: bool) -> ckpt.SaveReport:
-            reports = []
-            writer = ckpt.CheckpointWriter(out / ("async" if background else "sync"), background=background,
-                                           on_commit=reports.append)
-            full = sharded_state(chunks, optimizer, scheduler, state, world, with_rng=True, loading=False)
-            writer.save(state.step, full, checkpoint_meta(run, state, world), yaml)
-            while not reports:  # the training loop polls once per step
+        def save(name: str, background: bool) -> dict:
+            """The trainer's Saver, polled as the loop polls it once per step, until the save is committed."""
+            saving = dataclasses.replace(run, run_dir=str(out / name),
+                                         checkpoint=dataclasses.replace(run.checkpoint, async_save=background))
+            log = Records()
+            saver = Saver(saving, world, log)
+            saver.save(chunks, optimizer, scheduler, state)
+            while not log.records:
                 time.sleep(POLL_S)
-                writer.poll()
-            return reports[0]
+                saver.poll(state.step)
+            return log.records[0]
 
         # A process's first save starts megatron's results-queue server, which imports torch when the
         # first results arrive (~2 s): a one-off, paid here by a save of one number.
         one = {"w": ShardedTensor.from_rank_offsets("w", torch.zeros(1, device=world.device))}
         ckpt.save_checkpoint(out / "warm-up", 0, one, ckpt.CheckpointMeta(step=0, model={}), "")
         shutil.rmtree(out / "warm-up")
-        sync = save(background=False)
-        copied, copy_s = copy_files(sync.path, sorted(ckpt.read_meta(sync.path).files), out / "copy")
+        sync = save("sync", background=False)
+        step_dir = out / "sync" / "checkpoints" / ckpt.step_dir_name(state.step)
+        copied, copy_s = copy_files(step_dir, sorted(ckpt.read_meta(step_dir).files), out / "copy")
         shutil.rmtree(out / "copy")
         if not keep:
             shutil.rmtree(out / "sync")  # room for the next one on a small disk
-        background = save(background=True)
+        background = save("async", background=True)
         if not keep:
             shutil.rmtree(out / "async")
-        return {"model": model, "precision": precision, "device": str(world.device), "gb": sync.bytes / 1e9,
-                "sync_save_s": sync.stall_s, "sync_write_s": sync.write_s, "async_stall_s": background.stall_s,
-                "async_write_s": background.write_s, "async_gb": background.bytes / 1e9,
+        return {"model": model, "precision": precision, "device": str(world.device), "gb": sync["gb"],
+                "sync_save_s": sync["stall_s"], "sync_write_s": sync["write_s"], "async_stall_s": background["stall_s"],
+                "async_write_s": background["write_s"], "async_gb": background["gb"],
                 "copy_s": copy_s, "copy_gb": copied / 1e9}
 
 

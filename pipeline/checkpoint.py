@@ -442,9 +442,11 @@ class CheckpointWriter:
             if dist.get_world_size() > 1:
                 self._peers = dist.new_group(backend="gloo", timeout=timedelta(seconds=PEER_TIMEOUT_S))
 
-    def save(self, step: int, sharded_state: dict, meta: CheckpointMeta, run_config_yaml: str) -> Path:
+    def save(self, step: int, sharded_state: dict, meta: CheckpointMeta, run_config_yaml: str,
+             prepared_s: float = 0.0) -> Path:
         """Save `sharded_state` as checkpoint `step`: written and committed before returning, or, in the
         background, staged and handed to a writer (a save still in flight is committed first).
+        `prepared_s`, the caller's seconds spent building `sharded_state`, counts in the save's stall.
 
         A failed write (disk full, read-only) raises a one-line StorageError on every rank after
         removing the temporary directory; `latest` stays on the previous checkpoint."""
@@ -478,7 +480,7 @@ class CheckpointWriter:
         except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
             self._discard(save, exc)
             raise
-        save.stall_s = time.perf_counter() - started
+        save.stall_s = prepared_s + time.perf_counter() - started
         if self.background:
             self._pending = save
         elif self._on_commit is not None:
@@ -516,11 +518,10 @@ class CheckpointWriter:
     def abort(self) -> None:
         """Kill this rank's background writer now, without a word to the other ranks; the save in
         flight stays uncommitted (a second Ctrl-C)."""
-        if self._pending is None:
-            return
-        for call in self._calls.async_calls:
-            call.async_caller.close(abort=True)
-        self._calls.async_calls.clear()
+        if self._calls is not None:
+            for call in self._calls.async_calls:
+                call.async_caller.close(abort=True)
+            self._calls.async_calls.clear()
         self._pending = None
 
     def _finalize(self, blocking: bool) -> None:

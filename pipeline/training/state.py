@@ -18,6 +18,7 @@ the RNG states tensors plus JSON, so the stored objects load with `torch.load(we
 import json
 import random
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,12 +132,11 @@ class Saver:
     def save(self, chunks, optimizer, scheduler, state: TrainState) -> None:
         """Save the state at `state.step` (in the background: returns once it is staged)."""
         self._step = state.step
-        self._writer.save(
-            state.step,
-            sharded_state(chunks, optimizer, scheduler, state, self._world, with_rng=True, loading=False),
-            checkpoint_meta(self._run, state, self._world),
-            OmegaConf.to_yaml(OmegaConf.structured(self._run)),
-        )
+        started = time.perf_counter()
+        full = sharded_state(chunks, optimizer, scheduler, state, self._world, with_rng=True, loading=False)
+        meta = checkpoint_meta(self._run, state, self._world)
+        run_config = OmegaConf.to_yaml(OmegaConf.structured(self._run))
+        self._writer.save(state.step, full, meta, run_config, prepared_s=time.perf_counter() - started)
 
     def poll(self, step: int) -> None:
         """Commit the save in flight if it is written on every rank (call every step)."""
