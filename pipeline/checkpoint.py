@@ -418,8 +418,9 @@ class CheckpointWriter:
         writer.wait()                 # before the end: waits for the write, commits
         writer.settle_after_error()   # in an exception handler: commits if all ranks got there
         writer.abort()                # kills this rank's writer; the save stays uncommitted
+        writer.close()                # after the last save
 
-    All but `abort` are collective. `on_commit(SaveReport)` runs on every rank after each commit.
+    All but `abort` and `close` are collective. `on_commit(SaveReport)` runs on every rank after each commit.
     """
 
     def __init__(self, checkpoints_dir: str | Path, keep: int | None = None, background: bool = False,
@@ -523,6 +524,15 @@ class CheckpointWriter:
                 call.async_caller.close(abort=True)
             self._calls.async_calls.clear()
         self._pending = None
+
+    def close(self) -> None:
+        """Release what the writer holds across saves (the ranks' agreement group); call after the
+        last save is committed or aborted."""
+        import torch.distributed as dist
+
+        if self._peers is not None:
+            dist.destroy_process_group(self._peers)
+            self._peers = None
 
     def _finalize(self, blocking: bool) -> None:
         from torch.distributed.checkpoint.api import CheckpointException

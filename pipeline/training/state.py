@@ -164,15 +164,18 @@ class Saver:
     def __exit__(self, kind, exc, tb) -> None:
         """Leaving commits the save in flight: normally, and after an exception if every rank had one
         (otherwise a warning says it was not committed); a second Ctrl-C kills the writer at once."""
-        if kind is None:
-            self._writer.wait()
-        elif not issubclass(kind, Exception):
-            self._writer.abort()
-        else:
-            try:
-                self._writer.settle_after_error()
-            except Exception as e:  # noqa: BLE001 - the exception that ends the run is the one to show
-                print(f"WARNING: {e}", file=sys.stderr, flush=True)
+        try:
+            if kind is None:
+                self._writer.wait()
+            elif not issubclass(kind, Exception):
+                self._writer.abort()
+            else:
+                try:
+                    self._writer.settle_after_error()
+                except Exception as e:  # noqa: BLE001 - the exception that ends the run is the one to show
+                    print(f"WARNING: {e}", file=sys.stderr, flush=True)
+        finally:
+            self._writer.close()
 
 
 def pick_checkpoint(run: RunConfig, world: World) -> Path | None:
