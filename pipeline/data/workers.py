@@ -1,29 +1,13 @@
 """The tokenizing worker processes of preprocessing, which never outlive the run that started them.
 
 A worker blocked on its task queue would wait forever once its parent is killed (kill -9, OOM
-killer): on Linux the kernel kills each worker when the parent dies (PR_SET_PDEATHSIG).
+killer): on Linux the kernel kills each worker when the parent dies (`processes.die_with_parent`).
 """
 
-import ctypes
-import os
-import signal
-import sys
 from typing import Optional
 
 from pipeline.data.records import ChunkResult, encode_chunk
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this process when `parent_pid` (its parent) exits (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent_pid:  # the parent died before the request took effect
-        os.kill(os.getpid(), signal.SIGKILL)
+from pipeline.processes import die_with_parent
 
 
 class Worker:

@@ -34,7 +34,7 @@ from pipeline.training.batches import step_batches
 from pipeline.training.kernel_cache import KernelCache
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.run_lock import run_dir_owner
-from pipeline.training.state import pick_checkpoint, resume, save, warn
+from pipeline.training.state import Saver, pick_checkpoint, resume, warn
 from pipeline.training.step import eval_step, train_step
 
 DONE = "DONE"
@@ -170,7 +170,8 @@ def train(run: RunConfig, objective=None) -> dict:
             log = MetricsLogger(run.logging, run.run_dir, world.rank, Path(run.run_dir).name, asdict(run))
             stop = StopRequest(announce=world.rank == 0)
             try:
-                return _train(run, world, log, stop, objective)
+                with Saver(run, world, log) as saver:
+                    return _train(run, world, log, stop, saver, objective)
             finally:
                 if run.train.cuda_graphs:
                     release_cuda_graphs()
@@ -178,7 +179,8 @@ def train(run: RunConfig, objective=None) -> dict:
                 log.close()
 
 
-def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, make_objective=None) -> dict:
+def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, saver: Saver,
+           make_objective=None) -> dict:
     from megatron.core import parallel_state
 
     run_dir = Path(run.run_dir)
@@ -271,16 +273,19 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
         if eval_batches and (state.step % run.train.eval_interval == 0 or state.step == run.train.iters):
             last_val = validate()
         stopping = (stop.agreed(world.device) or state.step == exit_at) and state.step < run.train.iters
+        saver.poll(state.step)
         interval = run.checkpoint.save_interval
         at_end = state.step == run.train.iters and run.checkpoint.save_at_end
         if stopping or at_end or (interval and state.step % interval == 0):
-            save(run, chunks, optimizer, scheduler, state, world, log)
+            saver.save(chunks, optimizer, scheduler, state)
         if stopping:
+            saver.wait()
             signame = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
             reason = "train.exit_after_steps" if state.step == exit_at else signame
             log.info(f"stopping at step {state.step} ({reason}); restart with the same run_dir to resume")
             return {"step": state.step, "loss": last_loss, "val_loss": last_val and last_val["loss"],
                     "valid": last_val, "done": False}
+    saver.wait()
     if world.rank == 0:
         (run_dir / DONE).write_text(f"{state.step}\n")
     return {"step": state.step, "loss": last_loss, "val_loss": last_val and last_val["loss"],

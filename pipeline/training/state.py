@@ -2,11 +2,16 @@
 
     found = pick_checkpoint(run, world)                                   # before writing to run_dir
     state = resume(run, found, chunks, optimizer, scheduler, world, log)  # fresh run: TrainState()
-    save(run, chunks, optimizer, scheduler, state, world, log)            # every save_interval
+    with Saver(run, world, log) as saver:
+        saver.save(chunks, optimizer, scheduler, state)                   # every save_interval
+        saver.poll(state.step)                                            # every step
+        saver.wait()                                                      # before DONE
 
 `pick_checkpoint` chooses the newest intact checkpoint of run_dir (`checkpoint.find_resumable`:
 damaged ones are skipped with a warning naming them); `resume` loads it or, for a fresh run dir,
-the weights of `checkpoint.init_from`. Nothing here is pickled: the loop counters are plain ints and
+the weights of `checkpoint.init_from`. `Saver` writes checkpoints, in the background with
+checkpoint.async_save: at most one in flight, committed once written on every rank, and always
+before the run ends (docs/checkpoints.md). Nothing here is pickled: the loop counters are plain ints and
 the RNG states tensors plus JSON, so the stored objects load with `torch.load(weights_only=True)`.
 """
 
@@ -107,18 +112,70 @@ def checkpoint_meta(run: RunConfig, state: TrainState, world: World) -> ckpt.Che
     )
 
 
-def save(run: RunConfig, chunks, optimizer, scheduler, state: TrainState, world: World, log) -> None:
-    """Save a checkpoint of everything `resume` restores (all ranks)."""
-    started = time.perf_counter()
-    path = ckpt.save_checkpoint(
-        Path(run.run_dir) / "checkpoints",
-        state.step,
-        sharded_state(chunks, optimizer, scheduler, state, world, with_rng=True, loading=False),
-        checkpoint_meta(run, state, world),
-        OmegaConf.to_yaml(OmegaConf.structured(run)),
-        keep=run.checkpoint.keep_last or None,
-    )
-    log.info(f"saved checkpoint {path} in {time.perf_counter() - started:.1f}s")
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+class Saver:
+    """Saves everything `resume` restores (all ranks) and logs what each save cost once committed:
+    a line on the console and a `kind: checkpoint` record in the metrics (saved_step, stall_s,
+    waited_s, write_s, gb, gb_per_s)."""
+
+    def __init__(self, run: RunConfig, world: World, log):
+        self._run, self._world, self._log = run, world, log
+        self._step = 0
+        self._writer = ckpt.CheckpointWriter(
+            Path(run.run_dir) / "checkpoints", keep=run.checkpoint.keep_last or None,
+            background=run.checkpoint.async_save, on_commit=self._report,
+        )
+
+    def save(self, chunks, optimizer, scheduler, state: TrainState) -> None:
+        """Save the state at `state.step` (in the background: returns once it is staged)."""
+        self._step = state.step
+        started = time.perf_counter()
+        full = sharded_state(chunks, optimizer, scheduler, state, self._world, with_rng=True, loading=False)
+        meta = checkpoint_meta(self._run, state, self._world)
+        run_config = OmegaConf.to_yaml(OmegaConf.structured(self._run))
+        self._writer.save(state.step, full, meta, run_config, prepared_s=time.perf_counter() - started)
+
+    def poll(self, step: int) -> None:
+        """Commit the save in flight if it is written on every rank (call every step)."""
+        self._step = step
+        self._writer.poll()
+
+    def wait(self) -> None:
+        """Wait for the save in flight and commit it."""
+        self._writer.wait()
+
+    def _report(self, report: ckpt.SaveReport) -> None:
+        gb = report.bytes / 1e9
+        rate = gb / report.write_s if report.write_s > 0 else 0.0
+        waited = f" ({report.waited_s:.1f} s of it waiting for the write)" if report.waited_s >= 0.05 else ""
+        where = " in the background" if report.background else ""
+        self._log.info(f"saved checkpoint {report.path}: stall {report.stall_s:.1f} s{waited}; {_size(report.bytes)} "
+                       f"written in {report.write_s:.1f} s ({rate:.2f} GB/s){where}")
+        # Logged at the step it was committed: trackers drop records of steps older than their last.
+        self._log.log(self._step, {"saved_step": report.step, "stall_s": report.stall_s, "waited_s": report.waited_s,
+                                   "write_s": report.write_s, "gb": gb, "gb_per_s": rate}, kind="checkpoint")
+
+    def __enter__(self) -> "Saver":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        """Leaving commits the save in flight: normally, and after an exception if every rank had one
+        (otherwise a warning says it was not committed); a second Ctrl-C kills the writer at once."""
+        try:
+            if kind is None:
+                self._writer.wait()
+            elif not issubclass(kind, Exception):
+                self._writer.abort()
+            else:
+                try:
+                    self._writer.settle_after_error()
+                except Exception as e:  # noqa: BLE001 - the exception that ends the run is the one to show
+                    print(f"WARNING: {e}", file=sys.stderr, flush=True)
+        finally:
+            self._writer.close()
 
 
 def pick_checkpoint(run: RunConfig, world: World) -> Path | None:

@@ -31,6 +31,7 @@ MODULE_LAYERS = {
     "pipeline.megatron_patches": CORE,
     "pipeline.errors": BASE,
     "pipeline.fs": BASE,
+    "pipeline.processes": BASE,
     "pipeline": BASE,
     # Config schemas of a stage sit with the configs, so the composition in pipeline.config can
     # import them without importing the stage.
