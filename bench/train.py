@@ -197,6 +197,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="training steps per run (the first two are not timed)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/bench_train")))
     parser.add_argument("--no-bare", action="store_true", help="skip bare megatron-core")
+    parser.add_argument("--no-restart", action="store_true", help="skip the time-to-first-step restart")
     parser.add_argument("--one", nargs=2, metavar=("PRESET", "RUN"), help=argparse.SUPPRESS)
     parser.add_argument("--tag", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -214,7 +215,7 @@ def main() -> None:
         results = []
         for run_name in args.runs.split(","):
             results.append(launch(args, preset, run_name, bare=not args.no_bare))
-            if restart is None and "error" not in results[-1]:
+            if restart is None and not args.no_restart and "error" not in results[-1]:
                 # The same configuration again: its kernels are in the cache the first run filled.
                 again = launch(args, preset, run_name, bare=False, tag="-restart")
                 restart = (preset, run_name, results[-1], again)

@@ -433,8 +433,11 @@ class CheckpointWriter:
         self.keep = keep
         self.background = background
         self._on_commit = on_commit
+        from pipeline.megatron_patches import write_results_queue_dies_with_trainer
+
         self._pending: _Save | None = None
         self._calls = self._peers = None
+        write_results_queue_dies_with_trainer()
         if background:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 

@@ -26,16 +26,25 @@ Reading a checkpoint unpickles bytes from disk in two places (torch 2.11, megatr
 (megatron's common state, our RNG and train state) goes through `DefaultLoadPlanner.load_bytes`, a
 `torch.load(weights_only=False)`. A crafted checkpoint would run code in both. `safe_checkpoint_loading()`
 reads them with an allow-list instead (see docs/checkpoints.md).
+
+Checkpoint writers report their results through a multiprocessing Manager queue whose server process
+megatron-core starts on first use and never stops (`filesystem_async.get_write_results_queue`): a
+trainer killed with SIGKILL left it running (~0.5 GB each). `write_results_queue_dies_with_trainer()`
+starts that server itself, set to die with the trainer.
 """
 
 import io
+import multiprocessing
+import os
 import pickle
 import re
 from contextlib import contextmanager
+from multiprocessing.managers import SyncManager
 
 import torch
 
 from pipeline.errors import UnsafeCheckpointError
+from pipeline.processes import die_with_parent
 
 # Every global that torch's `.metadata` pickle of a megatron-core checkpoint references (found by
 # recording `find_class` over real checkpoints): torch's checkpoint metadata records, torch.Size, the
@@ -218,3 +227,18 @@ def safe_checkpoint_loading():
         yield
     finally:
         FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes = read_metadata, load_bytes
+
+
+def write_results_queue_dies_with_trainer() -> None:
+    """Give megatron-core's checkpoint writers a results queue whose server dies with this process
+    (module docstring); a no-op once megatron has a queue."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    # "spawn", as megatron's own: the server must not inherit this process's threads and CUDA state.
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()
+    # The queue is a proxy: the manager object must live as long as the queue does (both module-level).
+    filesystem_async._results_queue_manager = manager

@@ -29,12 +29,16 @@ def trainer(run_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.train", *BASE, f"run_dir={run_dir}", *overrides]
 
 
-def writers_of(run_dir: Path) -> list[psutil.Process]:
-    """Live processes of this run's trainer: it and the writers it forked share its command line."""
+def session_of(leader: int) -> list[psutil.Process]:
+    """Live processes of the session the trainer leads: everything it started (forked writers,
+    multiprocessing's servers) unless they left the session."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
-        if f"run_dir={run_dir}" in (proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(proc)
+        try:
+            if os.getsid(proc.pid) == leader and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (ProcessLookupError, PermissionError):
+            continue
     return found
 
 
@@ -53,8 +57,8 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
-    """An async run whose background writer SIGKILLs the trainer while writing step 4, and whether any
-    process of the run was still alive 10 s later."""
+    """An async run whose background writer SIGKILLs the trainer while writing step 4, and which
+    processes of the run (its session) were still alive 10 s later."""
     root = tmp_path_factory.mktemp("killed")
     run_dir = root / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
@@ -65,9 +69,9 @@ def killed(tmp_path_factory):
         try:
             code = proc.wait(timeout=300)
             deadline = time.monotonic() + 10
-            while writers_of(run_dir) and time.monotonic() < deadline:
+            while session_of(proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            survivors = [p.pid for p in writers_of(run_dir)]
+            survivors = [" ".join(p.info["cmdline"] or [])[:200] for p in session_of(proc.pid)]
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # what else the trainer started (multiprocessing's helpers)
