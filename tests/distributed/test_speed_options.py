@@ -1,0 +1,43 @@
+"""The speed options of the trainer as a user switches them on a CPU machine: the GPU-only ones fail at
+once with one line, the kernel cache and the start-up timing records work everywhere."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.distributed.training import BASE, REPO, run_cpu
+
+
+@pytest.mark.parametrize("option", ["train.cuda_graphs=true", "train.fused_cross_entropy=true"])
+def test_gpu_only_option_on_cpu_fails_in_one_line_before_writing(tmp_path, option):
+    run_dir = tmp_path / "run"
+    proc = run_cpu([sys.executable, "-m", "pipeline.train", *BASE, f"run_dir={run_dir}", option], check=False)
+    name = option.split("=")[0]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {name}=true needs a GPU (this run is on cpu); set {name}=false"), proc.stderr[-2000:]
+    assert not run_dir.exists(), "a refused run must not create its run directory"
+
+
+def test_kernel_cache_and_timing_records(tmp_path):
+    run_dir, cache = tmp_path / "run", tmp_path / "shared" / "kernels"
+    run_cpu([sys.executable, "-m", "pipeline.train", *BASE, f"run_dir={run_dir}", "train.iters=11",
+             f"train.kernel_cache={cache}"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timing = [r for r in rows if r["kind"] == "timing"]
+    assert [r["step"] for r in timing] == [1, 10], timing
+    first, steady = timing
+    assert 0 < first["first_step_s"] and 0 < first["startup_s"] < 300, first
+    assert 0 < steady["steady_step_s"] and steady["first_step_vs_steady"] > 0, steady
+    # No Triton kernel runs on CPU: nothing is tuned, so nothing is written (a GPU run writes
+    # autotune.json there: docs/performance.md, Start-up); the run directory gets no cache of its own.
+    assert not (run_dir / "kernel_cache").exists()
+    assert not (cache / "autotune.json").exists()
+
+
+def test_kernel_cache_is_a_documented_train_option():
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "kernel_cache" in proc.stdout and "cuda_graphs" in proc.stdout, proc.stdout[-2000:]
