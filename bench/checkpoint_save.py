@@ -64,6 +64,7 @@ def measure(model: str, precision: str, out: Path, keep: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from pipeline import checkpoint as ckpt
+    from pipeline.checkpoint_writer import save_checkpoint
     from pipeline.config import load_run_config
     from pipeline.distributed import distributed
     from pipeline.model.build import build_model, virtual_stages
@@ -95,7 +96,7 @@ def measure(model: str, precision: str, out: Path, keep: bool) -> dict:
         # A process's first save starts megatron's results-queue server, which imports torch when the
         # first results arrive (~2 s): a one-off, paid here by a save of one number.
         one = {"w": ShardedTensor.from_rank_offsets("w", torch.zeros(1, device=world.device))}
-        ckpt.save_checkpoint(out / "warm-up", 0, one, ckpt.CheckpointMeta(step=0, model={}), "")
+        save_checkpoint(out / "warm-up", 0, one, ckpt.CheckpointMeta(step=0, model={}), "")
         shutil.rmtree(out / "warm-up")
         sync = save("sync", background=False)
         step_dir = out / "sync" / "checkpoints" / ckpt.step_dir_name(state.step)

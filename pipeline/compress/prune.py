@@ -285,6 +285,7 @@ def prune_checkpoint(parent_dir, plan: KeepPlan, out_dir, parallel=None, precisi
     from omegaconf import OmegaConf
 
     from pipeline import checkpoint as ckpt
+    from pipeline.checkpoint_writer import save_checkpoint
     from pipeline.config import RunConfig
     from pipeline.distributed import ParallelConfig, distributed
     from pipeline.model.precision import PrecisionConfig
@@ -326,7 +327,7 @@ def prune_checkpoint(parent_dir, plan: KeepPlan, out_dir, parallel=None, precisi
             load_full_tensors(chunks, lambda key: prune_tensor(tensors.get, plan, key))
             layout = {"tp": parallel.tp, "pp": parallel.pp, "dp": world_size // (parallel.tp * parallel.pp),
                       "world_size": world_size}
-            ckpt.save_checkpoint(
+            save_checkpoint(
                 Path(tmp[0]) / "checkpoints", 0, ckpt.model_sharded_state(chunks),
                 student_meta(plan, step_dir, meta, layout), OmegaConf.to_yaml(OmegaConf.structured(run)),
             )

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from pipeline import checkpoint as ckpt
+from pipeline.checkpoint_writer import CheckpointWriter, SaveReport
 from pipeline.config import RunConfig
 from pipeline.distributed import World
 from pipeline.errors import CheckpointError
@@ -124,7 +125,7 @@ class Saver:
     def __init__(self, run: RunConfig, world: World, log):
         self._run, self._world, self._log = run, world, log
         self._step = 0
-        self._writer = ckpt.CheckpointWriter(
+        self._writer = CheckpointWriter(
             Path(run.run_dir) / "checkpoints", keep=run.checkpoint.keep_last or None,
             background=run.checkpoint.async_save, on_commit=self._report,
         )
@@ -147,7 +148,7 @@ class Saver:
         """Wait for the save in flight and commit it."""
         self._writer.wait()
 
-    def _report(self, report: ckpt.SaveReport) -> None:
+    def _report(self, report: SaveReport) -> None:
         gb = report.bytes / 1e9
         rate = gb / report.write_s if report.write_s > 0 else 0.0
         waited = f" ({report.waited_s:.1f} s of it waiting for the write)" if report.waited_s >= 0.05 else ""

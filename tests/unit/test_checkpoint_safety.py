@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointMeta, fingerprint, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import CheckpointMeta, fingerprint, load_checkpoint
+from pipeline.checkpoint_writer import save_checkpoint
 from pipeline.distributed import ParallelConfig
 from pipeline.distributed import distributed
 from pipeline.errors import UnsafeCheckpointError

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ckpt
+from pipeline.checkpoint_writer import save_checkpoint
 from pipeline.compress.importance import score_importance
 from pipeline.compress.scores import LAYER_METRICS, ParentIdentity, load_scores
 from pipeline.config import load_run_config
@@ -40,7 +41,7 @@ def make_parent(root, model_overrides=MODEL):
             p[f"decoder.layers.{layer}.mlp.linear_fc1.weight"][neuron] = 0
             p[f"decoder.layers.{DEAD_LAYER}.mixer.out_proj.weight"].zero_()
         meta = ckpt.CheckpointMeta(step=1, model=dataclasses.asdict(run.model))
-        return ckpt.save_checkpoint(root / "checkpoints", 1, ckpt.model_sharded_state([chunk]), meta, "")
+        return save_checkpoint(root / "checkpoints", 1, ckpt.model_sharded_state([chunk]), meta, "")
 
 
 @pytest.fixture(scope="module")

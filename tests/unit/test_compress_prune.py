@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ckpt
+from pipeline.checkpoint_writer import save_checkpoint
 from pipeline.compress.prune import (
     keep_plan, make_plan, prune_checkpoint, prune_tensor, prune_tensors,
 )
@@ -62,7 +63,7 @@ def parent(tmp_path_factory):
         root = tmp_path_factory.mktemp("parent")
         meta = ckpt.CheckpointMeta(step=7, model=dataclasses.asdict(run.model),
                                    parallel={"tp": 1, "pp": 1, "dp": 1, "world_size": 1})
-        step_dir = ckpt.save_checkpoint(root / "checkpoints", 7, ckpt.model_sharded_state([chunk]), meta, "")
+        step_dir = save_checkpoint(root / "checkpoints", 7, ckpt.model_sharded_state([chunk]), meta, "")
         tokens = torch.randint(0, run.model.vocab_size, (2, 32), generator=gen)
         state = {k: v.detach().clone() for k, v in chunk.named_parameters()}
         yield dict(run=run, chunk=chunk, state=state, step_dir=step_dir, root=root,

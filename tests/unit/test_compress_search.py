@@ -7,6 +7,7 @@ import json
 import pytest
 
 from pipeline import checkpoint as ckpt
+from pipeline.checkpoint_writer import save_checkpoint
 from pipeline.compress.prune import keep_plan, prune_checkpoint
 from pipeline.compress.scores import ParentIdentity, save_scores
 from pipeline.compress.search import Candidate, check_search_request, load_candidates, search, search_candidates
@@ -132,7 +133,7 @@ def test_search_step_prints_the_table_and_its_top_candidate_prunes_to_a_loadable
     with distributed(parent_run.parallel, None, "cpu") as world:
         (chunk,) = build_model(parent_run.model, parent_run.parallel, parent_run.precision, parent_run.train.seed, world.device)
         meta = ckpt.CheckpointMeta(step=2, model=dataclasses.asdict(parent_run.model))
-        step = ckpt.save_checkpoint(tmp_path / "parent" / "checkpoints", 2, ckpt.model_sharded_state([chunk]),
+        step = save_checkpoint(tmp_path / "parent" / "checkpoints", 2, ckpt.model_sharded_state([chunk]),
                                     meta, "")
     identity = ParentIdentity(str(step.resolve()), 2, meta.model)
     run = _run(f"compress.parent={tmp_path / 'parent'}", f"run_dir={tmp_path / 'run'}", "compress.target_params=2e5")

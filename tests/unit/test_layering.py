@@ -27,6 +27,7 @@ MODULE_LAYERS = {
     "pipeline.config": CORE,
     "pipeline.distributed": CORE,
     "pipeline.checkpoint": CORE,
+    "pipeline.checkpoint_writer": CORE,
     "pipeline.metrics": CORE,
     "pipeline.megatron_patches": CORE,
     "pipeline.errors": BASE,
