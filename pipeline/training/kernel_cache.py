@@ -15,6 +15,7 @@ by the same Triton, mamba-ssm and GPU model that wrote it. Compiled kernels go t
 """
 
 import ast
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -84,8 +85,6 @@ class KernelCache:
         path = directory / AUTOTUNE_FILE
         if path.is_file():
             try:
-                import json
-
                 saved = json.loads(path.read_text())
                 if saved.get("env") != cache.env:
                     warn(f"kernel cache {path} was tuned for {saved.get('env')}, this is {cache.env}: tuning again")
@@ -118,8 +117,6 @@ class KernelCache:
 
     def save(self) -> int:
         """Collect and write the choices (one process per cache: global rank 0); returns how many are new."""
-        import json
-
         new = self.collect()
         if new:
             self.directory.mkdir(parents=True, exist_ok=True)
