@@ -6,6 +6,7 @@ pre-hook), and a cache from another environment or a damaged file is ignored wit
 """
 
 import json
+import os
 import sys
 import types
 
@@ -57,8 +58,6 @@ def test_choice_survives_a_restart(tmp_path, monkeypatch):
     assert again.primed == 1
     assert restarted.cache[KEY] is restarted.configs[1], "the cached choice must be the kernel's own config"
     assert restarted.cache[KEY].pre_hook is _zero_hook
-    import os
-
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton")
 
 
