@@ -19,6 +19,13 @@ from pipeline.training.kernel_cache import AUTOTUNE_FILE, KernelCache
 KEY = (128, 64, "torch.bfloat16")
 
 
+@pytest.fixture(autouse=True)
+def no_triton_cache_dir(monkeypatch):
+    """KernelCache.open sets TRITON_CACHE_DIR when unset: start unset, restore the real value after."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", "recorded-for-undo")
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+
+
 def _zero_hook(nargs):
     return None
 
@@ -44,7 +51,6 @@ def _install_kernel(monkeypatch, name: str = "fakepkg.ops"):
 
 
 def test_choice_survives_a_restart(tmp_path, monkeypatch):
-    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     tuner = _install_kernel(monkeypatch)
     first = KernelCache.open(tmp_path)
     assert first.primed == 0
