@@ -50,6 +50,13 @@ def check_precision_supported(precision: PrecisionConfig, device: torch.device) 
         raise ConfigError(f"precision={precision.name} (MXFP8) needs a Blackwell GPU; use precision=fp8_tensorwise")
 
 
+def check_gpu_only_options(device: torch.device, **options: bool) -> None:
+    """ConfigError naming the first train.<option> switched on that needs a GPU this run does not have."""
+    for name, on in options.items():
+        if on and device.type != "cuda":
+            raise ConfigError(f"train.{name}=true needs a GPU (this run is on {device.type}); set train.{name}=false")
+
+
 def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, device: torch.device, vp: int | None,
     cuda_graphs: bool = False, fused_cross_entropy: bool = False,
@@ -144,9 +151,7 @@ def build_model(
 
     backend = backend or default_backend(device)
     check_precision_supported(precision, device)
-    for name, on in (("cuda_graphs", cuda_graphs), ("fused_cross_entropy", fused_cross_entropy)):
-        if on and device.type != "cuda":
-            raise ConfigError(f"train.{name}=true needs a GPU (this run is on {device.type}); set train.{name}=false")
+    check_gpu_only_options(device, cuda_graphs=cuda_graphs, fused_cross_entropy=fused_cross_entropy)
     vp = virtual_stages(model, parallel)
     config = transformer_config(model, parallel, precision, device, vp, cuda_graphs, fused_cross_entropy)
     pattern = megatron_pattern(model.parsed_pattern(), parallel.pp)

@@ -28,7 +28,7 @@ from pipeline.data.tokenizer import load_tokenizer
 from pipeline.distributed import World, distributed
 from pipeline.errors import ConfigError
 from pipeline.metrics import MetricsLogger
-from pipeline.model.build import build_model, release_cuda_graphs, virtual_stages
+from pipeline.model.build import build_model, check_gpu_only_options, release_cuda_graphs, virtual_stages
 from pipeline.model.sizes import flops_per_step
 from pipeline.training.batches import step_batches
 from pipeline.training.kernel_cache import KernelCache
@@ -149,14 +149,6 @@ class StartupTiming:
         return n
 
 
-def _check_gpu_options(run: RunConfig, world: World) -> None:
-    """GPU-only options on another device fail before the run directory is touched."""
-    for name in ("cuda_graphs", "fused_cross_entropy"):
-        if getattr(run.train, name) and world.device.type != "cuda":
-            raise ConfigError(f"train.{name}=true needs a GPU (this run is on {world.device.type}); "
-                              f"set train.{name}=false")
-
-
 def _check_batch_layout(run: RunConfig, world: World) -> None:
     per_step = run.train.micro_batch_size * world.dp
     if run.train.global_batch_size % per_step:
@@ -174,7 +166,9 @@ def train(run: RunConfig, objective=None) -> dict:
     """
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
         _check_batch_layout(run, world)
-        _check_gpu_options(run, world)
+        # Before the run directory is touched (build_model checks again, too late for that).
+        check_gpu_only_options(world.device, cuda_graphs=run.train.cuda_graphs,
+                               fused_cross_entropy=run.train.fused_cross_entropy)
         with run_dir_owner(run.run_dir, world.rank):
             log = MetricsLogger(run.logging, run.run_dir, world.rank, Path(run.run_dir).name, asdict(run))
             stop = StopRequest(announce=world.rank == 0)

@@ -1,5 +1,5 @@
 """The speed options of the trainer as a user switches them on a CPU machine: the GPU-only ones fail at
-once with one line, the kernel cache and the start-up timing records work everywhere."""
+once with one line; the kernel cache, the start-up timing records and checkpoint.save_at_end work everywhere."""
 
 import json
 import subprocess
@@ -21,10 +21,10 @@ def test_gpu_only_option_on_cpu_fails_in_one_line_before_writing(tmp_path, optio
     assert not run_dir.exists(), "a refused run must not create its run directory"
 
 
-def test_kernel_cache_and_timing_records(tmp_path):
+def test_kernel_cache_timing_records_and_no_final_save(tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "shared" / "kernels"
     run_cpu([sys.executable, "-m", "pipeline.train", *BASE, f"run_dir={run_dir}", "train.iters=11",
-             f"train.kernel_cache={cache}"])
+             f"train.kernel_cache={cache}", "checkpoint.save_at_end=false"])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timing = [r for r in rows if r["kind"] == "timing"]
     assert [r["step"] for r in timing] == [1, 10], timing
@@ -35,6 +35,8 @@ def test_kernel_cache_and_timing_records(tmp_path):
     # autotune.json there: docs/performance.md, Start-up); the run directory gets no cache of its own.
     assert not (run_dir / "kernel_cache").exists()
     assert not (cache / "autotune.json").exists()
+    assert not list((run_dir / "checkpoints").glob("step_*")), "checkpoint.save_at_end=false saved at the end"
+    assert (run_dir / "DONE").is_file()
 
 
 def test_kernel_cache_is_a_documented_train_option():
