@@ -8,12 +8,13 @@ a preset's full training state cost the training loop, next to a plain copy of t
 DIR must be on the disk checkpoints go to, with room for two copies of the state. The model and
 optimizer are built as the trainer builds them (`pipeline.config.load_run_config`, build_model,
 megatron's DDP and optimizer, one optimizer step so that Adam's moments exist) and saved with the
-trainer's `Saver`: once synchronously, once in the background while the process polls it every
-0.1 s as the training loop does every step. Prints one table: the state's size, the synchronous
+trainer's `Saver`: once synchronously, then --saves times in the background while the process polls
+it every 0.1 s as the training loop does every step (the first background save also pays for
+allocating pinned host memory). Prints one table: the state's size, the synchronous
 save's seconds, the background save's stall (what the loop pays: building the sharded state,
 staging it to host memory, polls, commit) and write seconds, and the seconds and GB/s of copying
-the synchronous checkpoint's data files with shutil.copyfile + fsync on the same disk. The
-checkpoints are deleted unless --keep; the numbers go to DIR/checkpoint_save.json too.
+the synchronous checkpoint's data files with shutil.copyfile + fsync on the same disk. Each
+checkpoint is deleted once measured unless --keep; the numbers go to DIR/checkpoint_save.json too.
 """
 
 import argparse
@@ -59,7 +60,7 @@ class Records:
         self.records.append(record)
 
 
-def measure(model: str, precision: str, out: Path, keep: bool) -> dict:
+def measure(model: str, precision: str, out: Path, keep: bool, saves: int) -> dict:
     import torch
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -104,13 +105,15 @@ def measure(model: str, precision: str, out: Path, keep: bool) -> dict:
         shutil.rmtree(out / "copy")
         if not keep:
             shutil.rmtree(out / "sync")  # room for the next one on a small disk
-        background = save("async", background=True)
-        if not keep:
-            shutil.rmtree(out / "async")
+        background = []
+        for i in range(saves):
+            background.append(save(f"async-{i + 1}", background=True))
+            if not keep:
+                shutil.rmtree(out / f"async-{i + 1}")
         return {"model": model, "precision": precision, "device": str(world.device), "gb": sync["gb"],
-                "sync_save_s": sync["stall_s"], "sync_write_s": sync["write_s"], "async_stall_s": background["stall_s"],
-                "async_write_s": background["write_s"], "async_gb": background["gb"],
-                "copy_s": copy_s, "copy_gb": copied / 1e9}
+                "sync_save_s": sync["stall_s"], "sync_write_s": sync["write_s"],
+                "async_stall_s": [b["stall_s"] for b in background], "async_write_s": [b["write_s"] for b in background],
+                "async_gb": background[0]["gb"], "copy_s": copy_s, "copy_gb": copied / 1e9}
 
 
 def main() -> None:
@@ -118,21 +121,22 @@ def main() -> None:
     parser.add_argument("--model", default="bench_1p5b", help="model preset (conf/model)")
     parser.add_argument("--precision", default="bf16", help="precision preset (conf/precision)")
     parser.add_argument("--out", type=Path, required=True, help="a directory on the checkpoint disk")
-    parser.add_argument("--keep", action="store_true", help="keep the two checkpoints")
+    parser.add_argument("--saves", type=int, default=2,
+                        help="background saves in a row")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = parser.parse_args()
     out = args.out.resolve()
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} is not empty; give a new or empty directory")
     out.mkdir(parents=True, exist_ok=True)
-    r = measure(args.model, args.precision, out, args.keep)
+    r = measure(args.model, args.precision, out, args.keep, args.saves)
     (out / "checkpoint_save.json").write_text(json.dumps(r, indent=2))
     print(f"\n{r['model']}, {r['precision']}, {r['device']}: training state {r['gb']:.2f} GB, written to {out}")
-    rows = [
-        ("synchronous save (the loop waits)", r["sync_save_s"], r["gb"] / r["sync_write_s"]),
-        ("background save: stall of the loop", r["async_stall_s"], None),
-        ("background save: write", r["async_write_s"], r["async_gb"] / r["async_write_s"]),
-        ("plain copy of the files (+ fsync)", r["copy_s"], r["copy_gb"] / r["copy_s"]),
-    ]
+    rows = [("synchronous save (the loop waits)", r["sync_save_s"], r["gb"] / r["sync_write_s"])]
+    for i, (stall, write) in enumerate(zip(r["async_stall_s"], r["async_write_s"])):
+        rows += [(f"background save {i + 1}: stall of the loop", stall, None),
+                 (f"background save {i + 1}: write", write, r["async_gb"] / write)]
+    rows.append(("plain copy of the files (+ fsync)", r["copy_s"], r["copy_gb"] / r["copy_s"]))
     print(f"{'':<38}{'seconds':>9}{'write GB/s':>12}")
     for name, seconds, rate in rows:
         print(f"{name:<38}{seconds:>9.2f}{'' if rate is None else f'{rate:.2f}':>12}")

@@ -34,7 +34,8 @@ RUNS = {  # name: (precision, packed documents)
 
 
 def overrides(data: Path, precision: str, packed: bool, iters: int, run_dir: Path) -> list[str]:
-    return [
+    # One kernel cache for all runs: only the first autotunes the Mamba kernels.
+    return [f"train.kernel_cache={run_dir.parent / 'kernel_cache'}",
         "model=bench_125m", f"precision={precision}", f"train.iters={iters}", f"train.seq_length={SEQ}",
         f"train.micro_batch_size={MICRO}", f"train.global_batch_size={GLOBAL}",
         f"train.packed_documents={str(packed).lower()}", "train.eval_interval=100", "train.eval_iters=2",
@@ -108,7 +109,10 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.data.resolve()
-    results = {name: train_run(name, data, args.iters, args.out) for name in args.runs.split(",") if name}
+    results = {}
+    for name in filter(None, args.runs.split(",")):
+        results[name] = r = train_run(name, data, args.iters, args.out)
+        print(f"{name}: final loss {r['final_loss']:.4f}, val loss {r['val_loss']:.4f} ({r['wall_s']:.0f} s)", flush=True)
     bare = {} if args.no_bare else {p: bare_forward_backward_ms(p) for p in ("bf16", "fp8_tensorwise")}
     (args.out / "bench_train.json").write_text(json.dumps({"runs": results, "bare_fwd_bwd_ms": bare}, indent=2))
     print(f"\n{torch.cuda.get_device_name()} | bench_125m, seq {SEQ}, micro {MICRO}, global {GLOBAL}, {args.iters} steps")

@@ -4,10 +4,11 @@ precision and CUDA graphs on/off, plus time to first step with a cold and a reus
     python -m pipeline.data.corpus                 # the embedded corpus (data/build), once
     python bench/train.py                          # bench_1p5b and bench_8b_width, every run below
     python bench/train.py --presets bench_1p5b --runs bf16,bf16+graphs --steps 8 --out /tmp/bench
+    python bench/train.py --tables /tmp/gpu0 /tmp/gpu1  # merge benchmarks run side by side, one per GPU
 
 Every run: sequence 8192, micro-batch 1, global batch 8, packed documents on (the default), fused
-cross entropy (train.fused_cross_entropy). For each
-(preset, run) one subprocess measures
+cross entropy (train.fused_cross_entropy), PyTorch's expandable-segments allocator (ALLOCATOR). For each
+(preset, run) two subprocesses measure, one after the other, each with the whole GPU:
   bare      megatron-core alone: the same HybridModel, DDP and distributed optimizer driven by
             megatron-core's schedule on token tensors already on the GPU (no data loading, loss
             reduction, finiteness check or logging): the floor for our step;
@@ -37,6 +38,9 @@ PRESETS = ("bench_1p5b", "bench_8b_width")
 RUNS = ("bf16", "bf16+graphs", "fp8_tensorwise", "fp8_tensorwise+graphs", "fp8_delayed", "fp8_delayed+graphs",
         "fp8_blockwise", "fp8_blockwise+graphs")
 """precision preset, '+graphs' for train.cuda_graphs=true."""
+ALLOCATOR = "expandable_segments:True"
+"""PYTORCH_CUDA_ALLOC_CONF of every run unless set: without it the 8B-width graphed runs fail for
+fragmentation (19 GB reserved but unallocated at the OOM), not for want of memory."""
 SKIP_STEPS = 2
 """Steps not timed: the first autotunes kernels and captures graphs, the second still settles."""
 
@@ -110,11 +114,8 @@ def bare_step_seconds(run, steps: int) -> float:
     return statistics.median(times[SKIP_STEPS:])
 
 
-def one(preset: str, run_name: str, data: Path, steps: int, out: Path, bare: bool, tag: str = "") -> dict:
-    """Measure one (preset, run) in this process: the pipeline first (a cold kernel cache stays cold
-    for it), then bare megatron-core once the pipeline's memory is freed."""
-    import gc
-
+def one(preset: str, run_name: str, data: Path, steps: int, out: Path, tag: str = "") -> dict:
+    """Measure the pipeline's step for one (preset, run) in this process."""
     import torch
 
     from pipeline.config import load_run_config
@@ -127,7 +128,7 @@ def one(preset: str, run_name: str, data: Path, steps: int, out: Path, bare: boo
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps_rows = [r for r in rows if r["kind"] == "train"][SKIP_STEPS:]
     timing = next(r for r in rows if r["kind"] == "timing")
-    result = {
+    return {
         "preset": preset, "run": run_name, "flops_per_step": flops_per_step(run.model, SEQ, GLOBAL),
         "peak_tflops": bf16_peak_tflops(torch.cuda.get_device_name()),
         "step_s": statistics.median(GLOBAL * SEQ / r["tokens_per_s"] for r in steps_rows),
@@ -136,29 +137,47 @@ def one(preset: str, run_name: str, data: Path, steps: int, out: Path, bare: boo
         "startup_s": timing["startup_s"],
         "first_step_s": timing["first_step_s"],
     }
-    if bare:
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        result["bare_s"] = bare_step_seconds(run, steps)
-        result["bare_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return result
 
 
-def launch(args, preset: str, run_name: str, bare: bool, tag: str = "") -> dict:
-    """Run `one` in a fresh process (each configuration gets the whole GPU), its log kept in --out."""
-    name = f"{preset}-{run_name}{tag}".replace("+", "_")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", preset, run_name, "--steps", str(args.steps),
-           "--data", str(args.data), "--out", str(args.out)] + ([] if bare else ["--no-bare"])
+def one_bare(preset: str, run_name: str, data: Path, steps: int, out: Path) -> dict:
+    """Measure bare megatron-core's step for one (preset, run) in this process."""
+    import torch
+
+    from pipeline.config import load_run_config
+    from pipeline.training.kernel_cache import KernelCache
+
+    run = load_run_config(overrides(preset, run_name, data, steps, out / "bare", out / "kernel_cache"))
+    KernelCache.open(run.train.kernel_cache)  # the pipeline's autotuning, not paid again
+    return {"bare_s": bare_step_seconds(run, steps), "bare_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def measure(args, preset: str, run_name: str, part: str, tag: str = "") -> dict:
+    """Run `one` (part "pipeline") or `one_bare` ("bare") in a fresh process, which gets the whole GPU
+    (the 8B-width model fits once, not twice), its log kept in --out; {"error": ...} if it failed."""
+    name = f"{preset}-{run_name}{tag}-{part}".replace("+", "_")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", preset, run_name, "--part", part,
+           "--steps", str(args.steps), "--data", str(args.data), "--out", str(args.out)]
     if tag:
         cmd.append(f"--tag={tag}")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    env = dict(os.environ)
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     (args.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-        print(f"{preset} {run_name}{tag}: failed ({' | '.join(tail)[-400:]})", flush=True)
-        return {"preset": preset, "run": run_name, "error": tail[-1] if tail else "failed"}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{preset} {run_name}{tag} {part}: failed ({' | '.join(tail)[-400:]})", flush=True)
+        return {"error": tail[-1] if tail else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def launch(args, preset: str, run_name: str, bare: bool, tag: str = "") -> dict:
+    """The pipeline's numbers for one (preset, run), then bare megatron-core's in another process."""
+    result = {"preset": preset, "run": run_name, **measure(args, preset, run_name, "pipeline", tag)}
+    if "error" in result:
+        return result
+    if bare:
+        measured = measure(args, preset, run_name, "bare")
+        result.update(measured if "error" not in measured else {"bare_error": measured["error"]})
     print(f"{preset} {run_name}{tag}: step {result['step_s']:.3f} s, bare {result.get('bare_s', float('nan')):.3f} s, "
           f"first step {result['first_step_s']}", flush=True)
     return result
@@ -186,7 +205,21 @@ def table(preset: str, results: list[dict]) -> str:
                       f"{r['step_s'] / bare:>11.3f}") if bare else f"{'-':>12}{'-':>10}{'-':>11}"
         lines.append(f"{r['run']:<24}{GLOBAL * SEQ / r['step_s']:>10,.0f}{tflops:>9.1f}{mfu:>7.1%}{speedup:>8.2f}x"
                      f"{r['mem_gib']:>9.1f}{bare_cells}")
+        if "bare_error" in r:
+            lines.append(f"{'':<24}bare megatron-core failed: {r['bare_error'][:100]}")
     return "\n".join(lines)
+
+
+def print_merged_tables(outs: list[Path]) -> None:
+    """One table per preset from the {preset}.json files of `outs`, in the order given."""
+    merged: dict[str, list[dict]] = {}
+    for out in outs:
+        for path in sorted(out.glob("*.json")):
+            if path.stem in PRESETS:
+                merged.setdefault(path.stem, []).extend(json.loads(path.read_text()))
+    if not merged:
+        raise SystemExit(f"error: no {{preset}}.json of {', '.join(PRESETS)} in {', '.join(map(str, outs))}")
+    print("\n".join(table(preset, results) for preset, results in merged.items()))
 
 
 def main() -> None:
@@ -199,15 +232,25 @@ def main() -> None:
     parser.add_argument("--no-bare", action="store_true", help="skip bare megatron-core")
     parser.add_argument("--no-restart", action="store_true", help="skip the time-to-first-step restart")
     parser.add_argument("--one", nargs=2, metavar=("PRESET", "RUN"), help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=("pipeline", "bare"), default="pipeline", help=argparse.SUPPRESS)
     parser.add_argument("--tag", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--tables", type=Path, nargs="+", metavar="OUT",
+                        help="only print the tables of earlier benchmarks' --out directories, merged per preset "
+                             "(runs split over several GPUs, one benchmark per GPU)")
     args = parser.parse_args()
+    if args.tables:
+        print_merged_tables(args.tables)
+        return
     args.out = args.out.resolve()
     args.data = args.data.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.steps <= SKIP_STEPS:
         raise SystemExit(f"--steps must be > {SKIP_STEPS}")
     if args.one:
-        result = one(*args.one, args.data, args.steps, args.out, not args.no_bare, args.tag)
+        if args.part == "bare":
+            result = one_bare(*args.one, args.data, args.steps, args.out)
+        else:
+            result = one(*args.one, args.data, args.steps, args.out, args.tag)
         print(json.dumps(result))
         return
     tables, restart = [], None

@@ -27,6 +27,11 @@ Reading a checkpoint unpickles bytes from disk in two places (torch 2.11, megatr
 `torch.load(weights_only=False)`. A crafted checkpoint would run code in both. `safe_checkpoint_loading()`
 reads them with an allow-list instead (see docs/checkpoints.md).
 
+Saving the distributed optimizer's state in the "fully_reshardable" format, megatron-core copies
+every tensor through host memory four times (`optimizer_staging` says where); inside
+`fast_optimizer_state_saving()` its builder is replaced by `optimizer_staging.fully_reshardable_state`,
+which returns the same tensors with at most one copy. Loading is megatron's own.
+
 Checkpoint writers report their results through a multiprocessing Manager queue whose server process
 megatron-core starts on first use and never stops (`filesystem_async.get_write_results_queue`): a
 trainer killed with SIGKILL left it running (~0.5 GB each). `write_results_queue_dies_with_trainer()`
@@ -242,3 +247,26 @@ def write_results_queue_dies_with_trainer() -> None:
     filesystem_async._results_queue = manager.Queue()
     # The queue is a proxy: the manager object must live as long as the queue does (both module-level).
     filesystem_async._results_queue_manager = manager
+
+
+@contextmanager
+def fast_optimizer_state_saving():
+    """Build the distributed optimizer's "fully_reshardable" state for saving with
+    `optimizer_staging.fully_reshardable_state` (module docstring); loading and megatron's
+    memory-efficient variant keep megatron's code."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from pipeline.optimizer_staging import fully_reshardable_state
+
+    original = DistributedOptimizer.sharded_param_state_fully_reshardable
+
+    def sharded_param_state(self, model_sharded_state_dict, is_loading=False, metadata=None):
+        if is_loading or (metadata or {}).get("distrib_optim_fully_reshardable_mem_efficient", False):
+            return original(self, model_sharded_state_dict, is_loading, metadata)
+        return fully_reshardable_state(self, model_sharded_state_dict)
+
+    DistributedOptimizer.sharded_param_state_fully_reshardable = sharded_param_state
+    try:
+        yield
+    finally:
+        DistributedOptimizer.sharded_param_state_fully_reshardable = original

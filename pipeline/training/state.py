@@ -19,6 +19,7 @@ import json
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from pipeline.checkpoint_writer import CheckpointWriter, SaveReport
 from pipeline.config import RunConfig
 from pipeline.distributed import World
 from pipeline.errors import CheckpointError
-from pipeline.megatron_patches import prime_optimizer_for_loading, untie_adam_steps
+from pipeline.megatron_patches import fast_optimizer_state_saving, prime_optimizer_for_loading, untie_adam_steps
 
 SCHEDULE_GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
 """Values megatron-core copies from the config into every optimizer param group (and saves with it)."""
@@ -92,9 +93,10 @@ def sharded_state(chunks, optimizer, scheduler, state: TrainState, world: World,
     sharded = dict(model_state)
     # "fully_reshardable": optimizer state in the canonical per-parameter layout, so a checkpoint
     # resumes at any TP/PP/DP (the default format relies on flattened ranges, unsupported in 0.19).
-    sharded["optimizer"] = optimizer.sharded_state_dict(
-        model_state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
-    )
+    with nullcontext() if loading else fast_optimizer_state_saving():
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+        )
     sharded["scheduler"] = scheduler.state_dict()
     sharded["train_state"] = asdict(state)
     if with_rng:

@@ -38,3 +38,16 @@ def test_preprocess_bench_runs_as_a_script():
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "preprocess.py"), "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--megatron-lm" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_train_bench_merges_tables_of_benchmarks_run_side_by_side(tmp_path):
+    row = {"preset": "bench_8b_width", "flops_per_step": 1e15, "peak_tflops": 1000.0, "mem_gib": 100.0}
+    for name, run, step_s in (("gpu0", "bf16", 3.0), ("gpu1", "fp8_delayed", 2.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "bench_8b_width.json").write_text(json.dumps([{**row, "run": run, "step_s": step_s}]))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train.py"), "--tables", str(tmp_path / "gpu0"),
+                           str(tmp_path / "gpu1")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith(("bf16", "fp8"))}
+    assert lines["fp8_delayed"][4] == "1.50x", proc.stdout  # 3.0 s / 2.0 s, against the other GPU's BF16 row
+    assert lines["bf16"][3] == "33.3%", proc.stdout  # 1e15 FLOP / 3.0 s against a 1000 TFLOP/s peak

@@ -30,6 +30,7 @@ MODULE_LAYERS = {
     "pipeline.checkpoint_writer": CORE,
     "pipeline.metrics": CORE,
     "pipeline.megatron_patches": CORE,
+    "pipeline.optimizer_staging": CORE,
     "pipeline.errors": BASE,
     "pipeline.fs": BASE,
     "pipeline.processes": BASE,
