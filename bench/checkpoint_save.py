@@ -121,10 +121,11 @@ def main() -> None:
     parser.add_argument("--model", default="bench_1p5b", help="model preset (conf/model)")
     parser.add_argument("--precision", default="bf16", help="precision preset (conf/precision)")
     parser.add_argument("--out", type=Path, required=True, help="a directory on the checkpoint disk")
-    parser.add_argument("--saves", type=int, default=2,
-                        help="background saves in a row")
+    parser.add_argument("--saves", type=int, default=2, help="background saves in a row (at least 1)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = parser.parse_args()
+    if args.saves < 1:
+        raise SystemExit(f"error: --saves {args.saves}: give at least 1 background save")
     out = args.out.resolve()
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} is not empty; give a new or empty directory")

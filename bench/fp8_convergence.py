@@ -34,14 +34,15 @@ RUNS = {  # name: (precision, packed documents)
 
 
 def overrides(data: Path, precision: str, packed: bool, iters: int, run_dir: Path) -> list[str]:
-    # One kernel cache for all runs: only the first autotunes the Mamba kernels.
-    return [f"train.kernel_cache={run_dir.parent / 'kernel_cache'}",
+    return [
         "model=bench_125m", f"precision={precision}", f"train.iters={iters}", f"train.seq_length={SEQ}",
         f"train.micro_batch_size={MICRO}", f"train.global_batch_size={GLOBAL}",
         f"train.packed_documents={str(packed).lower()}", "train.eval_interval=100", "train.eval_iters=2",
         "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_iters=30", "logging.interval=10",
         "checkpoint.save_interval=0", f"data.tokenizer={data / 'tokenizer'}",
         f"data.paths=[{data / 'corpus_text_document'}]", f"run_dir={run_dir}",
+        # One kernel cache for all runs: only the first autotunes the Mamba kernels.
+        f"train.kernel_cache={run_dir.parent / 'kernel_cache'}",
     ]
 
 

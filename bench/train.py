@@ -179,7 +179,7 @@ def launch(args, preset: str, run_name: str, bare: bool, tag: str = "") -> dict:
         measured = measure(args, preset, run_name, "bare")
         result.update(measured if "error" not in measured else {"bare_error": measured["error"]})
     print(f"{preset} {run_name}{tag}: step {result['step_s']:.3f} s, bare {result.get('bare_s', float('nan')):.3f} s, "
-          f"first step {result['first_step_s']}", flush=True)
+          f"first step {result['first_step_s']:.1f} s", flush=True)
     return result
 
 

@@ -19,7 +19,6 @@ import json
 import random
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -93,7 +92,7 @@ def sharded_state(chunks, optimizer, scheduler, state: TrainState, world: World,
     sharded = dict(model_state)
     # "fully_reshardable": optimizer state in the canonical per-parameter layout, so a checkpoint
     # resumes at any TP/PP/DP (the default format relies on flattened ranges, unsupported in 0.19).
-    with nullcontext() if loading else fast_optimizer_state_saving():
+    with fast_optimizer_state_saving():  # saving only; loading stays megatron's
         sharded["optimizer"] = optimizer.sharded_state_dict(
             model_state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
         )
