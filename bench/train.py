@@ -7,7 +7,8 @@ precision and CUDA graphs on/off, plus time to first step with a cold and a reus
     python bench/train.py --tables /tmp/gpu0 /tmp/gpu1  # merge benchmarks run side by side, one per GPU
 
 Every run: sequence 8192, micro-batch 1, global batch 8, packed documents on (the default), fused
-cross entropy (train.fused_cross_entropy), PyTorch's expandable-segments allocator (ALLOCATOR). For each
+cross entropy (train.fused_cross_entropy), PyTorch's expandable-segments allocator
+(train.expandable_segments, the default). For each
 (preset, run) two subprocesses measure, one after the other, each with the whole GPU:
   bare      megatron-core alone: the same HybridModel, DDP and distributed optimizer driven by
             megatron-core's schedule on token tensors already on the GPU (no data loading, loss
@@ -38,9 +39,6 @@ PRESETS = ("bench_1p5b", "bench_8b_width")
 RUNS = ("bf16", "bf16+graphs", "fp8_tensorwise", "fp8_tensorwise+graphs", "fp8_delayed", "fp8_delayed+graphs",
         "fp8_blockwise", "fp8_blockwise+graphs")
 """precision preset, '+graphs' for train.cuda_graphs=true."""
-ALLOCATOR = "expandable_segments:True"
-"""PYTORCH_CUDA_ALLOC_CONF of every run unless set: without it the 8B-width graphed runs fail for
-fragmentation (19 GB reserved but unallocated at the OOM), not for want of memory."""
 SKIP_STEPS = 2
 """Steps not timed: the first autotunes kernels and captures graphs, the second still settles."""
 
@@ -62,11 +60,14 @@ def bare_setup(run, world):
     """Model, optimizer and resident micro-batches of a bare megatron-core step for `run`."""
     import torch
 
+    from pipeline.distributed import use_expandable_segments
     from pipeline.model.build import build_model
     from pipeline.training.batches import to_model_inputs
     from pipeline.training.loop import ddp_wrap
     from pipeline.training.optim import build_optimizer
 
+    if run.train.expandable_segments:  # as the trainer does
+        use_expandable_segments()
     chunks = ddp_wrap(build_model(run.model, run.parallel, run.precision, run.train.seed, world.device,
                                   cuda_graphs=run.train.cuda_graphs, fused_cross_entropy=run.train.fused_cross_entropy),
                       world, run.parallel.distributed_optimizer)
@@ -159,9 +160,7 @@ def measure(args, preset: str, run_name: str, part: str, tag: str = "") -> dict:
            "--steps", str(args.steps), "--data", str(args.data), "--out", str(args.out)]
     if tag:
         cmd.append(f"--tag={tag}")
-    env = dict(os.environ)
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     (args.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
@@ -172,6 +171,7 @@ def measure(args, preset: str, run_name: str, part: str, tag: str = "") -> dict:
 
 def launch(args, preset: str, run_name: str, bare: bool, tag: str = "") -> dict:
     """The pipeline's numbers for one (preset, run), then bare megatron-core's in another process."""
+    started = time.time()
     result = {"preset": preset, "run": run_name, **measure(args, preset, run_name, "pipeline", tag)}
     if "error" in result:
         return result
@@ -179,7 +179,7 @@ def launch(args, preset: str, run_name: str, bare: bool, tag: str = "") -> dict:
         measured = measure(args, preset, run_name, "bare")
         result.update(measured if "error" not in measured else {"bare_error": measured["error"]})
     print(f"{preset} {run_name}{tag}: step {result['step_s']:.3f} s, bare {result.get('bare_s', float('nan')):.3f} s, "
-          f"first step {result['first_step_s']:.1f} s", flush=True)
+          f"first step {result['first_step_s']:.1f} s ({time.time() - started:.0f} s)", flush=True)
     return result
 
 
@@ -262,8 +262,9 @@ def main() -> None:
                 # The same configuration again: its kernels are in the cache the first run filled.
                 again = launch(args, preset, run_name, bare=False, tag="-restart")
                 restart = (preset, run_name, results[-1], again)
+            # After every run: a benchmark stopped part-way still leaves its rows for --tables.
+            (args.out / f"{preset}.json").write_text(json.dumps(results, indent=2))
         tables.append(table(preset, results))
-        (args.out / f"{preset}.json").write_text(json.dumps(results, indent=2))
     import torch
 
     print(f"\n{torch.cuda.get_device_name()}; step = full training step (forward, backward, optimizer), fused "

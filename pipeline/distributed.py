@@ -65,6 +65,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def use_expandable_segments() -> None:
+    """Turn on PyTorch's expandable-segments CUDA allocator in this process (train.expandable_segments).
+
+    Call it before the run's large allocations: segments allocated earlier keep their kind.
+    """
+    import torch
+
+    # The config option cannot go through PYTORCH_ALLOC_CONF: torch may have read it already. This
+    # is the call torch.cuda.memory._set_allocator_settings (deprecated in torch 2.11) forwards to.
+    torch._C._accelerator_setAllocatorSettings("expandable_segments:True")
+
+
 def _slurm_env_defaults() -> None:
     """Map srun's SLURM_* variables to the torch.distributed ones when torchrun did not set them."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:

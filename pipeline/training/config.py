@@ -43,6 +43,11 @@ class TrainConfig:
     """GPU: the loss through Transformer Engine's fused cross-entropy kernel instead of megatron-core's
     unfused fp32 one (the same loss up to rounding; tests/gpu/test_cuda_graphs.py). Off by default
     because it changes the rounding."""
+    expandable_segments: bool = True
+    """GPU: PyTorch's expandable-segments CUDA allocator, which grows a segment instead of leaving
+    freed blocks of one size stranded. Without it the graphed 8B-width run ran out of memory with
+    19 GB reserved but unused (docs/performance.md). false leaves the allocator as PYTORCH_ALLOC_CONF
+    (or PYTORCH_CUDA_ALLOC_CONF) says; the numerics are the same either way."""
     kernel_cache: Optional[str] = None
     """Directory keeping the compiled Triton kernels and the Mamba kernels' autotune choices, so a
     restart skips the autotuning of its first step (pipeline/training/kernel_cache.py). None:

@@ -25,7 +25,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import RunConfig
 from pipeline.data.blend import build_datasets
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.distributed import World, distributed
+from pipeline.distributed import World, distributed, use_expandable_segments
 from pipeline.errors import ConfigError
 from pipeline.metrics import MetricsLogger
 from pipeline.model.build import build_model, check_gpu_only_options, release_cuda_graphs, virtual_stages
@@ -164,6 +164,8 @@ def train(run: RunConfig, objective=None) -> dict:
     `objective(run, world, log, chunks)`, when given, builds a `step.Objective` replacing the LM loss
     (distillation: pipeline/compress/distill.py); its other keys are logged with the loss.
     """
+    if run.train.expandable_segments and torch.cuda.is_available():
+        use_expandable_segments()
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
         _check_batch_layout(run, world)
         # Before the run directory is touched (build_model checks again, too late for that).

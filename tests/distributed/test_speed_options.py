@@ -1,5 +1,6 @@
 """The speed options of the trainer as a user switches them on a CPU machine: the GPU-only ones fail at
-once with one line; the kernel cache, the start-up timing records and checkpoint.save_at_end work everywhere."""
+once with one line; the kernel cache, the start-up timing records, checkpoint.save_at_end and
+train.expandable_segments (a no-op without CUDA; tests/gpu/test_allocator.py checks its effect) work everywhere."""
 
 import json
 import subprocess
@@ -24,7 +25,7 @@ def test_gpu_only_option_on_cpu_fails_in_one_line_before_writing(tmp_path, optio
 def test_kernel_cache_timing_records_and_no_final_save(tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "shared" / "kernels"
     run_cpu([sys.executable, "-m", "pipeline.train", *BASE, f"run_dir={run_dir}", "train.iters=11",
-             f"train.kernel_cache={cache}", "checkpoint.save_at_end=false"])
+             f"train.kernel_cache={cache}", "checkpoint.save_at_end=false", "train.expandable_segments=false"])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timing = [r for r in rows if r["kind"] == "timing"]
     assert [r["step"] for r in timing] == [1, 10], timing
@@ -42,4 +43,5 @@ def test_kernel_cache_timing_records_and_no_final_save(tmp_path):
 def test_kernel_cache_is_a_documented_train_option():
     proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == 0 and "kernel_cache" in proc.stdout and "cuda_graphs" in proc.stdout, proc.stdout[-2000:]
+    for key in ("kernel_cache", "cuda_graphs", "expandable_segments"):
+        assert proc.returncode == 0 and key in proc.stdout, f"{key} missing from --help: {proc.stdout[-2000:]}"

@@ -1,6 +1,7 @@
 """The benchmarks outside the package run as their docstrings say (bench/README.md)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,15 @@ def test_train_bench_merges_tables_of_benchmarks_run_side_by_side(tmp_path):
     lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith(("bf16", "fp8"))}
     assert lines["fp8_delayed"][4] == "1.50x", proc.stdout  # 3.0 s / 2.0 s, against the other GPU's BF16 row
     assert lines["bf16"][3] == "33.3%", proc.stdout  # 1e15 FLOP / 3.0 s against a 1000 TFLOP/s peak
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--runs", "bf16,fp8_typo"], "unknown run fp8_typo"),
+    (["--parallel", "--runs", "bf16"], "none is visible"),
+])
+def test_fp8_convergence_refuses_bad_arguments_before_training(tmp_path, extra, message):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "fp8_convergence.py"), "--data", str(tmp_path),
+                           "--out", str(tmp_path / "out"), *extra], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out" / "bf16").exists(), "no run may start"
