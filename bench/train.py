@@ -5,6 +5,7 @@ precision and CUDA graphs on/off, plus time to first step with a cold and a reus
     python bench/train.py                          # bench_1p5b and bench_8b_width, every run below
     python bench/train.py --presets bench_1p5b --runs bf16,bf16+graphs --steps 8 --out /tmp/bench
     python bench/train.py --tables /tmp/gpu0 /tmp/gpu1  # merge benchmarks run side by side, one per GPU
+    python bench/train.py --presets bench_1p5b --runs bf16 --set train.expandable_segments=false --out /tmp/b
 
 Every run: sequence 8192, micro-batch 1, global batch 8, packed documents on (the default), fused
 cross entropy (train.fused_cross_entropy), PyTorch's expandable-segments allocator
@@ -115,7 +116,7 @@ def bare_step_seconds(run, steps: int) -> float:
     return statistics.median(times[SKIP_STEPS:])
 
 
-def one(preset: str, run_name: str, data: Path, steps: int, out: Path, tag: str = "") -> dict:
+def one(preset: str, run_name: str, data: Path, steps: int, out: Path, tag: str = "", extra: tuple = ()) -> dict:
     """Measure the pipeline's step for one (preset, run) in this process."""
     import torch
 
@@ -124,7 +125,7 @@ def one(preset: str, run_name: str, data: Path, steps: int, out: Path, tag: str 
     from pipeline.training.loop import bf16_peak_tflops, train
 
     run_dir = out / preset / (run_name + tag).replace("+", "_")
-    run = load_run_config(overrides(preset, run_name, data, steps, run_dir, out / "kernel_cache"))
+    run = load_run_config(overrides(preset, run_name, data, steps, run_dir, out / "kernel_cache") + list(extra))
     train(run)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps_rows = [r for r in rows if r["kind"] == "train"][SKIP_STEPS:]
@@ -140,14 +141,14 @@ def one(preset: str, run_name: str, data: Path, steps: int, out: Path, tag: str 
     }
 
 
-def one_bare(preset: str, run_name: str, data: Path, steps: int, out: Path) -> dict:
+def one_bare(preset: str, run_name: str, data: Path, steps: int, out: Path, extra: tuple = ()) -> dict:
     """Measure bare megatron-core's step for one (preset, run) in this process."""
     import torch
 
     from pipeline.config import load_run_config
     from pipeline.training.kernel_cache import KernelCache
 
-    run = load_run_config(overrides(preset, run_name, data, steps, out / "bare", out / "kernel_cache"))
+    run = load_run_config(overrides(preset, run_name, data, steps, out / "bare", out / "kernel_cache") + list(extra))
     KernelCache.open(run.train.kernel_cache)  # the pipeline's autotuning, not paid again
     return {"bare_s": bare_step_seconds(run, steps), "bare_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
@@ -160,6 +161,7 @@ def measure(args, preset: str, run_name: str, part: str, tag: str = "") -> dict:
            "--steps", str(args.steps), "--data", str(args.data), "--out", str(args.out)]
     if tag:
         cmd.append(f"--tag={tag}")
+    cmd += [f"--set={override}" for override in args.set]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     (args.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -222,6 +224,26 @@ def print_merged_tables(outs: list[Path]) -> None:
     print("\n".join(table(preset, results) for preset, results in merged.items()))
 
 
+def check_arguments(args) -> None:
+    """Exit with one line for an unknown run, a config typo (--presets, --set) or no GPU, before any run starts."""
+    import torch
+
+    from pipeline.cli import exit_on_user_error
+    from pipeline.config import load_run_config
+
+    unknown = [name for name in args.runs.split(",") if name not in RUNS]
+    if unknown:
+        raise SystemExit(f"error: unknown run {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+    with exit_on_user_error():
+        for preset in args.presets.split(","):
+            for run_name in args.runs.split(","):
+                load_run_config(overrides(preset, run_name, args.data, args.steps, args.out / "check",
+                                          args.out / "kernel_cache") + args.set)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench/train.py measures GPU training and no GPU is visible; "
+                         "--tables only merges earlier results")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO / "data" / "build")
@@ -231,6 +253,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/bench_train")))
     parser.add_argument("--no-bare", action="store_true", help="skip bare megatron-core")
     parser.add_argument("--no-restart", action="store_true", help="skip the time-to-first-step restart")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override added to every run, pipeline and bare (repeatable), "
+                             "e.g. train.expandable_segments=false")
     parser.add_argument("--one", nargs=2, metavar=("PRESET", "RUN"), help=argparse.SUPPRESS)
     parser.add_argument("--part", choices=("pipeline", "bare"), default="pipeline", help=argparse.SUPPRESS)
     parser.add_argument("--tag", default="", help=argparse.SUPPRESS)
@@ -248,11 +273,12 @@ def main() -> None:
         raise SystemExit(f"--steps must be > {SKIP_STEPS}")
     if args.one:
         if args.part == "bare":
-            result = one_bare(*args.one, args.data, args.steps, args.out)
+            result = one_bare(*args.one, args.data, args.steps, args.out, tuple(args.set))
         else:
-            result = one(*args.one, args.data, args.steps, args.out, args.tag)
+            result = one(*args.one, args.data, args.steps, args.out, args.tag, tuple(args.set))
         print(json.dumps(result))
         return
+    check_arguments(args)
     tables, restart = [], None
     for preset in args.presets.split(","):
         results = []
@@ -268,7 +294,8 @@ def main() -> None:
     import torch
 
     print(f"\n{torch.cuda.get_device_name()}; step = full training step (forward, backward, optimizer), fused "
-          f"cross entropy; MFU vs dense BF16 peak for every precision")
+          f"cross entropy; MFU vs dense BF16 peak for every precision"
+          + (f"; overrides: {' '.join(args.set)}" if args.set else ""))
     print("\n".join(tables))
     if restart and "error" not in restart[3]:
         preset, run_name, cold, warm = restart

@@ -64,3 +64,16 @@ def test_fp8_convergence_refuses_bad_arguments_before_training(tmp_path, extra, 
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out" / "bf16").exists(), "no run may start"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--runs", "bf16+grafs"], "error: unknown run bf16+grafs"),
+    (["--runs", "bf16", "--set", "train.typo=1"], "error: unknown config key train.typo"),
+    (["--presets", "bench_1p5x", "--runs", "bf16"], "error: In 'config': Could not find 'model/bench_1p5x'"),
+    (["--runs", "bf16", "--set", "train.expandable_segments=false"], "error: bench/train.py measures GPU training"),
+])
+def test_train_bench_refuses_bad_arguments_before_any_run(tmp_path, extra, message):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train.py"), "--out", str(tmp_path), *extra],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
+    assert not list(tmp_path.iterdir()), f"a refused benchmark left {list(tmp_path.iterdir())}"
