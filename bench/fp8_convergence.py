@@ -133,7 +133,6 @@ def main() -> None:
                         help="start all runs at once, spread round-robin over the visible GPUs (losses are "
                              "unchanged; tokens/s of runs sharing a GPU are not comparable)")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     data = args.data.resolve()
     names = [name for name in args.runs.split(",") if name]
     unknown = [name for name in names if name not in RUNS]
@@ -142,6 +141,7 @@ def main() -> None:
     gpus = visible_gpus() if args.parallel else []
     if args.parallel and not gpus:
         raise SystemExit("error: --parallel spreads the runs over GPUs and none is visible; drop --parallel")
+    args.out.mkdir(parents=True, exist_ok=True)
     results = {}
 
     def report(name: str, result: dict) -> None:

@@ -116,7 +116,7 @@ def bare_step_seconds(run, steps: int) -> float:
     return statistics.median(times[SKIP_STEPS:])
 
 
-def one(preset: str, run_name: str, data: Path, steps: int, out: Path, tag: str = "", extra: tuple = ()) -> dict:
+def one(preset: str, run_name: str, data: Path, steps: int, out: Path, tag: str = "", extra: list[str] = ()) -> dict:
     """Measure the pipeline's step for one (preset, run) in this process."""
     import torch
 
@@ -125,7 +125,7 @@ def one(preset: str, run_name: str, data: Path, steps: int, out: Path, tag: str 
     from pipeline.training.loop import bf16_peak_tflops, train
 
     run_dir = out / preset / (run_name + tag).replace("+", "_")
-    run = load_run_config(overrides(preset, run_name, data, steps, run_dir, out / "kernel_cache") + list(extra))
+    run = load_run_config(overrides(preset, run_name, data, steps, run_dir, out / "kernel_cache") + [*extra])
     train(run)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps_rows = [r for r in rows if r["kind"] == "train"][SKIP_STEPS:]
@@ -141,14 +141,14 @@ def one(preset: str, run_name: str, data: Path, steps: int, out: Path, tag: str 
     }
 
 
-def one_bare(preset: str, run_name: str, data: Path, steps: int, out: Path, extra: tuple = ()) -> dict:
+def one_bare(preset: str, run_name: str, data: Path, steps: int, out: Path, extra: list[str] = ()) -> dict:
     """Measure bare megatron-core's step for one (preset, run) in this process."""
     import torch
 
     from pipeline.config import load_run_config
     from pipeline.training.kernel_cache import KernelCache
 
-    run = load_run_config(overrides(preset, run_name, data, steps, out / "bare", out / "kernel_cache") + list(extra))
+    run = load_run_config(overrides(preset, run_name, data, steps, out / "bare", out / "kernel_cache") + [*extra])
     KernelCache.open(run.train.kernel_cache)  # the pipeline's autotuning, not paid again
     return {"bare_s": bare_step_seconds(run, steps), "bare_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
@@ -268,17 +268,18 @@ def main() -> None:
         return
     args.out = args.out.resolve()
     args.data = args.data.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.steps <= SKIP_STEPS:
-        raise SystemExit(f"--steps must be > {SKIP_STEPS}")
+        raise SystemExit(f"error: --steps must be > {SKIP_STEPS}")
+    if not args.one:
+        check_arguments(args)
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.one:
         if args.part == "bare":
-            result = one_bare(*args.one, args.data, args.steps, args.out, tuple(args.set))
+            result = one_bare(*args.one, args.data, args.steps, args.out, args.set)
         else:
-            result = one(*args.one, args.data, args.steps, args.out, args.tag, tuple(args.set))
+            result = one(*args.one, args.data, args.steps, args.out, args.tag, args.set)
         print(json.dumps(result))
         return
-    check_arguments(args)
     tables, restart = [], None
     for preset in args.presets.split(","):
         results = []

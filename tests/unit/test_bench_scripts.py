@@ -63,7 +63,7 @@ def test_fp8_convergence_refuses_bad_arguments_before_training(tmp_path, extra, 
                            "--out", str(tmp_path / "out"), *extra], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
-    assert not (tmp_path / "out" / "bf16").exists(), "no run may start"
+    assert not (tmp_path / "out").exists(), "a refused benchmark must not create its --out"
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -73,7 +73,7 @@ def test_fp8_convergence_refuses_bad_arguments_before_training(tmp_path, extra, 
     (["--runs", "bf16", "--set", "train.expandable_segments=false"], "error: bench/train.py measures GPU training"),
 ])
 def test_train_bench_refuses_bad_arguments_before_any_run(tmp_path, extra, message):
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train.py"), "--out", str(tmp_path), *extra],
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train.py"), "--out", str(tmp_path / "out"), *extra],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
-    assert not list(tmp_path.iterdir()), f"a refused benchmark left {list(tmp_path.iterdir())}"
+    assert not (tmp_path / "out").exists(), "a refused benchmark must not create its --out"
