@@ -15,7 +15,8 @@ cross entropy (train.fused_cross_entropy), PyTorch's expandable-segments allocat
             megatron-core's schedule on token tensors already on the GPU (no data loading, loss
             reduction, finiteness check or logging): the floor for our step;
   pipeline  `pipeline.training.loop.train` on the embedded corpus: the full step users run.
-Step time is the median over the steps after the first two. TFLOP/s and MFU follow docs/performance.md
+Step time is the median over the steps after the first two, each printed (an eager step that is
+bound by CPU launches moves from step to step: docs/performance.md). TFLOP/s and MFU follow docs/performance.md
 (MFU against the dense BF16 peak for every precision). All runs share one kernel cache (--out), so
 only the first run of the benchmark autotunes the Mamba kernels; the last line times a second start
 of that first configuration (same kernel cache) against it. Prints one table per preset; JSON in --out.
@@ -100,8 +101,8 @@ def bare_step(chunks, optimizer, micro_batches) -> float:
     return time.perf_counter() - started
 
 
-def bare_step_seconds(run, steps: int) -> float:
-    """Median seconds of a bare megatron-core training step for `run`."""
+def bare_step_seconds(run, steps: int) -> list[float]:
+    """Seconds of each bare megatron-core training step for `run` after the first SKIP_STEPS."""
     from pipeline.distributed import distributed
     from pipeline.model.build import release_cuda_graphs
 
@@ -113,7 +114,7 @@ def bare_step_seconds(run, steps: int) -> float:
             if run.train.cuda_graphs:
                 release_cuda_graphs()
         del chunks, optimizer, micro_batches
-    return statistics.median(times[SKIP_STEPS:])
+    return times[SKIP_STEPS:]
 
 
 def one(preset: str, run_name: str, data: Path, steps: int, out: Path, tag: str = "", extra: list[str] = ()) -> dict:
@@ -134,6 +135,7 @@ def one(preset: str, run_name: str, data: Path, steps: int, out: Path, tag: str 
         "preset": preset, "run": run_name, "flops_per_step": flops_per_step(run.model, SEQ, GLOBAL),
         "peak_tflops": bf16_peak_tflops(torch.cuda.get_device_name()),
         "step_s": statistics.median(GLOBAL * SEQ / r["tokens_per_s"] for r in steps_rows),
+        "steps_s": [GLOBAL * SEQ / r["tokens_per_s"] for r in steps_rows],
         "mem_gib": max(r["mem_gib"] for r in steps_rows),
         "loss": steps_rows[-1]["loss"],
         "startup_s": timing["startup_s"],
@@ -150,7 +152,9 @@ def one_bare(preset: str, run_name: str, data: Path, steps: int, out: Path, extr
 
     run = load_run_config(overrides(preset, run_name, data, steps, out / "bare", out / "kernel_cache") + [*extra])
     KernelCache.open(run.train.kernel_cache)  # the pipeline's autotuning, not paid again
-    return {"bare_s": bare_step_seconds(run, steps), "bare_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    times = bare_step_seconds(run, steps)
+    return {"bare_s": statistics.median(times), "bare_steps_s": times,
+            "bare_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def measure(args, preset: str, run_name: str, part: str, tag: str = "") -> dict:
@@ -182,6 +186,10 @@ def launch(args, preset: str, run_name: str, bare: bool, tag: str = "") -> dict:
         result.update(measured if "error" not in measured else {"bare_error": measured["error"]})
     print(f"{preset} {run_name}{tag}: step {result['step_s']:.3f} s, bare {result.get('bare_s', float('nan')):.3f} s, "
           f"first step {result['first_step_s']:.1f} s ({time.time() - started:.0f} s)", flush=True)
+    # Each timed step: an eager 1.5B step is bound by CPU launches, and its time moves within a run.
+    for part, key in (("pipeline", "steps_s"), ("bare", "bare_steps_s")):
+        if key in result:
+            print(f"  {part} steps (s): {' '.join(f'{s:.3f}' for s in result[key])}", flush=True)
     return result
 
 

@@ -57,6 +57,7 @@ def test_train_bench_merges_tables_of_benchmarks_run_side_by_side(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--runs", "bf16,fp8_typo"], "unknown run fp8_typo"),
     (["--parallel", "--runs", "bf16"], "none is visible"),
+    (["--global-batch", "6"], "--global-batch 6 is not a positive multiple of the micro-batch 4"),
 ])
 def test_fp8_convergence_refuses_bad_arguments_before_training(tmp_path, extra, message):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "fp8_convergence.py"), "--data", str(tmp_path),
