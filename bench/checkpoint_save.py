@@ -6,8 +6,8 @@ a preset's full training state cost the training loop, next to a plain copy of t
     python bench/checkpoint_save.py --model bench_125m --precision fp32 --out DIR --keep
 
 DIR must be on the disk checkpoints go to, with room for two copies of the state. The model and
-optimizer are built as the trainer builds them (`pipeline.config.load_run_config`, build_model,
-megatron's DDP and optimizer, one optimizer step so that Adam's moments exist) and saved with the
+optimizer are built as the trainer builds them (`pipeline.config.load_run_config`,
+`build_training_chunks`, megatron's optimizer, one optimizer step so that Adam's moments exist) and saved with the
 trainer's `Saver`: once synchronously, then --saves times in the background while the process polls
 it every 0.1 s as the training loop does every step (the first background save also pays for
 allocating pinned host memory). Prints one table: the state's size, the synchronous
@@ -65,18 +65,17 @@ def measure(model: str, precision: str, out: Path, keep: bool, saves: int) -> di
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from pipeline import checkpoint as ckpt
-    from pipeline.checkpoint_writer import save_checkpoint
+    from pipeline.checkpoint import save_checkpoint
     from pipeline.config import load_run_config
     from pipeline.distributed import distributed
-    from pipeline.model.build import build_model, virtual_stages
-    from pipeline.training.loop import ddp_wrap
+    from pipeline.model.build import virtual_stages
     from pipeline.training.optim import build_optimizer, build_scheduler
+    from pipeline.training.prepare import build_training_chunks
     from pipeline.training.state import Saver, TrainState
 
     run = load_run_config([f"model={model}", f"precision={precision}", f"run_dir={out}"])
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
-        chunks = ddp_wrap(build_model(run.model, run.parallel, run.precision, run.train.seed, world.device),
-                           world, run.parallel.distributed_optimizer)
+        chunks = build_training_chunks(run.model, run.parallel, run.precision, run.train, world.device)
         optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
         scheduler = build_scheduler(optimizer, run.optim, run.train.iters)
         optimizer.step()  # zero gradients: creates Adam's moments as the first training step does

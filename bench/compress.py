@@ -70,7 +70,8 @@ def bench_precision(preset: dict, data: Path, parent: Path, precision: str, args
     from pipeline.checkpoint import resolve_checkpoint
     from pipeline.compress.distill import distill, model_of
     from pipeline.compress.importance import score_importance
-    from pipeline.compress.parent import parent_run, scores_path
+    from pipeline.compress.layout import CompressLayout
+    from pipeline.compress.parent import parent_run
     from pipeline.compress.prune import keep_plan, prune_checkpoint
     from pipeline.compress.scores import load_scores
     from pipeline.compress.search import search
@@ -91,8 +92,8 @@ def bench_precision(preset: dict, data: Path, parent: Path, precision: str, args
     score_importance(run)
     score_s = time.perf_counter() - started
     (best,) = search(run)[:1]
-    _, _, identity = parent_run(run)
-    plan = keep_plan(parent_model, load_scores(scores_path(run), identity), best.candidate, name="student")
+    identity = parent_run(run).identity
+    plan = keep_plan(parent_model, load_scores(CompressLayout.of(run).scores, identity), best.candidate, name="student")
     student = prune_checkpoint(parent, plan, run_dir / "student")
     distill(run, student=student)
     valid = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

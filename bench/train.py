@@ -63,16 +63,13 @@ def bare_setup(run, world):
     import torch
 
     from pipeline.distributed import use_expandable_segments
-    from pipeline.model.build import build_model
     from pipeline.training.batches import to_model_inputs
-    from pipeline.training.loop import ddp_wrap
     from pipeline.training.optim import build_optimizer
+    from pipeline.training.prepare import build_training_chunks
 
     if run.train.expandable_segments:  # as the trainer does
         use_expandable_segments()
-    chunks = ddp_wrap(build_model(run.model, run.parallel, run.precision, run.train.seed, world.device,
-                                  cuda_graphs=run.train.cuda_graphs, fused_cross_entropy=run.train.fused_cross_entropy),
-                      world, run.parallel.distributed_optimizer)
+    chunks = build_training_chunks(run.model, run.parallel, run.precision, run.train, world.device)
     optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
     gen = torch.Generator().manual_seed(0)
     micro_batches = []
@@ -123,7 +120,8 @@ def one(preset: str, run_name: str, data: Path, steps: int, out: Path, tag: str 
 
     from pipeline.config import load_run_config
     from pipeline.model.sizes import flops_per_step
-    from pipeline.training.loop import bf16_peak_tflops, train
+    from pipeline.throughput import bf16_peak_tflops
+    from pipeline.training.loop import train
 
     run_dir = out / preset / (run_name + tag).replace("+", "_")
     run = load_run_config(overrides(preset, run_name, data, steps, run_dir, out / "kernel_cache") + [*extra])

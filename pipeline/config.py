@@ -54,20 +54,13 @@ def validate_run(run: RunConfig) -> None:
     m, p = run.model, run.parallel
     layers = m.parsed_pattern().layers
     tp = p.tp
-    if MAMBA in layers:
-        for name in ("mamba_num_heads", "mamba_num_groups"):
-            if getattr(m, name) % tp:
-                raise ConfigError(
-                    f"model.{name}={getattr(m, name)} not divisible by parallel.tp={tp}; use a "
-                    f"parallel.tp that divides {getattr(m, name)}"
-                )
-    if ATTENTION in layers:
-        for name in ("num_attention_heads", "num_query_groups"):
-            if getattr(m, name) % tp:
-                raise ConfigError(
-                    f"model.{name}={getattr(m, name)} not divisible by parallel.tp={tp}; use a "
-                    f"parallel.tp that divides {getattr(m, name)}"
-                )
+    split_by_tp = {MAMBA: ("mamba_num_heads", "mamba_num_groups"), ATTENTION: ("num_attention_heads", "num_query_groups")}
+    for name in (name for kind, names in split_by_tp.items() if kind in layers for name in names):
+        if getattr(m, name) % tp:
+            raise ConfigError(
+                f"model.{name}={getattr(m, name)} not divisible by parallel.tp={tp}; use a "
+                f"parallel.tp that divides {getattr(m, name)}"
+            )
     if m.padded_vocab_size % tp:
         raise ConfigError(
             f"padded vocabulary {m.padded_vocab_size} not divisible by parallel.tp={tp}; raise "

@@ -116,13 +116,13 @@ def distributed(parallel: ParallelConfig, vp: int | None, device: str = "auto"):
 
     Inside another `distributed(...)` at the same layout it yields that one's World and cleans nothing.
 
-    On CPU, megatron-core's CUDA-only paths run under `megatron_patches.cpu_mode()` meanwhile.
+    On CPU, megatron-core's CUDA-only paths run under `megatron_on_cpu.cpu_mode()` meanwhile.
     """
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from pipeline.megatron_patches import cpu_mode
+    from pipeline.megatron_on_cpu import cpu_mode
 
     if dist.is_initialized():
         # Nested (e.g. each candidate's distillation inside `pipeline.compress rank`): reuse the

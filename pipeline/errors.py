@@ -39,3 +39,19 @@ class RunDirLockedError(PipelineError):
 
 class StorageError(PipelineError):
     """The file system refused a write (disk full, read-only, permissions)."""
+
+
+def find_cause(exc: BaseException, wanted) -> BaseException | None:
+    """The first exception behind `exc` for which `wanted` is true, through exception chains and the
+    per-rank failures of torch's CheckpointException (which wraps everything a save or load raises)."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if wanted(e):
+            return e
+        todo += [e.__cause__, e.__context__]
+        todo += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    return None

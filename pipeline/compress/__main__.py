@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
 
         # Every step needs the parent: check it first. One process group for all steps (a second
         # init in the same processes would hang under torchrun); steps nest inside it.
-        parent = parent_run(run)[0].model
+        parent = parent_run(run).run.model
         steps = run.compress.steps if step == "all" else [step]
         if "search" in steps:
             from pipeline.compress.search import check_search_request

@@ -25,6 +25,7 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.compress.kd_loss import LossWeights, cross_entropy, distillation_loss
+from pipeline.compress.layout import CompressLayout, plan_file
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.model.build import build_model, virtual_stages
@@ -32,26 +33,18 @@ from pipeline.model.config import ModelConfig
 from pipeline.training.batches import ModelInputs
 from pipeline.training.step import run_schedule
 
-BEST = "best.json"
-
-
-def compress_dir(run: RunConfig) -> Path:
-    """Where the compression steps keep their files: <run_dir>/compress."""
-    return Path(run.run_dir) / "compress"
-
-
 def resolve_parent(run: RunConfig) -> Path:
     """The parent's checkpoint directory, checked complete (every tensor of its model stored)."""
     from pipeline.compress.parent import parent_run
 
-    return parent_run(run)[1]
+    return parent_run(run).step_dir
 
 
 def resolve_student(run: RunConfig) -> Path:
     """compress.student, else the candidate `rank` recorded in <run_dir>/compress/best.json."""
     if run.compress.student:
         return ckpt.resolve_checkpoint(run.compress.student)
-    best = compress_dir(run) / BEST
+    best = CompressLayout.of(run).best
     if not best.is_file():
         raise ConfigError(
             f"no student: set compress.student=<pruned checkpoint> or run `python -m pipeline.compress rank` "
@@ -68,9 +61,7 @@ def model_of(checkpoint: Path) -> ModelConfig:
 def kept_hidden_channels(student_dir: Path) -> list[int] | None:
     """The parent's hidden channels a pruned student kept (the keep plan `prune_checkpoint` writes
     beside its checkpoints/), None for a student without one."""
-    from pipeline.compress.prune import PLAN_FILE
-
-    plan = student_dir.parent.parent / PLAN_FILE
+    plan = plan_file(student_dir)
     return json.loads(plan.read_text())["hidden"] if plan.is_file() else None
 
 
@@ -237,7 +228,7 @@ def objective_factory(teacher: Teacher, compress_cfg):
     return make
 
 
-def distill(run: RunConfig, student: str | Path | None = None) -> dict:
+def distill(run: RunConfig, student: str | Path | None = None):
     """Distil the student (`student`, compress.student or rank's pick) from compress.parent into
     run_dir with the pretraining loop; returns `train`'s summary. Resumes like pretraining."""
     from pipeline.training.loop import train

@@ -352,12 +352,14 @@ def score_importance(run) -> Path:
     from megatron.core import parallel_state
 
     from pipeline import checkpoint as ckpt
-    from pipeline.compress.parent import parent_run, scores_path
+    from pipeline.compress.layout import CompressLayout
+    from pipeline.compress.parent import parent_run
     from pipeline.distributed import distributed
     from pipeline.model.build import build_model, virtual_stages
 
-    run, step_dir, identity = parent_run(run)
-    out = scores_path(run)
+    parent = parent_run(run)
+    run, step_dir, identity = parent.run, parent.step_dir, parent.identity
+    out = CompressLayout.of(run).scores
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
         chunks = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         ckpt.load_model(step_dir, chunks)

@@ -1,20 +1,17 @@
-"""The parent of a compression run: its checkpoint opened and checked, its identity, and where its scores live.
+"""The parent of a compression run: its checkpoint opened and checked, and its identity.
 
 Every step starts here, so a missing, incomplete or mismatched parent fails before any work.
 """
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import checkpoint as ckpt
 from pipeline.compress.scores import ParentIdentity
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.hf.checkpoint_reader import CheckpointTensors
 from pipeline.model import params
 from pipeline.model.config import ModelConfig
-
-SCORES_DIR = "compress/scores"
-
 
 def parent_identity(step_dir: Path, meta: ckpt.CheckpointMeta) -> ParentIdentity:
     """The identity scores and plans record for a parent checkpoint step directory."""
@@ -30,7 +27,7 @@ def open_parent(parent_dir: str | Path):
         model = ModelConfig(**meta.model)
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"parent {step_dir} has no usable model config in its meta.json ({e}); re-save it") from e
-    tensors = CheckpointTensors(step_dir)
+    tensors = ckpt.CheckpointTensors(step_dir)
     for key, shape in params.checkpoint_shapes(model).items():
         found = tensors.shapes.get(key)
         if found != shape:
@@ -42,17 +39,23 @@ def open_parent(parent_dir: str | Path):
     return step_dir, meta, model, tensors
 
 
-def scores_path(run) -> Path:
-    """Where the scores live: compress.scores_file, else <run_dir>/compress/scores."""
-    return Path(run.compress.scores_file or Path(run.run_dir) / SCORES_DIR)
+@dataclass(frozen=True)
+class ParentRun:
+    """A compression run set up for its parent (`parent_run`)."""
+
+    run: object
+    """The RunConfig with the parent's model and a sequence length the parent supports."""
+    step_dir: Path
+    """The parent's checkpoint step directory, checked complete."""
+    identity: ParentIdentity
+    """What scores and plans record of the parent."""
 
 
-def parent_run(run):
-    """`run` with the parent's model (from its checkpoint) and a sequence length it supports;
-    the parent's step directory, meta and identity. Fails before any work on a bad parent."""
+def parent_run(run) -> ParentRun:
+    """`run` set up for its parent checkpoint (compress.parent); fails before any work on a bad parent."""
     if not run.compress.parent:
         raise ConfigError("compress.parent is not set; give the parent checkpoint, e.g. compress.parent=runs/tiny")
     step_dir, meta, model, tensors = open_parent(run.compress.parent)
     tensors.close()
     train = dataclasses.replace(run.train, seq_length=min(run.train.seq_length, model.seq_length))
-    return dataclasses.replace(run, model=model, train=train), step_dir, parent_identity(step_dir, meta)
+    return ParentRun(dataclasses.replace(run, model=model, train=train), step_dir, parent_identity(step_dir, meta))

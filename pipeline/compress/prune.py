@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.compress.layout import PLAN_FILE
 from pipeline.compress.parent import open_parent
 from pipeline.compress.scores import Scores
 from pipeline.compress.search import Candidate, removed_layers, student_config, student_widths
@@ -35,7 +36,6 @@ from pipeline.model import params
 from pipeline.model.config import ModelConfig
 from pipeline.model.pattern import ATTENTION, MAMBA, MLP
 
-PLAN_FILE = "keep_plan.json"
 """Written next to a pruned student's checkpoints: which parent units it kept (`plan_record`)."""
 
 
@@ -285,7 +285,6 @@ def prune_checkpoint(parent_dir, plan: KeepPlan, out_dir, parallel=None, precisi
     from omegaconf import OmegaConf
 
     from pipeline import checkpoint as ckpt
-    from pipeline.checkpoint_writer import save_checkpoint
     from pipeline.config import RunConfig
     from pipeline.distributed import ParallelConfig, distributed
     from pipeline.model.precision import PrecisionConfig
@@ -327,7 +326,7 @@ def prune_checkpoint(parent_dir, plan: KeepPlan, out_dir, parallel=None, precisi
             load_full_tensors(chunks, lambda key: prune_tensor(tensors.get, plan, key))
             layout = {"tp": parallel.tp, "pp": parallel.pp, "dp": world_size // (parallel.tp * parallel.pp),
                       "world_size": world_size}
-            save_checkpoint(
+            ckpt.save_checkpoint(
                 Path(tmp[0]) / "checkpoints", 0, ckpt.model_sharded_state(chunks),
                 student_meta(plan, step_dir, meta, layout), OmegaConf.to_yaml(OmegaConf.structured(run)),
             )

@@ -19,14 +19,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pipeline.compress.distill import BEST, compress_dir, distill, resolve_parent
+from pipeline.compress.distill import distill, resolve_parent
+from pipeline.compress.layout import CompressLayout
 from pipeline.config import RunConfig
 from pipeline.distributed import distributed
 from pipeline.fs import atomic_write_text
 from pipeline.model.build import virtual_stages
-
-RANK_TABLE = "rank.json"
-
 
 def _short_run(run: RunConfig, run_dir: Path) -> RunConfig:
     """The candidate's distillation: rank_iters steps, validated at the start and the end."""
@@ -56,44 +54,42 @@ def format_table(rows: list[dict]) -> str:
 
 def rank(run: RunConfig) -> dict:
     """The `rank` step: prune + short KD per candidate, print the table, record the best; returns it."""
-    from pipeline.compress.parent import scores_path
-    from pipeline.compress.prune import keep_plan, prune_checkpoint
-    from pipeline.compress.parent import parent_identity
-    from pipeline.compress.scores import load_scores
-    from pipeline.compress.search import CANDIDATES, load_candidates
     from pipeline.checkpoint import read_meta
+    from pipeline.compress.parent import parent_identity
+    from pipeline.compress.prune import keep_plan, prune_checkpoint
+    from pipeline.compress.scores import load_scores
+    from pipeline.compress.search import load_candidates
     from pipeline.model.config import ModelConfig
 
     parent_dir = resolve_parent(run)
     meta = read_meta(parent_dir)
     parent = ModelConfig(**meta.model)
-    found = load_candidates(Path(run.run_dir) / CANDIDATES)
-    scores = load_scores(scores_path(run), parent_identity(parent_dir, meta))
-    root = compress_dir(run)
+    files = CompressLayout.of(run)
+    found = load_candidates(files.candidates)
+    scores = load_scores(files.scores, parent_identity(parent_dir, meta))
     rows = []
     with distributed(run.parallel, virtual_stages(parent, run.parallel), run.device):
         for i, cand in enumerate(found):
             name = f"c{i}"
             plan = keep_plan(parent, scores, cand.candidate, name=f"{parent.name}_{name}")
-            student_root = root / "candidates" / name
-            student_dir = prune_checkpoint(parent_dir, plan, student_root)
-            run_dir = root / "rank" / name
+            student_dir = prune_checkpoint(parent_dir, plan, files.candidate_dir(name))
+            run_dir = files.rank_run_dir(name)
             _fresh(run_dir)
             result = distill(_short_run(run, run_dir), student=student_dir)
             dist.barrier()
             rows.append({
                 "name": name, "label": cand.candidate.label(parent), "params": cand.params,
                 "student": str(student_dir), "lm_loss_before": _first_validation(run_dir)["student_loss"],
-                "kl_after": result["valid"]["kl"], "lm_loss_after": result["valid"]["student_loss"],
+                "kl_after": result.valid["kl"], "lm_loss_after": result.valid["student_loss"],
             })
         rows.sort(key=lambda r: r["lm_loss_after"])
         best = {"student": rows[0]["student"], "candidate": rows[0]["label"], "rank_iters": run.compress.rank_iters}
         if dist.get_rank() == 0:
-            atomic_write_text(root / RANK_TABLE, json.dumps(rows, indent=2))
-            atomic_write_text(root / BEST, json.dumps(best, indent=2))
+            atomic_write_text(files.rank_table, json.dumps(rows, indent=2))
+            atomic_write_text(files.best, json.dumps(best, indent=2))
             print(f"ranked {len(rows)} candidates after {run.compress.rank_iters} distillation steps each "
                   f"(validation, lower is better):\n{format_table(rows)}\nbest: {rows[0]['name']} "
-                  f"({rows[0]['label']}) -> {root / BEST}", flush=True)
+                  f"({rows[0]['label']}) -> {files.best}", flush=True)
         dist.barrier()
     return best
 

@@ -40,7 +40,6 @@ from pipeline.model.pattern import ATTENTION, MAMBA, MLP, PIPE, SYMBOL_NAMES
 
 BYTES = 2  # bf16 weights, KV cache and Mamba state
 GIB = 2**30
-CANDIDATES = "compress/candidates.json"
 MEMORY_FORMULA = (
     "memory = weights params*2 B + KV cache 2*b*s*n_kv*d_kv*n_attn*2 B "
     "+ Mamba state n_mamba*b*[(d_in+2GN)(K-1) + H*P*N]*2 B (bf16)"
@@ -452,16 +451,18 @@ def load_candidates(path: str | Path) -> list[Found]:
 def search(run) -> list[Found]:
     """The `search` step (one process, no model): load the parent's config and scores, print the
     top-K table, write <run_dir>/compress/candidates.json; return the candidates."""
-    from pipeline.compress.parent import parent_run, scores_path
+    from pipeline.compress.layout import CompressLayout
+    from pipeline.compress.parent import parent_run
     from pipeline.compress.scores import load_scores
 
-    run, _, identity = parent_run(run)
+    parent = parent_run(run)
+    run = parent.run
     check_search_request(run.model, run.compress, run.parallel, run.precision)
-    scores = load_scores(scores_path(run), identity)
+    scores = load_scores(CompressLayout.of(run).scores, parent.identity)
     found = search_candidates(run.model, scores, run.compress, run.parallel, run.precision, run.train.seq_length)
     if not dist.is_initialized() or dist.get_rank() == 0:  # every rank computes it; one prints and writes
         print(format_table(found, run.model, run.compress, run.train.seq_length))
-        save_candidates(found, Path(run.run_dir) / CANDIDATES)
+        save_candidates(found, CompressLayout.of(run).candidates)
     if dist.is_initialized():
         dist.barrier()
     return found

@@ -5,7 +5,7 @@
 Tensors are read straight from the torch_dist files (no process group, no model): the checkpoint
 stores global tensors (Mamba components separately) as chunks with global offsets, listed in the
 `torch.distributed.checkpoint` metadata, so any TP/PP/DP layout can be assembled
-(`checkpoint_reader.CheckpointTensors`). Every conversion only moves elements (`Conversion.pieces`),
+(`pipeline.checkpoint.CheckpointTensors`). Every conversion only moves elements (`Conversion.pieces`),
 so when the dtype does not change and a tensor's chunks are plain blocks of rows, its HF bytes are
 copied file to file as byte ranges, as `cp` does (8B benchmark: 1.4-1.5x the time of `cp` when
 read into memory and written back, about the time of `cp` when copied). The rest (dtype casts,
@@ -31,7 +31,7 @@ import torch
 
 from pipeline.errors import CheckpointError, ConversionError
 from pipeline.fs import replace_dir, temporary_sibling
-from pipeline.hf.checkpoint_reader import CheckpointTensors
+from pipeline.checkpoint import CheckpointTensors
 from pipeline.hf.config import hf_config
 from pipeline.hf.mapping import Conversion, conversions, hf_shapes
 from pipeline.hf.safetensors_io import ShardWriter, plan_shards, shard_file_names, write_index

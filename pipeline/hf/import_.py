@@ -3,7 +3,7 @@
     python pipeline/convert.py import HF_DIR OUT_DIR [parallel.tp=2 parallel.pp=2 precision=fp32 ...]
 
 writes
-    OUT_DIR/checkpoints/step_0000000/   the weights, saved by pipeline.checkpoint_writer.save_checkpoint
+    OUT_DIR/checkpoints/step_0000000/   the weights, saved by pipeline.checkpoint.save_checkpoint
     OUT_DIR/model/NAME.yaml             the model config, a Hydra `model` option
     OUT_DIR/tokenizer/                  the HF tokenizer files, as found in HF_DIR
 
@@ -150,8 +150,7 @@ def save_imported(run, hf_dir: Path, tmp_root: Path, tokenizer: str | None) -> N
     under tmp_root/checkpoints (its meta.json names the tokenizer by its final path)."""
     from omegaconf import OmegaConf
 
-    from pipeline.checkpoint import CheckpointMeta, model_sharded_state
-    from pipeline.checkpoint_writer import save_checkpoint
+    from pipeline.checkpoint import CheckpointMeta, model_sharded_state, save_checkpoint
     from pipeline.distributed import distributed
     from pipeline.model.build import build_model, virtual_stages
 

@@ -12,11 +12,10 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -28,21 +27,17 @@ from pipeline.data.tokenizer import load_tokenizer
 from pipeline.distributed import World, distributed, use_expandable_segments
 from pipeline.errors import ConfigError
 from pipeline.metrics import MetricsLogger
-from pipeline.model.build import build_model, check_gpu_only_options, release_cuda_graphs, virtual_stages
-from pipeline.model.sizes import flops_per_step
+from pipeline.model.build import check_gpu_only_options, release_cuda_graphs, virtual_stages
+from pipeline.throughput import StartupTiming, step_throughput
 from pipeline.training.batches import step_batches
 from pipeline.training.kernel_cache import KernelCache
 from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.prepare import build_training_chunks
 from pipeline.training.run_lock import run_dir_owner
 from pipeline.training.state import Saver, pick_checkpoint, resume, warn
 from pipeline.training.step import eval_step, train_step
 
 DONE = "DONE"
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "B200": 2250.0, "GB200": 2500.0}
-"""Dense BF16 tensor-core peak per GPU (first name found in the device name). MFU is always against
-this peak, whatever the precision, so FP8 and BF16 runs compare on one scale (README, Metrics)."""
-STEADY_AFTER = 10
-"""Steps timed before the steady step time is reported (the first pays for autotuning and graphs)."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 """Slurm's preemption / time-limit warning, and Ctrl-C: each saves a checkpoint at the step's end."""
 
@@ -84,71 +79,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def ddp_wrap(chunks, world: World, distributed_optimizer: bool):
-    """megatron-core's DistributedDataParallel around each chunk (fp32 grad buffers, no bucketing
-    after the first chunk), as the trainer uses it."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-
-    config = chunks[0].config
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=distributed_optimizer,
-    )
-    wrapped = [
-        DistributedDataParallel(config=config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
-        for i, c in enumerate(chunks)
-    ]
-    config.finalize_model_grads_func = finalize_model_grads
-    return wrapped
-
-
-def bf16_peak_tflops(device_name: str) -> float | None:
-    """The dense BF16 peak of a GPU by its name, or None when unknown (MFU is then not reported)."""
-    for name in sorted(BF16_PEAK_TFLOPS, key=len, reverse=True):
-        if name in device_name:
-            return BF16_PEAK_TFLOPS[name]
-    return None
-
-
-def _throughput(run: RunConfig, world: World, seconds: float) -> dict:
-    tokens = run.train.global_batch_size * run.train.seq_length
-    record = {"tokens_per_s": tokens / seconds}
-    tflops = flops_per_step(run.model, run.train.seq_length, run.train.global_batch_size) / seconds / world.world_size / 1e12
-    record["tflops_per_gpu" if world.device.type == "cuda" else "tflops_per_process"] = tflops
-    if world.device.type == "cuda":
-        peak = bf16_peak_tflops(torch.cuda.get_device_name())
-        if peak:
-            record["mfu"] = tflops / peak
-        record["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        record["rss_gib"] = psutil.Process().memory_info().rss / 2**30
-    return record
-
-
-class StartupTiming:
-    """Start-up (process start to the first step) and first step time, then the steady step time
-    (median of steps 2..STEADY_AFTER), logged as `timing` records: the first step pays for kernel
-    autotuning (kernel_cache) and CUDA graph capture."""
-
-    def __init__(self, log: MetricsLogger):
-        self._log = log
-        self._startup = time.time() - psutil.Process().create_time()
-        self._steps: list[float] = []
-
-    def step_done(self, seconds: float, step: int) -> int:
-        """Record one step's wall time; returns how many this invocation has run."""
-        self._steps.append(seconds)
-        n = len(self._steps)
-        if n == 1:
-            self._log.log(step, {"startup_s": self._startup, "first_step_s": seconds}, kind="timing")
-        elif n == STEADY_AFTER:
-            steady = float(np.median(self._steps[1:]))
-            self._log.log(step, {"steady_step_s": steady, "first_step_vs_steady": self._steps[0] / steady},
-                          kind="timing")
-        return n
-
-
 def _check_batch_layout(run: RunConfig, world: World) -> None:
     per_step = run.train.micro_batch_size * world.dp
     if run.train.global_batch_size % per_step:
@@ -158,8 +88,25 @@ def _check_batch_layout(run: RunConfig, world: World) -> None:
         )
 
 
-def train(run: RunConfig, objective=None) -> dict:
-    """Run (or resume) the training described by `run`; returns the last train and validation loss.
+@dataclass
+class TrainResult:
+    """Where a `train` call ended."""
+
+    step: int
+    loss: float
+    """The last training step's loss (NaN when no step ran)."""
+    valid: dict | None
+    """The last validation record (`loss` and the objective's other terms, or `ppl`); None without one."""
+    done: bool
+    """True when train.iters was reached (run_dir/DONE written); False when stopped early to resume."""
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.valid["loss"] if self.valid else None
+
+
+def train(run: RunConfig, objective=None) -> TrainResult:
+    """Run (or resume) the training described by `run`; where it ended (`TrainResult`).
 
     `objective(run, world, log, chunks)`, when given, builds a `step.Objective` replacing the LM loss
     (distillation: pipeline/compress/distill.py); its other keys are logged with the loss.
@@ -185,7 +132,7 @@ def train(run: RunConfig, objective=None) -> dict:
 
 
 def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, saver: Saver,
-           make_objective=None) -> dict:
+           make_objective=None) -> TrainResult:
     from megatron.core import parallel_state
 
     run_dir = Path(run.run_dir)
@@ -205,11 +152,7 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
         run_dir=str(run_dir), model_vocab_size=run.model.vocab_size,
     )
     train_data, valid_data = datasets[0], datasets[1]
-    chunks = ddp_wrap(
-        build_model(run.model, run.parallel, run.precision, run.train.seed, world.device,
-                    cuda_graphs=run.train.cuda_graphs, fused_cross_entropy=run.train.fused_cross_entropy),
-        world, run.parallel.distributed_optimizer,
-    )
+    chunks = build_training_chunks(run.model, run.parallel, run.precision, run.train, world.device)
     kernels = KernelCache.open(run.train.kernel_cache or run_dir / "kernel_cache", lambda m: warn(world, m))
     if kernels.primed:
         log.info(f"kernel cache {kernels.directory}: {kernels.primed} autotune choices reused")
@@ -267,7 +210,8 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
                       **{key.replace(" ", "_"): value for key, value in result.metrics.items()}}
             if documents_per_sequence and run.train.packed_documents:
                 record["joined_documents"] = joined_documents
-            record.update(_throughput(run, world, time.perf_counter() - started))
+            record.update(step_throughput(run.model, run.train.seq_length, run.train.global_batch_size,
+                                          world.world_size, world.device, time.perf_counter() - started))
             log.log(state.step, record)
         if state.nonfinite_in_row >= run.train.max_nonfinite_steps:
             raise RuntimeError(
@@ -288,10 +232,8 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
             signame = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
             reason = "train.exit_after_steps" if state.step == exit_at else signame
             log.info(f"stopping at step {state.step} ({reason}); restart with the same run_dir to resume")
-            return {"step": state.step, "loss": last_loss, "val_loss": last_val and last_val["loss"],
-                    "valid": last_val, "done": False}
+            return TrainResult(state.step, last_loss, last_val, done=False)
     saver.wait()
     if world.rank == 0:
         (run_dir / DONE).write_text(f"{state.step}\n")
-    return {"step": state.step, "loss": last_loss, "val_loss": last_val and last_val["loss"],
-            "valid": last_val, "done": True}
+    return TrainResult(state.step, last_loss, last_val, done=True)

@@ -28,11 +28,9 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from pipeline import checkpoint as ckpt
-from pipeline.checkpoint_writer import CheckpointWriter, SaveReport
 from pipeline.config import RunConfig
 from pipeline.distributed import World
 from pipeline.errors import CheckpointError
-from pipeline.megatron_patches import fast_optimizer_state_saving, prime_optimizer_for_loading, untie_adam_steps
 
 SCHEDULE_GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
 """Values megatron-core copies from the config into every optimizer param group (and saves with it)."""
@@ -86,16 +84,9 @@ def sharded_state(chunks, optimizer, scheduler, state: TrainState, world: World,
     """The full training state as megatron-core sharded objects (the same structure to save and load)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    if loading:
-        prime_optimizer_for_loading(optimizer)
     model_state = ckpt.model_sharded_state(chunks)
     sharded = dict(model_state)
-    # "fully_reshardable": optimizer state in the canonical per-parameter layout, so a checkpoint
-    # resumes at any TP/PP/DP (the default format relies on flattened ranges, unsupported in 0.19).
-    with fast_optimizer_state_saving():  # saving only; loading stays megatron's
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            model_state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
-        )
+    sharded["optimizer"] = ckpt.optimizer_sharded_state(optimizer, model_state, loading)
     sharded["scheduler"] = scheduler.state_dict()
     sharded["train_state"] = asdict(state)
     if with_rng:
@@ -126,7 +117,7 @@ class Saver:
     def __init__(self, run: RunConfig, world: World, log):
         self._run, self._world, self._log = run, world, log
         self._step = 0
-        self._writer = CheckpointWriter(
+        self._writer = ckpt.CheckpointWriter(
             Path(run.run_dir) / "checkpoints", keep=run.checkpoint.keep_last or None,
             background=run.checkpoint.async_save, on_commit=self._report,
         )
@@ -149,7 +140,7 @@ class Saver:
         """Wait for the save in flight and commit it."""
         self._writer.wait()
 
-    def _report(self, report: SaveReport) -> None:
+    def _report(self, report: ckpt.SaveReport) -> None:
         gb = report.bytes / 1e9
         rate = gb / report.write_s if report.write_s > 0 else 0.0
         waited = f" ({report.waited_s:.1f} s of it waiting for the write)" if report.waited_s >= 0.05 else ""
@@ -259,8 +250,7 @@ def resume(run: RunConfig, found: Path | None, chunks, optimizer, scheduler, wor
     loaded = ckpt.load_checkpoint(found, sharded)
     ckpt.apply_model_state(chunks, loaded)
     _adopt_configured_schedule(loaded["optimizer"], optimizer)
-    optimizer.load_state_dict(loaded["optimizer"])
-    untie_adam_steps(optimizer)
+    ckpt.load_optimizer_state(optimizer, loaded["optimizer"])
     changes = _schedule_changes(loaded["scheduler"], scheduler)
     scheduler.load_state_dict(loaded["scheduler"])
     if with_rng:

@@ -31,7 +31,7 @@ def make_parent(run_dir: Path, *overrides: str) -> Path:
     from pipeline.config import load_run_config
     from pipeline.training.loop import train
 
-    assert train(load_run_config([*TINY, "train.iters=1", f"run_dir={run_dir}", *overrides]))["done"]
+    assert train(load_run_config([*TINY, "train.iters=1", f"run_dir={run_dir}", *overrides])).done
     return run_dir
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.distributed.training import BASE, REPO, losses, run_cpu
+from tests.distributed.training import BASE, REPO, fault_env, losses, run_cpu
 
 RUN = ("train.iters=8", "checkpoint.save_interval=2")
 
@@ -61,8 +61,8 @@ def killed(tmp_path_factory):
     processes of the run (its session) were still alive 10 s later."""
     root = tmp_path_factory.mktemp("killed")
     run_dir = root / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PIPELINE_FAULT="trainer-killed-while-writing@step_0000004")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               **fault_env("trainer-killed-while-writing@step_0000004"))
     with open(root / "out", "w") as out, open(root / "err", "w") as err:
         proc = subprocess.Popen(trainer(run_dir, *RUN), cwd=REPO, env=env, stdout=out, stderr=err,
                                 start_new_session=True)
@@ -152,7 +152,7 @@ def test_the_save_in_flight_at_the_end_is_committed_before_done(killed, resumed)
 def test_full_disk_under_the_background_writer_is_one_line_and_keeps_the_previous_checkpoint(reference, tmp_path):
     run_dir = shutil.copytree(reference["dir"], tmp_path / "run")
     proc = run_cpu(trainer(run_dir, "train.iters=10", "checkpoint.save_interval=2"),
-                   env={"PIPELINE_FAULT": "disk-full-while-writing@step_0000010"}, check=False)
+                   env=fault_env("disk-full-while-writing@step_0000010"), check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert "disk full" in errors[0] and "step_0000010" in errors[0] and str(run_dir / "checkpoints") in errors[0], \

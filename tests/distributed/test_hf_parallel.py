@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.hf.checkpoint_reader import CheckpointTensors
+from pipeline.checkpoint import CheckpointTensors
 from pipeline.hf.export import export_checkpoint
 from tests.distributed.launch import REPO, torchrun
 from tests.distributed.worker_hf_checkpoint import make_hf_model, make_tokenizer, read_all

@@ -5,7 +5,7 @@ with that fix named."""
 import pytest
 import torch
 
-from pipeline.hf.checkpoint_reader import CheckpointTensors
+from pipeline.checkpoint import CheckpointTensors
 from pipeline.hf.import_ import import_hf
 from pipeline.hf.mapping import EMBEDDING, HF_EMBEDDING
 from tests.distributed.training import Trainer

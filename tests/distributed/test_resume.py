@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.training import losses, max_rel_diff, train
+from tests.distributed.training import fault_env, losses, max_rel_diff, train
 
 ITERS = ["train.iters=20"]
 
@@ -43,7 +43,7 @@ def test_checkpoint_from_tp2_resumes_at_tp1(straight, tmp_path):
 def test_killed_save_leaves_previous_checkpoint_usable(straight, tmp_path):
     killed = train(
         tmp_path, 1, *ITERS, "checkpoint.save_interval=5",
-        env={"PIPELINE_FAULT": "checkpoint-before-commit@step_0000010"}, check=False,
+        env=fault_env("checkpoint-before-commit@step_0000010"), check=False,
     )
     assert killed.returncode != 0, "the fault hook should have killed the save at step 10"
     checkpoints = Path(tmp_path) / "checkpoints"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.checkpoint import fingerprint
-from tests.distributed.training import Trainer, losses
+from tests.distributed.training import Trainer, fault_env, losses
 
 RUN = ("train.iters=1000", "checkpoint.save_interval=2", "train.eval_interval=1000", "train.eval_iters=2")
 NEW_LR = 1.0e-4
@@ -87,7 +87,7 @@ def new_lr_then_full_disk(owned, tmp_path_factory):
     run_dir = shutil.copytree(owned["dir"], root / "run")
     start = max(losses(run_dir))
     proc = Trainer(run_dir, root / "log", f"train.iters={start + 2}", f"optim.lr={NEW_LR}", f"optim.min_lr={NEW_LR}",
-                   *CONSTANT_LR, env={"PIPELINE_FAULT": f"disk-full@step_{start + 2:07d}"}).wait()
+                   *CONSTANT_LR, env=fault_env(f"disk-full@step_{start + 2:07d}")).wait()
     return {"dir": run_dir, "start": start, "proc": proc}
 
 

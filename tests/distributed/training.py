@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+FAULTS = REPO / "tests" / "fault_injection"
 
 # Small and fast, fp32 so layouts can be compared tightly; 8 sequences of 128 tokens per step.
 BASE = [
@@ -21,6 +22,12 @@ BASE = [
     "logging.interval=1",
     "checkpoint.save_interval=0",
 ]
+
+
+def fault_env(fault: str) -> dict:
+    """Environment that makes every process of a run hit `fault` (`<fault>@<step dir>`, see
+    tests/fault_injection/sitecustomize.py) while saving."""
+    return {"PIPELINE_TEST_FAULT": fault, "PYTHONPATH": f"{FAULTS}:{REPO}"}
 
 
 def train(run_dir: Path, nproc: int, *overrides: str, env: dict | None = None, check: bool = True,
@@ -35,7 +42,8 @@ def train(run_dir: Path, nproc: int, *overrides: str, env: dict | None = None, c
 
 def run_cpu(cmd: list[str], env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `cmd` in the repository on CPU (one thread per process); with `check`, fail with its output."""
-    full_env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    full_env.update(env or {})
     # Output to files and a process group of its own: a rank killed on purpose leaves megatron's
     # checkpoint-writer processes orphaned; they would hold pipes open and linger after the test.
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -84,7 +92,8 @@ class Trainer:
         cmd = [sys.executable, *command, f"run_dir={run_dir}", *overrides]
         # A world of its own: not the one a test process may have set up in-process (pipeline.distributed).
         inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        full_env = dict(inherited, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
+        full_env = dict(inherited, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        full_env.update(env or {})
         self.run_dir, self._out, self._err = Path(run_dir), logs.with_suffix(".out"), logs.with_suffix(".err")
         with open(self._out, "w") as out, open(self._err, "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=err)

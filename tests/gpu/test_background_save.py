@@ -1,6 +1,6 @@
 """GPU: a checkpoint saved in the background (checkpoint.async_save, the default) while training goes
 on holds the state of its step: resuming from it gives the losses of the uninterrupted run. On the
-GPU the optimizer state is handed to the writer without a copy (pipeline/optimizer_staging.py)
+GPU the optimizer state is handed to the writer without a copy (pipeline/checkpoint/optimizer_state.py)
 and staged to pinned host memory before the next step; this shows the steps after the save did not
 leak into it. Skipped without CUDA.
 

@@ -7,6 +7,7 @@ LOSS_BOUND nats. The graphs replay the same kernels on the same inputs; what dif
 the atomic adds in the Mamba backward kernels, which already makes two eager runs differ (printed).
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def _train_losses(run_dir: Path, *overrides: str) -> tuple[list[float], dict]:
     result = train(run)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["kind"] == "train"]
-    return losses, {"val_loss": result["val_loss"], "rows": rows}
+    return losses, {"val_loss": result.val_loss, "rows": rows}
 
 
 def test_graphed_training_matches_eager_with_packed_documents(tmp_path):
@@ -85,14 +86,14 @@ def test_graph_replay_resets_state_at_document_boundaries():
     from pipeline.config import load_run_config
     from pipeline.distributed import distributed
     from pipeline.model.build import build_model, release_cuda_graphs
-    from pipeline.training.loop import ddp_wrap
+    from pipeline.training.prepare import build_training_chunks
 
     run = load_run_config(["precision=bf16"])
     with distributed(run.parallel, None, "cuda") as world:
         (eager,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         # Graph capture of the backward writes into the grad buffers of megatron-core's DDP, as in training.
-        (graphed,) = ddp_wrap(build_model(run.model, run.parallel, run.precision, run.train.seed, world.device,
-                                          cuda_graphs=True), world, distributed_optimizer=True)
+        (graphed,) = build_training_chunks(run.model, dataclasses.replace(run.parallel, distributed_optimizer=True),
+                                           run.precision, dataclasses.replace(run.train, cuda_graphs=True), world.device)
         try:
             first = _packed_inputs(_documents(0), 8)
             # One eager step records every layer; create_cudagraphs() captures them (the schedule

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import CheckpointMeta, find_resumable
-from pipeline.checkpoint_writer import save_checkpoint
+from pipeline.checkpoint import save_checkpoint
 from pipeline.distributed import ParallelConfig
 from pipeline.distributed import distributed
 from pipeline.errors import CheckpointError

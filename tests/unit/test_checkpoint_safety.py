@@ -1,5 +1,5 @@
 """Opening a checkpoint never runs code from it: the pickled parts are read through an allow-list
-(pipeline/megatron_patches.py, docs/checkpoints.md), and the trainer's own state holds no pickle.
+(pipeline/checkpoint/safe_loading.py, docs/checkpoints.md), and the trainer's own state holds no pickle.
 (The trainer refusing a crafted `.metadata`: tests/distributed/test_run_faults.py.)"""
 
 import io
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import CheckpointMeta, fingerprint, load_checkpoint
-from pipeline.checkpoint_writer import save_checkpoint
+from pipeline.checkpoint import save_checkpoint
 from pipeline.distributed import ParallelConfig
 from pipeline.distributed import distributed
 from pipeline.errors import UnsafeCheckpointError

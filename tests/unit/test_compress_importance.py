@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ckpt
-from pipeline.checkpoint_writer import save_checkpoint
+from pipeline.checkpoint import save_checkpoint
 from pipeline.compress.importance import score_importance
 from pipeline.compress.scores import LAYER_METRICS, ParentIdentity, load_scores
 from pipeline.config import load_run_config

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ckpt
-from pipeline.checkpoint_writer import save_checkpoint
+from pipeline.checkpoint import save_checkpoint
 from pipeline.compress.prune import (
     keep_plan, make_plan, prune_checkpoint, prune_tensor, prune_tensors,
 )
@@ -23,7 +23,7 @@ from pipeline.compress.search import Candidate
 from pipeline.config import load_run_config
 from pipeline.distributed import distributed
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.hf.checkpoint_reader import CheckpointTensors
+from pipeline.checkpoint import CheckpointTensors
 from pipeline.model.init import load_full_tensors
 from pipeline.model import params
 from pipeline.model.build import build_model

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeline import checkpoint as ckpt
-from pipeline.checkpoint_writer import save_checkpoint
+from pipeline.checkpoint import save_checkpoint
 from pipeline.compress.prune import keep_plan, prune_checkpoint
 from pipeline.compress.scores import ParentIdentity, save_scores
 from pipeline.compress.search import Candidate, check_search_request, load_candidates, search, search_candidates

@@ -82,11 +82,12 @@ def test_export_run_without_complete_checkpoint(capsys, sources, tmp_path):
     nothing_written(tmp_path, "out")
 
 
-def test_export_into_non_empty_directory_needs_overwrite(capsys, sources, tmp_path):
+@pytest.mark.parametrize("command, source", [("export", "run"), ("import", "hf")])
+def test_writing_into_a_non_empty_directory_needs_overwrite(capsys, sources, tmp_path, command, source):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    err = refused(capsys, ["export", str(sources / "run"), str(out)])
+    err = refused(capsys, [command, str(sources / source), str(out)])
     assert "not empty" in err and "--overwrite" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
@@ -150,15 +151,6 @@ def test_import_refuses_what_it_cannot_represent(capsys, sources, tmp_path, case
     err = refused(capsys, ["import", str(hf), str(tmp_path / "out")])
     assert expected in err, f"{case}: {expected!r} missing from {err!r}"
     nothing_written(tmp_path, "out")
-
-
-def test_import_into_non_empty_directory_needs_overwrite(capsys, sources, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    err = refused(capsys, ["import", str(sources / "hf"), str(out)])
-    assert "not empty" in err and "--overwrite" in err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 def test_import_missing_directory(capsys, tmp_path):

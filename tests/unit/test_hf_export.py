@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.hf.checkpoint_reader import CheckpointTensors
+from pipeline.checkpoint import CheckpointTensors
 from pipeline.hf.export import export_checkpoint
 from pipeline.hf.safetensors_io import INDEX_NAME
 from tests.distributed.worker_hf_checkpoint import NEW_TOKENS, PROMPT_LENGTH, make_tokenizer, write_checkpoint

@@ -2,6 +2,17 @@
 
 Layers, from the top: entry points -> stages -> model and configs -> errors and file-system helpers.
 A module may import its own layer or a lower one; deferred imports inside functions count too.
+
+The layer of a module follows from where it is, by these rules; the tables below hold only what the
+rules cannot say:
+- an entry point is a module that runs as a program (an `if __name__ == "__main__":` block, or a
+  `__main__.py`): the commands `pipeline/<command>.py` and a stage's `__main__.py`, and the worker
+  processes a command starts (`WORKERS`);
+- a stage is a package under `pipeline/` that does one job of the pipeline (`STAGES`); its `config`
+  module is a config schema and sits with the configs, so `pipeline.config` can compose it without
+  importing the stage;
+- everything else (top-level modules, `pipeline/model/`, `pipeline/checkpoint/`) is model/config,
+  except the base helpers (`BASE_MODULES`).
 """
 
 import ast
@@ -12,45 +23,27 @@ PACKAGE = REPO / "pipeline"
 
 ENTRY, STAGE, CORE, BASE = 3, 2, 1, 0
 LAYER_NAMES = {ENTRY: "entry point", STAGE: "stage", CORE: "model/config", BASE: "errors/fs"}
-# Modules not named here fall into the layer of their package (below).
-MODULE_LAYERS = {
-    "pipeline.train": ENTRY,
-    "pipeline.describe": ENTRY,
-    "pipeline.convert": ENTRY,
-    "pipeline.cli": ENTRY,
-    "pipeline.generate": ENTRY,
-    "pipeline.compress.__main__": ENTRY,
-    # The data commands are entry points too (`python -m pipeline.data.preprocess ...`).
-    "pipeline.data.preprocess": ENTRY,
-    "pipeline.data.corpus": ENTRY,
-    "pipeline.data.tokenizer_cli": ENTRY,
-    "pipeline.config": CORE,
-    "pipeline.distributed": CORE,
-    "pipeline.checkpoint": CORE,
-    "pipeline.checkpoint_writer": CORE,
-    "pipeline.metrics": CORE,
-    "pipeline.megatron_patches": CORE,
-    "pipeline.optimizer_staging": CORE,
-    "pipeline.errors": BASE,
-    "pipeline.fs": BASE,
-    "pipeline.processes": BASE,
-    "pipeline": BASE,
-    # Config schemas of a stage sit with the configs, so the composition in pipeline.config can
-    # import them without importing the stage.
-    "pipeline.training.config": CORE,
-    "pipeline.data.config": CORE,
-    "pipeline.compress.config": CORE,
-}
-PACKAGE_LAYERS = {
-    "pipeline.training": STAGE,
-    "pipeline.hf": STAGE,
-    "pipeline.data": STAGE,
-    "pipeline.compress": STAGE,
-    "pipeline.model": CORE,
-}
+STAGES = ("pipeline.training", "pipeline.hf", "pipeline.data", "pipeline.compress")
+BASE_MODULES = {"pipeline", "pipeline.errors", "pipeline.fs", "pipeline.processes"}
+# The glue every command uses (Hydra apps, one-line errors): a layer with the commands, not below them.
+ENTRY_LIBRARIES = {"pipeline.cli"}
+# Worker processes started by a command (torchrun), with a `__main__` block beside the work they do.
+WORKERS = {"pipeline.hf.import_"}
 # Only a stage's entry may take the whole RunConfig; everything below takes its slices.
 MAY_IMPORT_RUN_CONFIG = {"pipeline.training.loop", "pipeline.training.state"}
-NO_RUN_CONFIG_PACKAGES = ("pipeline.model", "pipeline.data", "pipeline.training")
+NO_RUN_CONFIG_PACKAGES = ("pipeline.model", "pipeline.data", "pipeline.training", "pipeline.checkpoint")
+
+
+def runs_as_program(path: Path) -> bool:
+    """True for a `__main__.py` or a module with a top-level `if __name__ == "__main__":` block."""
+    if path.name == "__main__.py":
+        return True
+    for node in ast.parse(path.read_text(), str(path)).body:
+        test = node.test if isinstance(node, ast.If) else None
+        if (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__"
+                and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators)):
+            return True
+    return False
 
 
 def module_name(path: Path) -> str:
@@ -61,12 +54,20 @@ def module_name(path: Path) -> str:
 
 
 def layer_of(module: str) -> int:
-    if module in MODULE_LAYERS:
-        return MODULE_LAYERS[module]
-    for package, layer in PACKAGE_LAYERS.items():
-        if module == package or module.startswith(package + "."):
-            return layer
-    raise AssertionError(f"{module} has no layer; add it to tests/unit/test_layering.py")
+    path = module_path(module)
+    if module in ENTRY_LIBRARIES or runs_as_program(path):
+        return ENTRY
+    if module in BASE_MODULES:
+        return BASE
+    for stage in STAGES:
+        if module == stage or module.startswith(stage + "."):
+            return CORE if module == f"{stage}.config" else STAGE
+    return CORE
+
+
+def module_path(module: str) -> Path:
+    path = REPO.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def imports_of(path: Path, modules: set[str]) -> set[str]:
@@ -128,6 +129,23 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if node not in index:
             visit(node)
     return groups
+
+
+def test_programs_are_commands_or_workers():
+    """Commands are `pipeline/<command>.py` or a stage's `__main__.py` (docs/architecture.md); any other
+    module that runs as a program must be a worker a command starts (WORKERS)."""
+    stray = sorted(
+        name for name in import_graph()
+        if runs_as_program(module_path(name)) and name.count(".") > 1 and not name.endswith(".__main__")
+        and name not in WORKERS
+    )
+    assert not stray, f"modules that run as programs outside the command rule (make them a subcommand): {stray}"
+
+
+def test_the_layer_rules_see_known_modules():
+    assert layer_of("pipeline.train") == ENTRY and layer_of("pipeline.compress.__main__") == ENTRY
+    assert layer_of("pipeline.compress.config") == CORE and layer_of("pipeline.compress.prune") == STAGE
+    assert layer_of("pipeline.checkpoint.writer") == CORE and layer_of("pipeline.errors") == BASE
 
 
 def test_the_import_graph_sees_known_edges():

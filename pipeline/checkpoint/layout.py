@@ -1,5 +1,5 @@
-"""The only module that knows the on-disk checkpoint layout: finding, verifying and loading checkpoints
-(`pipeline/checkpoint_writer.py` writes them).
+"""The on-disk checkpoint layout: names, meta.json, finding and verifying checkpoints (`writer.py`
+writes them, `load.py` and `reader.py` read them).
 
     run_dir/checkpoints/
       latest                 name of the newest complete checkpoint ("step_0000100")
@@ -9,12 +9,10 @@
 
 A save is visible only after the atomic rename of a directory that already holds COMPLETE, and
 `latest` is replaced atomically after that, so a process killed at any moment leaves the previous
-checkpoint usable. Model tensors are stored under megatron-core's global sharded keys (layer index
-global, Mamba fused tensors split per component), so any TP/PP/DP layout can load them.
+checkpoint usable.
 
 meta.json (`CheckpointMeta`) records each file's size and a sampled checksum; `find_resumable`
-verifies them before a resume and skips a damaged checkpoint only with a warning naming it. Reads
-go through `megatron_patches.safe_checkpoint_loading` (docs/checkpoints.md: a checkpoint is code).
+verifies them before a resume and skips a damaged checkpoint only with a warning naming it.
 """
 
 from __future__ import annotations
@@ -25,38 +23,9 @@ import shutil
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable
 
-from pipeline.errors import CheckpointError, UnsafeCheckpointError
-
-if TYPE_CHECKING:
-    import torch
-
-# torch is imported where used: composing a run config imports CheckpointConfig from here and should
-# not pay for importing torch and its checkpoint package (~1.8 s).
-
-
-@dataclass
-class CheckpointConfig:
-    """When to save and what to keep; restarting with the same run_dir resumes from the latest."""
-
-    save_interval: int = 100
-    """Save every N steps (also at the end and on SIGTERM/SIGUSR1); 0 = only those."""
-    save_at_end: bool = True
-    """Save when train.iters is reached (benchmarks turn it off; stop signals still save)."""
-    keep_last: int = 3
-    """Keep the newest K checkpoints (0 keeps all)."""
-    resume: bool = True
-    """Resume from run_dir/checkpoints/latest when it exists."""
-    init_from: Optional[str] = None
-    """Start a new run from these weights (a checkpoint, e.g. an imported HF model): weights only."""
-    async_save: bool = True
-    """Write checkpoints in the background: training stops only to copy the state to host memory
-    (and for the commit) while a forked process writes the files. On by default: the saved state
-    and the atomic commit are the same as a synchronous save's, so it changes no numbers, and it
-    works on CPU as on GPU; it costs host memory for one copy of each rank's state while a save is
-    in flight. false: training waits until the files are written."""
-
+from pipeline.errors import CheckpointError
 
 FORMAT = 2
 """meta.json layout version: 1 had no file records; 2 records each file's size and sampled checksum."""
@@ -259,96 +228,3 @@ def remove_stale_temporaries(checkpoints_dir: str | Path) -> None:
     if root.is_dir():
         for tmp in root.glob(f"{TMP_PREFIX}{PREFIX}*"):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def find_cause(exc: BaseException, wanted) -> BaseException | None:
-    """The first exception behind `exc` for which `wanted` is true, through exception chains and the
-    per-rank failures of torch's CheckpointException (which wraps everything a save or load raises)."""
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if wanted(e):
-            return e
-        todo += [e.__cause__, e.__context__]
-        todo += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
-    return None
-
-
-def available_keys(ckpt_dir: str | Path) -> set[str]:
-    """Keys of every tensor and object stored in a checkpoint."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from pipeline.megatron_patches import safe_checkpoint_loading
-
-    with safe_checkpoint_loading():
-        return set(FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
-
-
-def drop_missing_extra_state(sharded_state: dict, keys: set[str]) -> dict:
-    """Without the TE FP8 metadata (`_extra_state`) a checkpoint from the portable backend still loads."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    def keep(value) -> bool:
-        return not (isinstance(value, ShardedObject) and value.key.endswith("_extra_state") and value.unique_key not in keys and value.key not in keys)
-
-    def walk(node):
-        if isinstance(node, dict):
-            return {k: walk(v) for k, v in node.items() if keep(v)}
-        return node
-
-    return walk(sharded_state)
-
-
-def load_checkpoint(ckpt_dir: str | Path, sharded_state: dict) -> dict:
-    """Load `sharded_state` (all ranks), tolerating FP8 metadata absent from the checkpoint.
-
-    Pickled parts are read through `megatron_patches.safe_checkpoint_loading` (an allow-list:
-    UnsafeCheckpointError otherwise); any other failure is a CheckpointError naming the checkpoint."""
-    from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from pipeline.megatron_patches import safe_checkpoint_loading
-
-    ckpt_dir = Path(ckpt_dir)
-    read_meta(ckpt_dir)
-    try:
-        sharded_state = drop_missing_extra_state(sharded_state, available_keys(ckpt_dir))
-        with safe_checkpoint_loading():
-            return dist_checkpointing.load(sharded_state, str(ckpt_dir))
-    except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
-        unsafe = find_cause(exc, lambda e: isinstance(e, UnsafeCheckpointError))
-        if unsafe is not None:
-            raise unsafe from None
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise CheckpointError(
-            f"cannot load checkpoint {ckpt_dir}: {type(exc).__name__}: {first}; it is damaged or does not fit "
-            f"this model (move it away to fall back to the previous one)"
-        ) from exc
-
-
-def model_sharded_state(chunks: list[torch.nn.Module]) -> dict:
-    """{"model": ...} for one chunk, {"model0": ..., "model1": ...} with virtual pipeline stages."""
-    modules = [getattr(c, "module", c) for c in chunks]
-    if len(modules) == 1:
-        return {"model": modules[0].sharded_state_dict()}
-    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(modules)}
-
-
-def apply_model_state(chunks: list[torch.nn.Module], loaded: dict) -> None:
-    """Copy the model weights of a loaded state (from `model_sharded_state`) into the chunks."""
-    modules = [getattr(c, "module", c) for c in chunks]
-    keys = ["model"] if len(modules) == 1 else [f"model{i}" for i in range(len(modules))]
-    for module, key in zip(modules, keys):
-        weights = {k: v for k, v in loaded[key].items() if not k.endswith("_extra_state")}
-        missing, unexpected = module.load_state_dict(weights, strict=False)
-        bad = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
-        if bad:
-            raise CheckpointError(f"checkpoint does not match the model: {bad[:3]}")
-
-
-def load_model(ckpt_dir: str | Path, chunks: list[torch.nn.Module]) -> None:
-    """Load only the weights of a checkpoint into this rank's model chunks (any TP/PP layout)."""
-    apply_model_state(chunks, load_checkpoint(ckpt_dir, model_sharded_state(chunks)))

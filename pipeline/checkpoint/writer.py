@@ -1,4 +1,4 @@
-"""Writing checkpoints in the layout of `pipeline/checkpoint.py`, at once or in the background.
+"""Writing checkpoints in the layout of `layout.py`, at once or in the background.
 
 `CheckpointWriter` saves through megatron-core's asynchronous dist-checkpointing request
 (`dist_checkpointing.save(..., async_sharded_save=True)`), run either at once or in the background:
@@ -7,6 +7,12 @@ writes the files while training goes on; once every rank's writer has finished (
 an all-reduce), the finalize step writes torch's `.metadata` and rank 0 commits: meta.json,
 run_config.yaml, COMPLETE, the rename, `latest`. A writer dies with its trainer (PR_SET_PDEATHSIG),
 so a killed trainer leaves only the temporary directory, which the next start removes.
+
+Writers report their results through a multiprocessing Manager queue whose server process
+megatron-core 0.19.2 starts on first use and never stops (`filesystem_async.get_write_results_queue`):
+a trainer killed with SIGKILL left it running (~0.5 GB each). `_results_queue_dies_with_trainer`
+starts that server itself, set to die with the trainer; remove it when megatron's queue server stops
+with its owner.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import mmap
+import multiprocessing
 import os
 import re
 import shutil
@@ -23,38 +30,42 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Callable
 
-from pipeline.checkpoint import (
-    COMPLETE, FORMAT, LATEST, META, RUN_CONFIG, TMP_PREFIX, CheckpointMeta, find_cause, fingerprint,
-    latest_checkpoint, step_dir_name, step_dirs,
+from pipeline.checkpoint.layout import (
+    COMPLETE, FORMAT, LATEST, META, RUN_CONFIG, TMP_PREFIX, CheckpointMeta, fingerprint, latest_checkpoint,
+    step_dir_name, step_dirs,
 )
-from pipeline.errors import CheckpointError, StorageError
+from pipeline.errors import CheckpointError, StorageError, find_cause
 from pipeline.fs import atomic_write_text, fsync_dir, storage_error
 from pipeline.processes import die_with_parent
-
-
-def _fault_point(name: str, where: str) -> None:
-    """Act here when PIPELINE_FAULT is `name` or `name@where`, so tests hit a save at an exact point:
-    "checkpoint-before-commit" kills the process; "disk-full" (rank 0's commit) and
-    "disk-full-while-writing" (the file writer) fail as a full disk does; "trainer-killed-while-writing"
-    has the background writer kill its trainer, then write on slowly."""
-    if os.environ.get("PIPELINE_FAULT") not in (name, f"{name}@{where}"):
-        return
-    if name.startswith("disk-full"):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    if name == "trainer-killed-while-writing":
-        os.kill(os.getppid(), signal.SIGKILL)
-        time.sleep(60)  # a long write: it must end with its trainer, not finish
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
-
 
 
 def _record_files(ckpt_dir: Path) -> dict[str, list[int]]:
     return {p.name: fingerprint(p) for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name not in (META, COMPLETE)}
 
+
+def _mark_complete(tmp: Path) -> None:
+    """The last write into a save's temporary directory: from here on a restart may use it."""
+    (tmp / COMPLETE).touch()
+    fsync_dir(tmp)
+
+
+def _results_queue_dies_with_trainer() -> None:
+    """Give megatron-core's checkpoint writers a results queue whose server dies with this process
+    (module docstring); a no-op once megatron has a queue."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    # "spawn", as megatron's own: the server must not inherit this process's threads and CUDA state.
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()
+    # The queue is a proxy: the manager object must live as long as the queue does (both module-level).
+    filesystem_async._results_queue_manager = manager
 
 
 _ERRNO_TEXT = re.compile(r"\[Errno (\d+)\]")
@@ -129,7 +140,7 @@ class _Save:
         return SaveReport(self.final, self.step, self.stall_s, self.waited_s, self.write_s, self.bytes, self.background)
 
 
-def _write_files(write, written: mmap.mmap, trainer: int | None, where: str, rank: int, buckets: list, results) -> None:
+def _write_files(write, written: mmap.mmap, trainer: int | None, rank: int, buckets: list, results) -> None:
     """Write one rank's share of a save with megatron-core's writer and record how long it took.
 
     `write(rank, buckets, results)` is `FileSystemWriterAsync.write_preloaded_data_multithread`: it
@@ -142,10 +153,8 @@ def _write_files(write, written: mmap.mmap, trainer: int | None, where: str, ran
         die_with_parent(trainer)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)
-        _fault_point("trainer-killed-while-writing", where)
     started = time.perf_counter()
     try:
-        _fault_point("disk-full-while-writing", where)
         write(rank, buckets, results)
     except Exception as exc:  # noqa: BLE001 - reaches the finalize step as the writer's own failures do
         results.put(exc)
@@ -175,11 +184,9 @@ class CheckpointWriter:
         self.keep = keep
         self.background = background
         self._on_commit = on_commit
-        from pipeline.megatron_patches import write_results_queue_dies_with_trainer
-
         self._pending: _Save | None = None
         self._calls = self._peers = None
-        write_results_queue_dies_with_trainer()
+        _results_queue_dies_with_trainer()
         if background:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -219,7 +226,7 @@ class CheckpointWriter:
             if request.async_fn is not None:  # None: nothing to write on this rank
                 trainer = os.getpid() if self.background else None
                 request = request._replace(
-                    async_fn=partial(_write_files, request.async_fn, save.written, trainer, final.name))
+                    async_fn=partial(_write_files, request.async_fn, save.written, trainer))
             request.add_finalize_fn(partial(self._commit, save, meta, run_config_yaml))
             if self.background:
                 self._calls.schedule_async_request(request)
@@ -327,13 +334,10 @@ class CheckpointWriter:
         """Rank 0: meta.json, run_config.yaml, COMPLETE, the rename and `latest`, then pruning to `keep`;
         the checkpoint's size in bytes."""
         tmp, final = save.tmp, save.final
-        _fault_point("disk-full", final.name)
         meta = dataclasses.replace(meta, step=save.step, files=_record_files(tmp), format=FORMAT)
         (tmp / META).write_text(meta.to_json())
         (tmp / RUN_CONFIG).write_text(run_config_yaml)
-        _fault_point("checkpoint-before-commit", final.name)
-        (tmp / COMPLETE).touch()
-        fsync_dir(tmp)
+        _mark_complete(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

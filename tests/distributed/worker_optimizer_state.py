@@ -1,9 +1,9 @@
 """Worker: the distributed optimizer's "fully_reshardable" save state built by megatron-core and by
-pipeline.optimizer_staging, for the tiny model in fp32 and bf16, with one gradient bucket
+pipeline.checkpoint.optimizer_state, for the tiny model in fp32 and bf16, with one gradient bucket
 and with many; every sharded tensor is compared field by field and value by value. Rank 0 writes a
 JSON summary to OUT.
 
-    torchrun --nproc_per_node=2 tests/distributed/worker_optimizer_staging.py OUT.json
+    torchrun --nproc_per_node=2 tests/distributed/worker_optimizer_state.py OUT.json
 """
 
 import dataclasses
@@ -15,7 +15,7 @@ import torch
 from pipeline import checkpoint as ckpt
 from pipeline.config import load_run_config
 from pipeline.distributed import distributed
-from pipeline.megatron_patches import fast_optimizer_state_saving
+from pipeline.checkpoint import fast_optimizer_state_saving
 from pipeline.model.build import build_model, virtual_stages
 from pipeline.training.optim import build_optimizer
 

@@ -1,4 +1,4 @@
-"""The distributed optimizer's save state built by pipeline.optimizer_staging equals
+"""The distributed optimizer's save state built by pipeline.checkpoint.optimizer_state equals
 megatron-core's own builder bit for bit (at DP 1 and 2, one bucket and many, fp32 and bf16), and
 on one rank with one bucket it hands over the optimizer's tensors without copying them."""
 
@@ -9,7 +9,7 @@ import pytest
 
 from tests.distributed.launch import torchrun
 
-WORKER = Path(__file__).with_name("worker_optimizer_staging.py")
+WORKER = Path(__file__).with_name("worker_optimizer_state.py")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
-from pipeline.hf import ConversionError
-from pipeline.megatron_patches import safe_checkpoint_loading
+from pipeline.errors import ConversionError
+from pipeline.checkpoint.safe_loading import safe_checkpoint_loading
 
 
 class _CachedMetadataReader(dcp.FileSystemReader):
     """A FileSystemReader that parses `.metadata` once (with the allow-list of
-    `megatron_patches.safe_checkpoint_loading`): `dcp.load` asks for it on every call."""
+    `safe_loading.safe_checkpoint_loading`): `dcp.load` asks for it on every call."""
 
     _metadata = None
 

@@ -1,0 +1,108 @@
+"""Reading a checkpoint's pickled parts through an allow-list (docs/checkpoints.md: a checkpoint is code).
+
+Patch of torch 2.11's `torch.distributed.checkpoint`, as used by megatron-core 0.19.2's torch_dist
+loader. Reading a checkpoint unpickles bytes from disk in two places: `FileSystemReader.read_metadata`
+is a plain `pickle.load` of `.metadata`, and every stored object (megatron's common state, our RNG
+and train state) goes through `DefaultLoadPlanner.load_bytes`, a `torch.load(weights_only=False)`.
+A crafted checkpoint would run code in both. Inside `safe_checkpoint_loading()` they read with an
+allow-list instead; an `UnsafeCheckpointError` names what was refused.
+Remove when torch's DCP reader unpickles `.metadata` with an allow-list and loads bytes with
+`weights_only=True` by default (not the case in torch 2.11).
+"""
+
+import io
+import pickle
+import re
+from contextlib import contextmanager
+
+import torch
+
+from pipeline.errors import UnsafeCheckpointError
+
+# Every global that torch's `.metadata` pickle of a megatron-core checkpoint references (found by
+# recording `find_class` over real checkpoints): torch's checkpoint metadata records, torch.Size, the
+# layout and memory-format decoders, dtypes, and megatron's empty placeholder class from 0.15; torch's
+# own FileSystemWriter also records the checkpoint path as a PosixPath (built from strings only).
+_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("collections", "OrderedDict"),
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"),
+} | {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                 "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+}
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """Unpickles only the globals in _METADATA_GLOBALS and torch dtypes."""
+
+    def __init__(self, file, source: str):
+        super().__init__(file)
+        self._source = source
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(
+            f"{self._source} references {module}.{name}, which is not on the checkpoint allow-list; refusing to "
+            f"open it (a checkpoint is code, like a pickle file: open only checkpoints you trust)"
+        )
+
+
+def _safe_read_metadata(self, *args, **kwargs):
+    # The body of FileSystemReader.read_metadata (torch 2.11) with the allow-list unpickler.
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    path = self._get_metadata_path(kwargs.get("rank"))
+    with self.fs.create_stream(path, "rb") as f:
+        try:
+            metadata = _AllowListUnpickler(f, str(path)).load()
+        except UnsafeCheckpointError:
+            raise
+        except Exception as e:
+            raise UnsafeCheckpointError(f"{path} is not a torch checkpoint metadata file ({type(e).__name__}: {e})") from None
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    metadata.storage_meta.load_id = self.load_id
+    return metadata
+
+
+def _safe_load_bytes(self, read_item, value: io.BytesIO) -> None:
+    # DefaultLoadPlanner.load_bytes (torch 2.11) with weights_only=True: tensors, containers and
+    # plain values only; what we and megatron store needs nothing more.
+    try:
+        obj = torch.load(value, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"references {found.group(1)}" if found else "is not plain data"
+        raise UnsafeCheckpointError(
+            f"stored object {read_item.dest_index.fqn} {what}, which weights_only loading does not allow; refusing "
+            f"to open it (a checkpoint is code, like a pickle file: open only checkpoints you trust)"
+        ) from None
+    if self.flatten_state_dict:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+    else:
+        self.state_dict[read_item.dest_index.fqn] = obj
+
+
+@contextmanager
+def safe_checkpoint_loading():
+    """Read checkpoints with the allow-listed unpickler for `.metadata` and `weights_only=True` for
+    stored objects (module docstring); an UnsafeCheckpointError names what was refused. Nested use
+    is harmless: an inner context finds the safe readers in place and leaves them there."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    read_metadata, load_bytes = FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes
+    FileSystemReader.read_metadata = _safe_read_metadata
+    DefaultLoadPlanner.load_bytes = _safe_load_bytes
+    try:
+        yield
+    finally:
+        FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes = read_metadata, load_bytes

@@ -1,0 +1,80 @@
+"""Running megatron-core 0.19.2's CUDA-only code paths on CPU: the portable backend's one patch.
+
+megatron-core 0.19 hard-codes CUDA in code the CPU backend needs (DDP grad buffers, the optimizers'
+found-inf flags and dtype checks, grad clipping, the pipeline schedules' token counters, p2p
+shapes, checkpoint saving). Rather than copying those modules, `cpu_mode()` runs them unchanged
+with three narrow redirections, active only inside the context and only on CPU runs
+(`pipeline.distributed` enters it):
+
+1. A TorchFunctionMode that turns `device="cuda"` / `device=<int>` arguments into the CPU, and
+   `tensor.cuda()` into a no-op (e.g. `torch.zeros(1, device="cuda")` in clip_grads.py,
+   `device=torch.cuda.current_device()` in param_and_grad_buffer.py).
+2. `torch.cuda.current_device()` returns 0, `torch.cuda.synchronize()` does nothing and
+   `torch.cuda.current_stream()` is a stream that never waits, instead of failing to find a
+   driver (schedules, p2p_communication.py, filesystem_async.py, param_and_grad_buffer.py).
+3. `tensor.type()` (no arguments) reports `torch.cuda.*Tensor` names, because the optimizers sort
+   parameters into fp32/bf16 groups by comparing against those strings (optimizer.py,
+   distrib_optimizer.py) and reject anything else.
+
+Remove each redirection when megatron-core takes the device from its tensors instead of assuming
+CUDA at the places named (checked against 0.19.2); tests/distributed run every one of those paths.
+Other patches live beside the code that needs them: the checkpoint's in `pipeline/checkpoint/`.
+"""
+
+from contextlib import contextmanager
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, int):
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaToCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for the CUDA stream on CPU, where every operation is already synchronous."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+@contextmanager
+def cpu_mode():
+    """Run megatron-core's CUDA-assuming code on CPU (see the module docstring)."""
+    saved = torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.current_stream
+    # megatron-core wraps small activations (squared ReLU) in torch.compile; on CPU each process
+    # would spend ~20 s building C++ kernels for a negligible gain.
+    compile_disabled = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_stream = lambda device=None: _NullStream()
+    try:
+        with _CudaToCpu():
+            yield
+    finally:
+        torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.current_stream = saved
+        torch._dynamo.config.disable = compile_disabled

@@ -1,0 +1,64 @@
+"""Fault injection for tests: on PYTHONPATH (through `tests.distributed.training.fault_env`), every Python
+process of a test run, torchrun's workers and their forked checkpoint writers included, patches the
+checkpoint writer at startup so that a save fails at an exact point. Nothing in `pipeline/` knows
+about it.
+
+PIPELINE_TEST_FAULT=<fault>@<step dir name>, e.g. `disk-full@step_0000010`:
+- `disk-full`: rank 0's commit of that save fails as a full disk does;
+- `checkpoint-before-commit`: the process is killed after meta.json is written, before COMPLETE;
+- `disk-full-while-writing`: the file writer fails as a full disk does;
+- `trainer-killed-while-writing`: the background writer kills its trainer, then writes on slowly
+  (it must end with its trainer, not finish).
+"""
+
+import errno
+import os
+import signal
+import time
+
+_FAULT, _, _WHERE = os.environ.get("PIPELINE_TEST_FAULT", "").partition("@")
+_saving = {"step_dir": None}
+
+
+def _disk_full() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _install() -> None:
+    from pipeline.checkpoint import writer
+
+    save, make_visible = writer.CheckpointWriter.save, writer.CheckpointWriter._make_visible
+    mark_complete, write_files = writer._mark_complete, writer._write_files
+
+    def recording_save(self, step, *args, **kwargs):
+        _saving["step_dir"] = writer.step_dir_name(step)  # a forked writer inherits it
+        return save(self, step, *args, **kwargs)
+
+    def failing_make_visible(self, pending, *args):
+        if _FAULT == "disk-full" and pending.final.name == _WHERE:
+            raise _disk_full()
+        return make_visible(self, pending, *args)
+
+    def killed_mark_complete(tmp):
+        if _FAULT == "checkpoint-before-commit" and tmp.name == f"{writer.TMP_PREFIX}{_WHERE}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        mark_complete(tmp)
+
+    def faulty_write_files(write, written, trainer, *args):
+        if _saving["step_dir"] == _WHERE and _FAULT == "disk-full-while-writing":
+            def write(*_):
+                raise _disk_full()
+        if _saving["step_dir"] == _WHERE and _FAULT == "trainer-killed-while-writing" and trainer is not None:
+            def write(*_):
+                os.kill(trainer, signal.SIGKILL)
+                time.sleep(60)
+        return write_files(write, written, trainer, *args)
+
+    writer.CheckpointWriter.save = recording_save
+    writer.CheckpointWriter._make_visible = failing_make_visible
+    writer._mark_complete = killed_mark_complete
+    writer._write_files = faulty_write_files
+
+
+if _FAULT:
+    _install()
