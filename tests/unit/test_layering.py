@@ -20,10 +20,7 @@ MODULE_LAYERS = {
     "pipeline.cli": ENTRY,
     "pipeline.generate": ENTRY,
     "pipeline.compress.__main__": ENTRY,
-    # The data commands are entry points too (`python -m pipeline.data.preprocess ...`).
-    "pipeline.data.preprocess": ENTRY,
-    "pipeline.data.corpus": ENTRY,
-    "pipeline.data.tokenizer_cli": ENTRY,
+    "pipeline.data.__main__": ENTRY,
     "pipeline.config": CORE,
     "pipeline.distributed": CORE,
     "pipeline.checkpoint": CORE,
