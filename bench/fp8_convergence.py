@@ -6,7 +6,7 @@ measure learning, not memorizing; the number of passes is printed (docs/performa
 
     python bench/fp8_convergence.py --data DIR [--iters 300] [--global-batch 4] [--out DIR] [--runs A,B] [--parallel]
 
-DIR holds `tokenizer/` and `corpus_text_document*` (the embedded corpus, `python -m pipeline.data.corpus`).
+DIR holds `tokenizer/` and `corpus_text_document*` (the embedded corpus, `python -m pipeline.data corpus`).
 Prints one table: final and validation loss, tokens/s, TFLOP/s per GPU and MFU (docs/performance.md),
 and the loop's step time against bare megatron-core forward+backward. Throughput at scale:
 bench/train.py.

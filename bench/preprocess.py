@@ -1,5 +1,5 @@
 """Preprocessing benchmark: tokens/s per core, identical-stream checks and peak memory of
-`pipeline.data.preprocess` against Megatron-LM's tools/preprocess_data.py ("old") and its gigatoken-based
+`python -m pipeline.data preprocess` against Megatron-LM's tools/preprocess_data.py ("old") and its gigatoken-based
 tools/preprocess_data_fast.py ("fast"), per tokenizer kind (not a test).
 
     python bench/preprocess.py --megatron-lm ~/src/Megatron-LM                       # 50 MB, all kinds
@@ -8,7 +8,7 @@ tools/preprocess_data_fast.py ("fast"), per tokenizer kind (not a test).
 
 `--megatron-lm` is a local Megatron-LM checkout (nothing is downloaded); its tools run with it first on
 PYTHONPATH, with the fast one given `--use-gigatoken` (pip install '.[fast]'). Kinds, each trained here
-on the first 8 MB of the input: `sentencepiece` (ours, `pipeline.data.sp_bpe`; the old tool reads the
+on the first 8 MB of the input: `sentencepiece` (ours, `pipeline.data.sentencepiece_training`; the old tool reads the
 .model, the fast one its Hugging Face export), `gpt2` (byte-level BPE) and `llama3` (byte-level BPE with
 Llama-3's split regex and BOS template). Input: data/build/bench/bench_<MB>mb.jsonl, written once:
 standard-library documents, then seeded synthetic prose (a Zipf-distributed lexicon of 300,000 made-up
@@ -121,8 +121,8 @@ def _sample(path: str, megabytes: int):
 
 def tokenizers(directory: str, bench_input: str, kinds: list[str]) -> dict:
     """{kind: (our --tokenizer, old tool's (type, model), fast tool's model)}, trained once."""
-    from pipeline.data.byte_bpe import train_byte_level_bpe
-    from pipeline.data.sp_bpe import train_sentencepiece_bpe
+    from bench.byte_bpe import train_byte_level_bpe
+    from pipeline.data.sentencepiece_training import train_sentencepiece_bpe
 
     found = {}
     for kind in kinds:
@@ -146,7 +146,7 @@ def command(tool: str, tokenizer: tuple, megatron: Optional[str], inputs: str, p
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if tool == "ours":
         env["PYTHONPATH"] = REPO
-        return [sys.executable, "-m", "pipeline.data.preprocess", "--input", inputs, "--output", prefix,
+        return [sys.executable, "-m", "pipeline.data", "preprocess", "--input", inputs, "--output", prefix,
                 "--tokenizer", ours, "--workers", str(workers), "--no-progress", "--overwrite"], env
     env["PYTHONPATH"] = os.path.abspath(megatron)
     if tool == "old":

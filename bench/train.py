@@ -1,7 +1,7 @@
 """Training throughput on one GPU: the pipeline's full step against bare megatron-core, per preset,
 precision and CUDA graphs on/off, plus time to first step with a cold and a reused kernel cache.
 
-    python -m pipeline.data.corpus                 # the embedded corpus (data/build), once
+    python -m pipeline.data corpus                 # the embedded corpus (data/build), once
     python bench/train.py                          # bench_1p5b and bench_8b_width, every run below
     python bench/train.py --presets bench_1p5b --runs bf16,bf16+graphs --steps 8 --out /tmp/bench
     python bench/train.py --tables /tmp/gpu0 /tmp/gpu1  # merge benchmarks run side by side, one per GPU

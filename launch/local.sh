@@ -22,6 +22,6 @@ else
 fi
 # The default data config points at the embedded corpus; build it once (a minute or two).
 if ! printf '%s\n' "${args[@]}" | grep -q '^data'; then
-  "$PY" -m pipeline.data.corpus
+  "$PY" -m pipeline.data corpus
 fi
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m pipeline.train "${args[@]}"

@@ -123,7 +123,7 @@ def resolve_blend(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[list[str], lis
         else:
             raise DataError(
                 f"{field}: no dataset there (neither {path}.json nor {path}.bin/.idx); build the default "
-                f"corpus with `python -m pipeline.data.corpus` or fix data.paths"
+                f"corpus with `python -m pipeline.data corpus` or fix data.paths"
             )
     return prefixes, weights, documents
 

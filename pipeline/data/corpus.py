@@ -1,7 +1,7 @@
 """The embedded default corpus: Python standard-library sources, its tokenizer and its dataset.
 
-    python -m pipeline.data.corpus            # builds data/build/ (~10 s on 2 cores); re-runs: no-op
-    python -m pipeline.data.corpus --force    # rebuild
+    python -m pipeline.data corpus            # builds data/build/ (~10 s on 2 cores); re-runs: no-op
+    python -m pipeline.data corpus --force    # rebuild
 
 No download: the text is the `.py` files of the running interpreter's standard library (tests,
 codec tables, generated data and site-packages left out), cut into documents of about
@@ -10,7 +10,7 @@ sequences of a few hundred tokens often hold more than one document. Code is a g
 for a tiny model: repetitive enough that validation loss falls fast, varied enough not to be
 memorised at once. Then, with the pipeline's own tools:
 a 4096-token sentencepiece BPE tokenizer (`pipeline.data.tokenizer`) and the indexed dataset
-(`pipeline.data.preprocess`), as named in conf/data/default.yaml:
+(`python -m pipeline.data preprocess`), as named in conf/data/default.yaml:
 
     data/build/corpus/stdlib.jsonl            documents ({"path", "text"} per line)
     data/build/tokenizer/                     tokenizer.model + Hugging Face files
@@ -20,7 +20,6 @@ a 4096-token sentencepiece BPE tokenizer (`pipeline.data.tokenizer`) and the ind
 Deterministic: the same Python version gives byte-identical files (recorded in corpus_build.json).
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -30,7 +29,6 @@ import sysconfig
 import time
 from typing import Iterator, Optional
 
-from pipeline.cli import exit_on_user_error
 from pipeline.errors import DataError
 from pipeline.fs import atomic_write_text, storage_error
 
@@ -106,7 +104,7 @@ def build(out_dir: str = "data/build", force: bool = False, max_files: int = 0,
     build record. `max_files` > 0 uses only the first files (for tests)."""
     from pipeline.data.preprocess import PreprocessOptions, preprocess
     from pipeline.data.sources import iter_texts
-    from pipeline.data.sp_bpe import train_sentencepiece_bpe
+    from pipeline.data.sentencepiece_training import train_sentencepiece_bpe
 
     stamp = os.path.join(out_dir, "corpus_build.json")
     key = {"recipe": RECIPE, "python": sys.version.split()[0], "max_files": max_files,
@@ -170,24 +168,3 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """Command line: build the default corpus (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.data.corpus", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="data/build", help="output directory (default data/build)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    parser.add_argument("--workers", type=int, default=0, help="preprocessing processes (0: all cores)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    with exit_on_user_error():
-        record = build(args.out, force=args.force, workers=args.workers, progress=args.progress)
-    print(f"{args.out}: {record['documents']:,} documents, {record['tokens']:,} tokens, corpus "
-          f"{record['corpus_bytes'] / 1e6:.1f} MB (built in {record['elapsed_s']} s; this call "
-          f"{time.perf_counter() - start:.1f} s)")
-
-
-if __name__ == "__main__":
-    main()

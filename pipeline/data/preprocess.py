@@ -1,6 +1,6 @@
 """Tokenize raw text into megatron-core indexed datasets (.bin/.idx shards plus a JSON summary).
 
-    python -m pipeline.data.preprocess --input 'dumps/*.jsonl.zst' --tokenizer data/build/tokenizer \\
+    python -m pipeline.data preprocess --input 'dumps/*.jsonl.zst' --tokenizer data/build/tokenizer \\
         --output data/build/web_text_document [--workers 16] [--text-key text] [--on-error fail]
 
 Flags:
@@ -24,13 +24,12 @@ Flags:
 Errors (bad flags, unusable input, no documents, an output directory that cannot be written) exit
 with status 2 and one line `error: ...` on stderr, leaving no dataset marked complete.
 Every document gets the tokenizer's EOD appended. The token dtype follows the vocabulary (uint16
-below 65500 ids, else int32). Bad records are counted by reason (see pipeline.data.records) with the
+below 65500 ids, else int32). Bad records are counted by reason (see pipeline.data.record_parsing) with the
 first few file:line locations, in the summary and on the console. A run killed midway resumes at the
 first unfinished shard when started again with the same arguments; its workers die with it.
 Test hook: with PIPELINE_PREPROCESS_KILL_AFTER_SHARDS=N the run SIGKILLs itself after N shards.
 """
 
-import argparse
 import hashlib
 import json
 import multiprocessing
@@ -43,11 +42,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from pipeline.cli import exit_on_user_error
 from pipeline.data import shards
-from pipeline.data.records import MAX_EXAMPLES, REASONS
+from pipeline.data.record_parsing import MAX_EXAMPLES, REASONS
 from pipeline.data.sources import discover, input_bytes, iter_chunks
-from pipeline.data.workers import Worker
+from pipeline.data.tokenize_workers import Worker
 from pipeline.errors import ConfigError, DataError
 
 KILL_HOOK = "PIPELINE_PREPROCESS_KILL_AFTER_SHARDS"
@@ -345,37 +343,3 @@ def _report(prefix: str, summary: dict) -> None:
     if summary["documents_with_special_token_strings"]:
         print(f"  {summary['documents_with_special_token_strings']:,} documents contain special-token "
               f"strings, kept as literal text", file=sys.stderr)
-
-
-def parse_args(argv: Optional[list[str]] = None) -> PreprocessOptions:
-    """PreprocessOptions from command-line flags (see the module docstring)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.data.preprocess",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    defaults = PreprocessOptions(inputs=["-"], output="-", tokenizer="-")
-    parser.add_argument("--input", nargs="+", required=True, dest="inputs")
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--text-key", default=defaults.text_key)
-    parser.add_argument("--format", default=None)
-    parser.add_argument("--workers", type=int, default=defaults.workers)
-    parser.add_argument("--chunk-mb", type=float, default=defaults.chunk_mb)
-    parser.add_argument("--shard-mb", type=float, default=defaults.shard_mb)
-    parser.add_argument("--max-chars", type=int, default=defaults.max_chars)
-    parser.add_argument("--on-error", choices=("skip", "fail"), default=defaults.on_error)
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    parser.add_argument("--no-bos", dest="bos", action="store_false")
-    return PreprocessOptions(**vars(parser.parse_args(argv)))
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """Command line entry point; bad options, input or output exit 2 with a one-line error."""
-    with exit_on_user_error():
-        preprocess(parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
-from pipeline.data.records import missing_field_detail, parse_chunk
+from pipeline.data.record_parsing import missing_field_detail, parse_chunk
 from pipeline.errors import ConfigError, DataError
 
 FORMATS = ("jsonl", "parquet", "text", "hf_dataset")

@@ -2,7 +2,7 @@
 
 One small interface for the rest of the pipeline (`vocab_size`, `eod`, `pad`, `bos`, `encode`,
 `encode_flat`, `decode`, `save_hf`, `fingerprint`); nothing is ever downloaded. Train or inspect one
-with `python -m pipeline.data.tokenizer_cli`.
+with `python -m pipeline.data tokenizer`.
 
 Which file is loaded: a path ending in `.model` is sentencepiece; a `tokenizer.json` file or a directory
 holding one is Hugging Face (a directory with only `tokenizer.model` is sentencepiece).
@@ -14,8 +14,8 @@ none, and Megatron-LM adds none for them), then the EOD. Document text is encode
 special-token string such as "</s>" inside a document stays text, so data cannot inject control
 tokens (Megatron-LM's tool turns it into the special token); `special_documents` finds such texts.
 
-Encoders: sentencepiece through the word cache (pipeline.data.wordcache) where it is exact, else the
-library; Hugging Face through gigatoken where it is exact (pipeline.data.hf_fast), else `tokenizers`.
+Encoders: sentencepiece through the word cache (pipeline.data.word_cache) where it is exact, else the
+library; Hugging Face through gigatoken where it is exact (pipeline.data.gigatoken_encoder), else `tokenizers`.
 All give the libraries' ids exactly.
 
 Shapes: N tokens, D texts.
@@ -30,9 +30,9 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from pipeline.data.hf_fast import RELOAD_CHARS, GigatokenEncoder, gigatoken_version
-from pipeline.data.sp_model import sentencepiece_to_hf, special_strings, unknown_to_merge, word_rule
-from pipeline.data.wordcache import WORD_LIMIT, WordCache
+from pipeline.data.gigatoken_encoder import RELOAD_CHARS, GigatokenEncoder, gigatoken_version
+from pipeline.data.sentencepiece_model import sentencepiece_to_hf, special_strings, unknown_to_merge, word_rule
+from pipeline.data.word_cache import WORD_LIMIT, WordCache
 from pipeline.errors import ConfigError
 
 HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
@@ -151,12 +151,12 @@ class SentencePieceTokenizer(Tokenizer):
         if self.eod is None:
             raise ConfigError(
                 f"tokenizer {path} has no end-of-document piece (eos_id=-1); retrain it with an "
-                f"eos_id (python -m pipeline.data.tokenizer_cli train sets </s>=2)"
+                f"eos_id (python -m pipeline.data tokenizer train sets </s>=2)"
             )
         self.pad = _sp_id(self._sp.pad_id())
         self.bos = _sp_id(self._sp.bos_id())
         self.special_strings = special_strings(self._proto_bytes)
-        # Exact (see pipeline.data.wordcache) and several times faster than the library alone.
+        # Exact (see pipeline.data.word_cache) and several times faster than the library alone.
         rule = word_rule(self._proto_bytes)
         self._words = None if rule is None else WordCache(
             self._encode_batch, rule, word_limit, unk=unknown_to_merge(self._proto_bytes))
@@ -201,7 +201,7 @@ class SentencePieceTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A Hugging Face fast tokenizer: `tokenizer.json`, or a directory with it and tokenizer_config.json
     (whose eos_token is the EOD). Encoding runs single-threaded: preprocessing parallelises over
-    processes. `gigatoken`: use it where it is exact (pipeline.data.hf_fast), rebuilt every
+    processes. `gigatoken`: use it where it is exact (pipeline.data.gigatoken_encoder), rebuilt every
     `reload_chars` characters."""
 
     kind = "huggingface"
@@ -287,7 +287,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     if not os.path.exists(path):
         raise ConfigError(
             f"tokenizer {path} does not exist; build the default one with `python -m "
-            f"pipeline.data.corpus` or train one with `python -m pipeline.data.tokenizer_cli train`"
+            f"pipeline.data corpus` or train one with `python -m pipeline.data tokenizer train`"
         )
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "tokenizer.json")):

@@ -11,4 +11,4 @@ from tests.distributed.training import REPO
 
 @pytest.fixture(scope="session", autouse=True)
 def default_corpus():
-    subprocess.run([sys.executable, "-m", "pipeline.data.corpus"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pipeline.data", "corpus"], cwd=REPO, check=True, capture_output=True)

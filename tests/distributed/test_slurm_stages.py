@@ -64,8 +64,8 @@ def test_preprocess_array_tasks_each_get_their_own_shard(slurm):
     assert job.returncode == 0, job.sbatch_output
     argvs = [call["argv"] for call in recorded(slurm)]
     assert argvs == [
-        ["--input", "in/part-000.jsonl", "--tokenizer", "tok", "--output", "out/web_0", "--workers", "2"],
-        ["--input", "in/part-001.jsonl", "--tokenizer", "tok", "--output", "out/web_1", "--workers", "2"],
+        ["preprocess", "--input", "in/part-000.jsonl", "--tokenizer", "tok", "--output", "out/web_0", "--workers", "2"],
+        ["preprocess", "--input", "in/part-001.jsonl", "--tokenizer", "tok", "--output", "out/web_1", "--workers", "2"],
     ]
 
 

@@ -29,7 +29,7 @@ print(json.dumps({"segments": len(segments), "expandable": sum(s["is_expandable"
 
 @pytest.fixture(scope="module", autouse=True)
 def corpus():
-    subprocess.run([sys.executable, "-m", "pipeline.data.corpus"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pipeline.data", "corpus"], cwd=REPO, check=True, capture_output=True)
 
 
 def _segments(run_dir: Path, *overrides: str) -> dict:

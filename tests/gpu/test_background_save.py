@@ -24,7 +24,7 @@ STEPS, SAVED = 8, 4
 
 @pytest.fixture(scope="module", autouse=True)
 def corpus():
-    subprocess.run([sys.executable, "-m", "pipeline.data.corpus"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pipeline.data", "corpus"], cwd=REPO, check=True, capture_output=True)
 
 
 def _train(run_dir: Path) -> dict[int, float]:

@@ -26,7 +26,7 @@ EOD = 0
 
 @pytest.fixture(scope="module", autouse=True)
 def corpus():
-    subprocess.run([sys.executable, "-m", "pipeline.data.corpus"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pipeline.data", "corpus"], cwd=REPO, check=True, capture_output=True)
 
 
 def _train_losses(run_dir: Path, *overrides: str) -> tuple[list[float], dict]:

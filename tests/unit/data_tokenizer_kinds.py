@@ -1,11 +1,11 @@
-"""Small tokenizers of every kind the pipeline accepts, trained in seconds on standard-library text
-(helpers for the tokenizer tests, not a test module)."""
+"""Small tokenizers of every kind the pipeline accepts, trained in seconds on standard-library text,
+and words built to collide in the word cache (helpers for the data tests, not a test module)."""
 
 import os
 
-from pipeline.data.byte_bpe import train_byte_level_bpe
+from bench.byte_bpe import train_byte_level_bpe
 from pipeline.data.corpus import documents, stdlib_files
-from pipeline.data.sp_bpe import SPECIAL_IDS, train_sentencepiece_bpe
+from pipeline.data.sentencepiece_training import SPECIAL_IDS, train_sentencepiece_bpe
 
 
 def corpus_texts(files: int = 40) -> list[str]:
@@ -36,3 +36,10 @@ def sentencepiece_model(texts: list[str], out: str, byte_fallback: bool = True, 
 def byte_level_bpe(texts: list[str], out: str, llama3: bool = False, vocab_size: int = 1000) -> str:
     """A GPT-2 or Llama-3 style (BOS template) byte-level BPE tokenizer directory."""
     return train_byte_level_bpe(texts, out, vocab_size, "llama3" if llama3 else "gpt2")
+
+
+def colliding_words() -> tuple[str, str]:
+    """The Thue-Morse word of length 2^11 over {a, b} and its complement: their difference
+    prod_i (1 - p^(2^i)) is divisible by 2^66 for every odd p, so every such hash mod 2^64 agrees."""
+    first = "".join("ab"[bin(i).count("1") % 2] for i in range(1 << 11))
+    return first, first.translate(str.maketrans("ab", "ba"))

@@ -10,7 +10,7 @@ from pipeline.data.blend import build_datasets
 from pipeline.data.config import DataConfig
 from pipeline.data.corpus import documents, stdlib_files
 from pipeline.data.preprocess import PreprocessOptions, preprocess
-from pipeline.data.sp_bpe import train_sentencepiece_bpe
+from pipeline.data.sentencepiece_training import train_sentencepiece_bpe
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import ConfigError, DataError
 from pipeline.training.batches import cu_seqlens_for_batch, cu_seqlens_from_tokens

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from pipeline.data import corpus, preprocess, tokenizer_cli
+from pipeline.data.__main__ import main
 from pipeline.errors import EXIT_USER_ERROR
 
 
@@ -16,27 +16,27 @@ def write_jsonl(path, key):
 
 CASES = {
     "preprocess: missing input": lambda d: (
-        preprocess.main, ["--input", str(d / "absent.jsonl"), "--output", str(d / "out"), "--tokenizer", "t"],
+        ["preprocess", "--input", str(d / "absent.jsonl"), "--output", str(d / "out"), "--tokenizer", "t"],
         "absent.jsonl does not exist"),
     "preprocess: no documents": lambda d: (
-        preprocess.main, ["--input", write_jsonl(d / "in.jsonl", "body"), "--output", str(d / "out"),
-                          "--tokenizer", tokenizer_file(d), "--workers", "1", "--no-progress"],
+        ["preprocess", "--input", write_jsonl(d / "in.jsonl", "body"), "--output", str(d / "out"),
+         "--tokenizer", tokenizer_file(d), "--workers", "1", "--no-progress"],
         "no documents in .*field 'text'; fields present: body; .*--text-key"),
     "preprocess: output below a file": lambda d: (
-        preprocess.main, ["--input", write_jsonl(d / "in.jsonl", "text"), "--output", str(d / "in.jsonl" / "out"),
-                          "--tokenizer", "t"],
+        ["preprocess", "--input", write_jsonl(d / "in.jsonl", "text"), "--output", str(d / "in.jsonl" / "out"),
+         "--tokenizer", "t"],
         "in.jsonl"),
     "corpus: output below a file": lambda d: (
-        corpus.main, ["--out", write_jsonl(d / "in.jsonl", "text") + "/build", "--no-progress"],
+        ["corpus", "--out", write_jsonl(d / "in.jsonl", "text") + "/build", "--no-progress"],
         "cannot write|failed"),
     "tokenizer: missing input": lambda d: (
-        tokenizer_cli.main, ["train", "--input", str(d / "absent"), "--vocab-size", "300", "--out", str(d / "tok")],
+        ["tokenizer", "train", "--input", str(d / "absent"), "--vocab-size", "300", "--out", str(d / "tok")],
         "absent does not exist"),
 }
 
 
 def tokenizer_file(directory):
-    from pipeline.data.sp_bpe import train_sentencepiece_bpe
+    from pipeline.data.sentencepiece_training import train_sentencepiece_bpe
 
     train_sentencepiece_bpe([f"some text number {i} for a tiny tokenizer" for i in range(200)],
                             str(directory / "tok"), vocab_size=300)
@@ -45,7 +45,7 @@ def tokenizer_file(directory):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_data_command_exits_2_with_one_error_line(tmp_path, capsys, case):
-    main, argv, message = CASES[case](tmp_path)
+    argv, message = CASES[case](tmp_path)
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == EXIT_USER_ERROR

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.data.hf_fast import gigatoken_version
+from pipeline.data.gigatoken_encoder import gigatoken_version
 from pipeline.data.tokenizer import HFTokenizer, SentencePieceTokenizer
 from tests.unit.data_tokenizer_kinds import byte_level_bpe, corpus_texts, sentencepiece_model
 

@@ -1,5 +1,6 @@
 """Preprocessing: output independent of workers, resume after SIGKILL, every bad-input reason counted,
-faults (failed overwrite, no documents, unwritable output, damaged input) end in one-line errors."""
+faults (failed overwrite, no documents, unwritable output, damaged input) end in one-line errors; the
+library's tokens for words that collide in the word cache, and Megatron-LM's layout for a BOS template."""
 
 import gzip
 import json
@@ -13,11 +14,13 @@ import uuid
 import numpy as np
 import pytest
 
+from pipeline.data.__main__ import preprocess_options
 from pipeline.data.corpus import documents, stdlib_files
 from pipeline.data.preprocess import KILL_HOOK, BadRecordError, PreprocessOptions, preprocess
-from pipeline.data.sp_bpe import train_sentencepiece_bpe
+from pipeline.data.sentencepiece_training import train_sentencepiece_bpe
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import DataError, StorageError
+from tests.unit.data_tokenizer_kinds import byte_level_bpe, colliding_words
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -117,7 +120,8 @@ def test_sigkill_kills_workers_and_the_rerun_resumes_identically(tmp_path, corpu
     command = [
         sys.executable,
         "-m",
-        "pipeline.data.preprocess",
+        "pipeline.data",
+        "preprocess",
         "--input",
         corpus,
         "--output",
@@ -339,3 +343,61 @@ def test_damaged_compressed_input_is_a_corrupt_file(tmp_path, tokenizer, corpus,
         assert {k: v for k, v in summary["skipped"].items() if v} == {"corrupt_file": 1}, summary["skipped"]
         with pytest.raises(BadRecordError, match=rf"corrupt_file at .*in\.jsonl\{suffix}:\d+ \(truncated"):
             run([str(path)], tmp_path / "fail", tokenizer, chunk_mb=0.1, on_error="fail")
+
+
+def read_stream(summary: dict, prefix) -> list[list[int]]:
+    """The documents written (each ending with its EOD), read with megatron-core."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    directory = os.path.dirname(str(prefix))
+    docs = []
+    for shard in summary["shards"]:
+        dataset = IndexedDataset(os.path.join(directory, shard["prefix"]))
+        docs += [dataset[i].tolist() for i in range(len(dataset))]
+    return docs
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_colliding_words_preprocess_like_the_library(tmp_path, tokenizer, docs, workers):
+    """Words whose word-cache hashes collide (tests/unit/test_data_tokenizer.py) get the library's ids."""
+    import sentencepiece
+
+    first, second = colliding_words()
+    # Small chunks: the words meet in one worker's cache, or in different workers at 2.
+    texts = [f"{first} {docs[0][:3000]}", f"{second} {first}", f"{docs[1][:3000]} {second}", second]
+    prefix = tmp_path / "out"
+    summary = run([write_jsonl(tmp_path / "in.jsonl", texts)], prefix, tokenizer, workers=workers, chunk_mb=0.004)
+    library = sentencepiece.SentencePieceProcessor(model_file=tokenizer)
+    assert read_stream(summary, prefix) == [ids + [library.eos_id()] for ids in library.encode(texts)]
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory, docs):
+    return byte_level_bpe(docs, str(tmp_path_factory.mktemp("llama3")), llama3=True)
+
+
+BOS_DOCS = ["Hello world.", "  indented\n\tcode()", "digits 12345 and émoji 👍🏽", "<|begin_of_text|> inside"]
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-bos"]], ids=["default", "no_bos"])
+def test_bos_template_is_megatrons_by_default_and_off_with_flag(tmp_path, llama3, flag):
+    from transformers import AutoTokenizer
+
+    prefix = tmp_path / "out"
+    summary = preprocess(preprocess_options(["--input", write_jsonl(tmp_path / "in.jsonl", BOS_DOCS), "--output",
+                                             str(prefix), "--tokenizer", llama3, "--workers", "1", "--no-progress",
+                                             *flag]))
+    hf = AutoTokenizer.from_pretrained(llama3)
+    bos, eod = hf.convert_tokens_to_ids(["<|begin_of_text|>", "<|end_of_text|>"])
+    # Megatron-LM's tools/preprocess_data.py writes tokenizer(text).input_ids + [eod]; it would read
+    # the special-token string of the last document as the token, which the pipeline keeps as text.
+    megatron = [hf(d).input_ids + [eod] for d in BOS_DOCS[:-1]]
+    written = read_stream(summary, prefix)
+    if flag:
+        assert written[:-1] == [ids[1:] for ids in megatron], "--no-bos still writes the template"
+        assert (summary["bos"], summary["document_prefix"]) == (False, [])
+    else:
+        assert written[:-1] == megatron
+        assert (summary["bos"], summary["document_prefix"]) == (True, [bos])
+    assert written[-1][1 if not flag else 0 :].count(bos) == 0, "special-token string became a token"
+    assert summary["documents_with_special_token_strings"] == 1

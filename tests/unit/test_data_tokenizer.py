@@ -7,9 +7,10 @@ import pytest
 import sentencepiece
 
 from pipeline.data.corpus import documents, stdlib_files
-from pipeline.data.sp_bpe import train_sentencepiece_bpe
+from pipeline.data.sentencepiece_training import train_sentencepiece_bpe
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import ConfigError
+from tests.unit.data_tokenizer_kinds import colliding_words, sentencepiece_model
 
 # Strings that stress word splitting and byte fallback: runs of spaces and tabs, other Unicode
 # spaces, U+2581 (sentencepiece's space symbol), emoji, control characters, special-token lookalikes.
@@ -59,6 +60,38 @@ def test_word_cache_gives_the_library_ids(trained, texts):
     expected = [library.encode(t) for t in sample]
     assert tok.encode(sample) == expected
     assert tok.encode(sample) == expected, "second (cached) pass differs"
+
+
+def test_constructed_words_collide_in_the_word_cache():
+    """The premise of the collision tests below: both words get one hash in the word cache."""
+    import numpy as np
+
+    from pipeline.data.word_cache import WordCache
+
+    first, second = colliding_words()
+    cp_C = np.array([ord(c) for c in first + second], dtype=np.uint32)
+    hashes = WordCache(lambda words: [], "space")._hashes(cp_C, np.array([0, len(first)]))
+    assert first != second and hashes[0] == hashes[1]
+
+
+def test_colliding_words_encode_like_the_library(trained):
+    model = os.path.join(trained, "tokenizer.model")
+    first, second = colliding_words()
+    docs = [f"x {first}", f"y {second} {first}", second]
+    expected = sentencepiece.SentencePieceProcessor(model_file=model).encode(docs)
+    assert expected[0][1:] != expected[2], "the two words must tokenize differently"
+    tok = load_tokenizer(model)
+    assert tok.encode(docs) == expected, "one batch"
+    assert [tok.encode([d])[0] for d in docs] == expected, "one text at a time (cache hits)"
+
+
+def test_unknown_character_runs_merge_like_sentencepiece(tmp_path, texts):
+    path = sentencepiece_model([t for t in texts if t.isascii()], str(tmp_path), byte_fallback=False)
+    library = sentencepiece.SentencePieceProcessor(model_file=path)
+    docs = ["Ж€漢", "abcЖ€ def", "x€€ €€y", "日本語テキスト and 中文", "ЖЖ1€€", "€(€)€"]
+    expected = library.encode(docs)
+    assert any(ids.count(library.unk_id()) < len(d) for ids, d in zip(expected, docs)), "no merged run"
+    assert load_tokenizer(path).encode(docs) == expected
 
 
 def test_encode_flat_appends_eod_per_text(trained):
@@ -129,7 +162,7 @@ def test_hf_tokenizer_without_eos_is_an_error(tmp_path, trained):
 
 
 def test_word_rule_falls_back_when_pieces_cross_word_starts():
-    from pipeline.data.wordcache import finest_rule
+    from pipeline.data.word_cache import finest_rule
 
     assert finest_rule(["\u2581foo", "\u2581\u2581", "):", "__(", "\u00e9t\u00e9"]) == "fine"
     assert finest_rule(["\u2581foo", "12"]) == "space", "digits merged: only space words are exact"
@@ -138,11 +171,12 @@ def test_word_rule_falls_back_when_pieces_cross_word_starts():
 
 
 def test_train_command_writes_a_loadable_tokenizer(tmp_path, texts, capsys):
-    from pipeline.data.tokenizer_cli import main
+    from pipeline.data.__main__ import main
 
     corpus = tmp_path / "in.jsonl"
     corpus.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts), encoding="utf-8")
-    main(["train", "--input", str(corpus), "--text-key", "body", "--vocab-size", "700", "--out", str(tmp_path / "tok")])
+    main(["tokenizer", "train", "--input", str(corpus), "--text-key", "body", "--vocab-size", "700",
+          "--out", str(tmp_path / "tok")])
     printed = json.loads(capsys.readouterr().out)
     loaded = load_tokenizer(str(tmp_path / "tok"))
     assert loaded.vocab_size == printed["vocab_size"] == 700
@@ -152,10 +186,10 @@ def test_train_command_writes_a_loadable_tokenizer(tmp_path, texts, capsys):
 def test_info_command_prints_ids_and_encoder(trained, capsys):
     import sentencepiece
 
-    from pipeline.data.tokenizer_cli import main
+    from pipeline.data.__main__ import main
 
     model = os.path.join(trained, "tokenizer.model")
-    main(["info", model, "--text", "def f(x):  return x"])
+    main(["tokenizer", "info", model, "--text", "def f(x):  return x"])
     printed = json.loads(capsys.readouterr().out)
     library = sentencepiece.SentencePieceProcessor(model_file=model)
     assert printed["ids"] == library.encode("def f(x):  return x")
@@ -163,9 +197,9 @@ def test_info_command_prints_ids_and_encoder(trained, capsys):
 
 
 def test_info_command_on_a_missing_path_exits_2(tmp_path, capsys):
-    from pipeline.data.tokenizer_cli import main
+    from pipeline.data.__main__ import main
 
     with pytest.raises(SystemExit) as info:
-        main(["info", str(tmp_path / "nope")])
+        main(["tokenizer", "info", str(tmp_path / "nope")])
     assert info.value.code == 2
     assert capsys.readouterr().err.startswith("error: tokenizer ")

@@ -1,4 +1,4 @@
-"""Turning a chunk of input into documents and tokens (the worker side of preprocessing).
+"""Parsing a chunk of input into documents, and validating each record on the way.
 
 Every record that does not become a document is counted under one reason, with its `file:line`
 (`file:row` for parquet and HF datasets):
@@ -14,15 +14,13 @@ Every record that does not become a document is counted under one reason, with i
   records read before the damage are kept)
 
 A parquet file or HF dataset without the text column counts once, as missing_field, with the columns
-it has. The processes that run `encode_chunk` are in pipeline.data.workers.
+it has. The processes that tokenize the documents are in pipeline.data.tokenize_workers.
 """
 
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
-
-import numpy as np
 
 REASONS = (
     "malformed_json",
@@ -58,21 +56,6 @@ class Parsed:
             self.first_bad = f"{reason} at {location}" + (f" ({detail})" if detail else "")
 
 
-@dataclass
-class ChunkResult:
-    """What a worker sends back for one chunk: tokens (EOD after each document) and bookkeeping."""
-
-    index: int
-    size: int
-    tokens: np.ndarray
-    lengths: np.ndarray
-    skipped: Counter
-    examples: dict[str, list[str]]
-    first_bad: Optional[str]
-    special_documents: int = 0
-    """Documents containing a special-token string (kept as literal text)."""
-
-
 def parse_chunk(chunk, text_key: str = "text", max_chars: int = 0) -> Parsed:
     """Valid document texts of `chunk` (a sources.Chunk) in order; `max_chars` 0 means no limit."""
     parsed = Parsed()
@@ -84,21 +67,15 @@ def parse_chunk(chunk, text_key: str = "text", max_chars: int = 0) -> Parsed:
         for row, value in enumerate(chunk.data, start=chunk.first):
             location = f"{chunk.path}:{row}"
             if isinstance(value, bytes):
-                try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    parsed.skip("invalid_utf8", location, str(error))
+                value = _decoded(value, location, parsed)
+                if value is None:
                     continue
             _add_value(value, location, max_chars, parsed)
     else:
         for path, data in chunk.data:
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as error:
-                line = data[: error.start].count(b"\n") + 1
-                parsed.skip("invalid_utf8", f"{path}:{line}", str(error))
-                continue
-            _add_text(text, f"{path}:1", max_chars, parsed)
+            text = _decoded(data, path, parsed, whole_file=True)
+            if text is not None:
+                _add_text(text, f"{path}:1", max_chars, parsed)
     return parsed
 
 
@@ -114,10 +91,8 @@ def _parse_jsonl(chunk, text_key: str, max_chars: int, parsed: Parsed) -> None:
     for number, line in enumerate(lines, start=chunk.first):
         location = f"{chunk.path}:{number}"
         if isinstance(line, bytes):
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                parsed.skip("invalid_utf8", location, str(error))
+            line = _decoded(line, location, parsed)
+            if line is None:
                 continue
         if not line.strip():
             parsed.skip("empty", location, "blank line")
@@ -134,6 +109,19 @@ def _parse_jsonl(chunk, text_key: str, max_chars: int, parsed: Parsed) -> None:
             parsed.skip("missing_field", location, missing_field_detail(text_key, list(record), "field"))
             continue
         _add_value(record[text_key], location, max_chars, parsed)
+
+
+def _decoded(data: bytes, location: str, parsed: Parsed, whole_file: bool = False) -> Optional[str]:
+    """`data` as UTF-8 text, or None once counted as invalid_utf8 at `location` (for a `whole_file`,
+    its path: the line of the first bad byte is added)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if whole_file:
+            line = data[: error.start].count(b"\n") + 1
+            location = f"{location}:{line}"
+        parsed.skip("invalid_utf8", location, str(error))
+        return None
 
 
 def missing_field_detail(text_key: str, present: list[str], kind: str) -> str:
@@ -164,20 +152,3 @@ def _add_text(text: str, location: str, max_chars: int, parsed: Parsed) -> None:
         parsed.skip("too_long", location, f"{len(text)} > {max_chars} characters")
     else:
         parsed.texts.append(text)
-
-
-def encode_chunk(chunk, tokenizer, dtype, text_key: str, max_chars: int, template: bool = False) -> ChunkResult:
-    """Parse and tokenize `chunk`; each document's ids (inside the tokenizer's template when
-    `template`) are followed by the tokenizer's EOD."""
-    parsed = parse_chunk(chunk, text_key, max_chars)
-    tokens_N, lengths_D = tokenizer.encode_flat(parsed.texts, dtype=dtype, template=template)
-    return ChunkResult(
-        index=chunk.index,
-        size=chunk.size,
-        tokens=tokens_N,
-        lengths=lengths_D.astype(np.int32),
-        skipped=parsed.skipped,
-        examples=parsed.examples,
-        first_bad=parsed.first_bad,
-        special_documents=int(tokenizer.special_documents(parsed.texts).sum()),
-    )

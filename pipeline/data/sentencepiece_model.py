@@ -1,10 +1,10 @@
 """Reading sentencepiece models: which fast paths are exact for them, and an exact conversion to a
-Hugging Face tokenizer.json (for the models `pipeline.data.sp_bpe` trains).
+Hugging Face tokenizer.json (for the models `pipeline.data.sentencepiece_training` trains).
 """
 
 from typing import Optional
 
-from pipeline.data.wordcache import finest_rule, rule_holds
+from pipeline.data.word_cache import finest_rule, rule_holds
 from pipeline.errors import ConfigError
 
 SPACE = "\u2581"
@@ -48,7 +48,7 @@ def special_strings(proto_bytes: bytes) -> list[str]:
 
 
 def word_rule(proto_bytes: bytes) -> Optional[str]:
-    """The finest `pipeline.data.wordcache` word rule under which encoding word by word gives this
+    """The finest `pipeline.data.word_cache` word rule under which encoding word by word gives this
     model's ids exactly (no piece spans a word start), or None if there is none."""
     model = _parse(proto_bytes)
     return finest_rule(_mergeable_pieces(model)) if _text_kept_as_is(model) else None
@@ -75,7 +75,7 @@ def sentencepiece_to_hf(proto_bytes: bytes):
     if not word_separable(proto_bytes):
         raise ConfigError(
             "save_hf converts sentencepiece BPE models with identity normalization, no dummy prefix and "
-            "byte fallback (as `python -m pipeline.data.tokenizer_cli train` makes); convert this one "
+            "byte fallback (as `python -m pipeline.data tokenizer train` makes); convert this one "
             "with transformers"
         )
     model = _parse(proto_bytes)
@@ -100,7 +100,7 @@ def sentencepiece_to_hf(proto_bytes: bytes):
         )
     )
     tokenizer.normalizer = normalizers.Replace(" ", SPACE)
-    # The "space" word rule of pipeline.data.wordcache, on text whose spaces became U+2581.
+    # The "space" word rule of pipeline.data.word_cache, on text whose spaces became U+2581.
     tokenizer.pre_tokenizer = pre_tokenizers.Split(
         Regex(f"{SPACE}*[^{SPACE}]+|{SPACE}+"), behavior="isolated"
     )
