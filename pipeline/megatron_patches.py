@@ -35,7 +35,10 @@ which returns the same tensors with at most one copy. Loading is megatron's own.
 Checkpoint writers report their results through a multiprocessing Manager queue whose server process
 megatron-core starts on first use and never stops (`filesystem_async.get_write_results_queue`): a
 trainer killed with SIGKILL left it running (~0.5 GB each). `write_results_queue_dies_with_trainer()`
-starts that server itself, set to die with the trainer.
+starts that server itself, set to die with the trainer and to leave the stop signals to it: Slurm's
+preemption sends SIGTERM to every process of the job, and the server, killed by it, took with it the
+queue the trainer needs to commit the checkpoint it saves on that signal (ConnectionRefusedError;
+tests/distributed/test_slurm_jobs.py, row pretrain_warned_then_preempted).
 """
 
 import io
@@ -43,6 +46,7 @@ import multiprocessing
 import os
 import pickle
 import re
+import signal
 from contextlib import contextmanager
 from multiprocessing.managers import SyncManager
 
@@ -234,6 +238,13 @@ def safe_checkpoint_loading():
         FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes = read_metadata, load_bytes
 
 
+def _serve_for_trainer(trainer_pid: int) -> None:
+    """Set up the results queue's server process: die with the trainer, ignore its stop signals."""
+    die_with_parent(trainer_pid)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def write_results_queue_dies_with_trainer() -> None:
     """Give megatron-core's checkpoint writers a results queue whose server dies with this process
     (module docstring); a no-op once megatron has a queue."""
@@ -243,7 +254,7 @@ def write_results_queue_dies_with_trainer() -> None:
         return
     # "spawn", as megatron's own: the server must not inherit this process's threads and CUDA state.
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    manager.start(initializer=_serve_for_trainer, initargs=(os.getpid(),))
     filesystem_async._results_queue = manager.Queue()
     # The queue is a proxy: the manager object must live as long as the queue does (both module-level).
     filesystem_async._results_queue_manager = manager
