@@ -117,7 +117,8 @@ SCENARIOS = [
     ),
     Scenario(
         "pretrain_config_error_not_requeued",
-        "slurm/pretrain.sbatch", (*TRAIN, "train.micro_batch_size=3"), TWO_NODES,
+        # One task: of two, the first to exit 2 has srun kill the other, whose 137 would then win.
+        "slurm/pretrain.sbatch", (*TRAIN, "train.micro_batch_size=3"), ("--nodes=1", "--ntasks-per-node=1"),
         exit_codes=(2,),
         restart_logs=(("error: train.global_batch_size=8 is not a multiple of train.micro_batch_size=3",
                        "training failed (exit status 2); not requeueing"),),
