@@ -16,5 +16,6 @@ the behaviour the job scripts rely on and nothing more:
   SIGTERM does; the batch script runs in its own process group for that).
 
 State lives under $FAKE_SLURM_STATE (one directory per job id). `harness.py` is the test-side API;
-`trainer.py` with `standin_python` stands in for `python -m pipeline.train`.
+`recording_python`, given as the job scripts' PYTHON, records what each task would run instead of
+running it.
 """

@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE = Path(__file__).resolve().parent
-STANDIN_PYTHON = FAKE / "standin_python"
+RECORDING_PYTHON = FAKE / "recording_python"
 
 
 class JobFiles:
@@ -57,7 +57,8 @@ class FakeSlurm:
         """The submitting shell's environment: fake Slurm tools first on PATH, then this Python."""
         path = os.pathsep.join([str(FAKE / "bin"), str(Path(sys.executable).parent), os.environ["PATH"]])
         # Variables a cluster shell or the job scripts' settings could leak into a test.
-        drop = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "CONTAINER_", "PIPELINE_ROOT", "STANDIN_")
+        drop = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "CONTAINER_", "PIPELINE_ROOT",
+                "RECORDING_PYTHON")
         env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k != "PYTHON"}
         env.update(PATH=path, FAKE_SLURM_STATE=str(self.state), CUDA_VISIBLE_DEVICES="", **extra)
         return env
@@ -79,10 +80,6 @@ class FakeSlurm:
             out, err = proc.communicate()
             raise AssertionError(f"sbatch refused the job: {first}{out}\n{err}")
         return RunningJob(int(first), proc, self.state)
-
-    def submit(self, script: str, *args: str, options: tuple[str, ...] = (), timeout: float = 300, **env: str) -> Job:
-        """Submit and wait for the job (and its requeues) to end."""
-        return self.start(script, *args, options=options, **env).wait(timeout)
 
     def scancel(self, *args: str) -> None:
         """Run the fake scancel (e.g. '--signal=USR1', job id)."""
@@ -127,11 +124,6 @@ def metrics(run_dir: Path) -> list[dict]:
     lines = path.read_text(encoding="utf-8").split("\n")[:-1]
     records = [json.loads(line) for line in lines if line.strip()]
     return [record for record in records if record.get("kind") == "train"]
-
-
-def losses_by_step(run_dir: Path) -> dict[int, float]:
-    """step -> loss from metrics.jsonl (a step logged twice keeps its last value)."""
-    return {record["step"]: record["loss"] for record in metrics(run_dir)}
 
 
 def wait_for_step(run_dir: Path, step: int, job: RunningJob, timeout: float) -> None:

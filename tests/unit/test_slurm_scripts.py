@@ -17,7 +17,7 @@ from tests.fake_slurm.sbatch import directives, parse_options, parse_signal
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "slurm").glob("*.sbatch")) + [
     "slurm/common.sh",
-    "tests/fake_slurm/standin_python",
+    "tests/fake_slurm/recording_python",
 ]
 TRAINING_SCRIPTS = ["slurm/pretrain.sbatch", "slurm/distill.sbatch"]
 
