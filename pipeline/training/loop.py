@@ -8,16 +8,12 @@ The run owns run_dir for its lifetime (`run_lock`); what is saved and how a resu
 checkpoint is in `state`; SIGTERM, SIGUSR1 and Ctrl-C save at the end of the step (docs/checkpoints.md).
 """
 
-import os
-import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from pipeline import checkpoint as ckpt
@@ -36,47 +32,9 @@ from pipeline.training.prepare import build_training_chunks
 from pipeline.training.run_lock import run_dir_owner
 from pipeline.training.state import Saver, pick_checkpoint, resume, warn
 from pipeline.training.step import eval_step, train_step
+from pipeline.training.stop import StopRequest, stop_requests
 
 DONE = "DONE"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-"""Slurm's preemption / time-limit warning, and Ctrl-C: each saves a checkpoint at the step's end."""
-
-
-class StopRequest:
-    """Records a stop signal, acted on at a step end; a second Ctrl-C aborts at once (nothing saved)."""
-
-    REPEAT_S = 1.0
-    """A Ctrl-C within this time of the first is the same one: a terminal sends it to torchrun and to
-    every worker, and torchrun forwards it to the workers once more."""
-
-    def __init__(self, announce: bool = True):
-        self.signal: int | None = None
-        self._announce = announce
-        self._interrupted_at: float | None = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
-
-    def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT:
-            now = time.monotonic()
-            if self._interrupted_at is not None and now - self._interrupted_at > self.REPEAT_S:
-                raise KeyboardInterrupt
-            if self._interrupted_at is None:
-                self._interrupted_at = now
-                if self._announce:  # os.write: print() here could re-enter a print the handler interrupted
-                    os.write(sys.stderr.fileno(), b"Ctrl-C: saving a checkpoint after this step "
-                                                  b"(press Ctrl-C again to abort without saving)\n")
-        self.signal = signum
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank was signalled (all ranks must save together)."""
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def close(self) -> None:
-        """Give the signals back to their previous handlers."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _check_batch_layout(run: RunConfig, world: World) -> None:
@@ -120,14 +78,12 @@ def train(run: RunConfig, objective=None) -> TrainResult:
                                fused_cross_entropy=run.train.fused_cross_entropy)
         with run_dir_owner(run.run_dir, world.rank):
             log = MetricsLogger(run.logging, run.run_dir, world.rank, Path(run.run_dir).name, asdict(run))
-            stop = StopRequest(announce=world.rank == 0)
             try:
-                with Saver(run, world, log) as saver:
+                with stop_requests(announce=world.rank == 0) as stop, Saver(run, world, log) as saver:
                     return _train(run, world, log, stop, saver, objective)
             finally:
                 if run.train.cuda_graphs:
                     release_cuda_graphs()
-                stop.close()
                 log.close()
 
 
@@ -229,8 +185,7 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
             saver.save(chunks, optimizer, scheduler, state)
         if stopping:
             saver.wait()
-            signame = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
-            reason = "train.exit_after_steps" if state.step == exit_at else signame
+            reason = "train.exit_after_steps" if state.step == exit_at else stop.name()
             log.info(f"stopping at step {state.step} ({reason}); restart with the same run_dir to resume")
             return TrainResult(state.step, last_loss, last_val, done=False)
     saver.wait()
