@@ -57,8 +57,9 @@ def _compress(step: str, overrides: list[str], stop) -> None:
     from pipeline.compress.parent import check_run_dir, parent_run
     from pipeline.compress.progress import Progress
     from pipeline.config import load_run_config
-    from pipeline.distributed import distributed
+    from pipeline.distributed import distributed, resolve_device
     from pipeline.model.build import virtual_stages
+    from pipeline.training.prepare import check_machine
     from pipeline.training.run_lock import run_dir_owner
     from pipeline.training.stop import Stopped
 
@@ -67,6 +68,7 @@ def _compress(step: str, overrides: list[str], stop) -> None:
     # init in the same processes would hang under torchrun); steps nest inside it.
     parent = parent_run(run)
     check_run_dir(run, parent.step_dir)
+    check_machine(parent.run.precision, parent.run.train, resolve_device(run.device))
     steps = run.compress.steps if step == "all" else [step]
     if "search" in steps:
         from pipeline.compress.search import check_search_request

@@ -23,12 +23,12 @@ from pipeline.data.tokenizer import load_tokenizer
 from pipeline.distributed import World, distributed, use_expandable_segments
 from pipeline.errors import ConfigError
 from pipeline.metrics import MetricsLogger
-from pipeline.model.build import check_gpu_only_options, release_cuda_graphs, virtual_stages
+from pipeline.model.build import release_cuda_graphs, virtual_stages
 from pipeline.throughput import StartupTiming, step_throughput
 from pipeline.training.batches import step_batches
 from pipeline.training.kernel_cache import KernelCache
 from pipeline.training.optim import build_optimizer, build_scheduler
-from pipeline.training.prepare import build_training_chunks
+from pipeline.training.prepare import build_training_chunks, check_machine
 from pipeline.training.run_lock import run_dir_owner
 from pipeline.training.state import Saver, pick_checkpoint, resume, warn
 from pipeline.training.step import eval_step, train_step
@@ -74,8 +74,7 @@ def train(run: RunConfig, objective=None) -> TrainResult:
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
         _check_batch_layout(run, world)
         # Before the run directory is touched (build_model checks again, too late for that).
-        check_gpu_only_options(world.device, cuda_graphs=run.train.cuda_graphs,
-                               fused_cross_entropy=run.train.fused_cross_entropy)
+        check_machine(run.precision, run.train, world.device)
         with run_dir_owner(run.run_dir, world.rank):
             log = MetricsLogger(run.logging, run.run_dir, world.rank, Path(run.run_dir).name, asdict(run))
             try:
@@ -93,11 +92,6 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
 
     run_dir = Path(run.run_dir)
     found = pick_checkpoint(run, world)  # first: a checkpoint that cannot be resumed leaves run_dir as it was
-    if world.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(run_dir / "checkpoints")
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
-        (run_dir / DONE).unlink(missing_ok=True)
     tokenizer = load_tokenizer(run.data.tokenizer)
     run.model.check_tokenizer(tokenizer.vocab_size)
     eval_batches = run.train.eval_iters if run.train.eval_interval else 0
@@ -117,6 +111,11 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
     # Before resume: building a teacher draws weights, the RNG state restored must come after.
     objective = make_objective(run, world, log, chunks) if make_objective else None
     state = resume(run, found, chunks, optimizer, scheduler, world, log)
+    # Only now, all checked and loaded: a refused start leaves a finished run finished.
+    if world.rank == 0:
+        ckpt.remove_stale_temporaries(run_dir / "checkpoints")
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
+        (run_dir / DONE).unlink(missing_ok=True)
     dp_rank = parallel_state.get_data_parallel_rank()
     documents_per_sequence = run.train.cuda_graph_documents if run.train.cuda_graphs else None
     joined_documents = 0
