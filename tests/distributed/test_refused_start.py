@@ -60,3 +60,15 @@ def test_a_sweep_with_an_impossible_point_runs_no_job(tmp_path):
     line = _refused("-m", "pipeline.train", "-m", *TRAIN[2:], "precision=fp32,fp8_delayed", f"run_dir={run_dir}")
     assert "precision=fp8_delayed" in line
     assert not run_dir.exists(), "a job of the sweep ran before the impossible point was refused"
+
+
+@pytest.mark.parametrize("step", ["importance", "search", "rank", "all"])
+def test_every_compression_step_is_refused_on_a_run_dir_in_use(finished, tmp_path, step):
+    from pipeline.training.run_lock import run_dir_owner
+
+    run_dir = tmp_path / "kd"
+    with run_dir_owner(run_dir, 0):  # another command's, as far as the subprocess can tell
+        line = _refused("-m", "pipeline.compress", step, f"compress.parent={finished}", "device=cpu",
+                        "compress.target_params=0.9e6", f"run_dir={run_dir}")
+    assert "is in use by another run" in line, line
+    assert [p.name for p in run_dir.iterdir()] == [".lock"], "a refused step wrote into the run dir"
