@@ -89,9 +89,10 @@ def _job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     return jobs
 
 
-def check_overrides(argv: list[str]) -> None:
-    """Compose and validate the run config of every job `argv` starts; exit 2 with one line if one
-    is bad. Help, shell completion and extra config directories are left to Hydra."""
+def check_overrides(argv: list[str], check_job: Callable[[RunConfig], None] | None = None) -> None:
+    """Compose and validate the run config of every job `argv` starts (and `check_job` it, e.g. against
+    this machine); exit 2 with one line if one is bad. Help, shell completion and extra config
+    directories are left to Hydra."""
     from hydra._internal.utils import get_args_parser
 
     args, _ = get_args_parser().parse_known_args(argv)
@@ -99,13 +100,16 @@ def check_overrides(argv: list[str]) -> None:
         return
     with exit_on_user_error():
         for overrides in _job_overrides(args.overrides, args.multirun):
-            load_run_config(overrides, config_name=args.config_name or "config")
+            run = load_run_config(overrides, config_name=args.config_name or "config")
+            if check_job is not None:
+                check_job(run)
 
 
-def launch(app: Callable[[], None]) -> None:
-    """Run a @hydra.main app on this process's command line, its overrides checked first."""
+def launch(app: Callable[[], None], check_job: Callable[[RunConfig], None] | None = None) -> None:
+    """Run a @hydra.main app on this process's command line, its overrides (and `check_job` of every
+    job) checked first."""
     register_configs()
-    check_overrides(sys.argv[1:])
+    check_overrides(sys.argv[1:], check_job)
     app()
 
 

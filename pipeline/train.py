@@ -38,5 +38,13 @@ def main(cfg: DictConfig) -> None:
         train(run)
 
 
+def check_machine(run) -> None:
+    """What this machine cannot train (FP8 on CPU, ...), for every job of a sweep before the first."""
+    from pipeline.distributed import resolve_device
+    from pipeline.training.prepare import check_machine
+
+    check_machine(run.precision, run.train, resolve_device(run.device))
+
+
 if __name__ == "__main__":
-    launch(main)
+    launch(main, check_job=check_machine)

@@ -139,18 +139,20 @@ set_rendezvous() {
     export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 }
 
-# What checkpoints/latest points at now: it changes with every saved checkpoint.
+# The run's saved progress: what checkpoints/latest points at, and for a compression run also its
+# step record (compress/progress.json) and the checkpoints of the ranked candidates. It changes with
+# every saved checkpoint and every finished compression step.
 checkpoint_signature() {
-    local latest=$1/checkpoints/latest
-    if [[ -e $latest ]]; then
-        echo "$(readlink -f "$latest") $(stat -L -c '%i %s %y' "$latest")"
-    else
-        echo none
-    fi
+    local marker
+    for marker in "$1/checkpoints/latest" "$1/compress/progress.json" "$1"/compress/rank/*/checkpoints/latest; do
+        if [[ -e $marker ]]; then
+            echo "$marker $(readlink -f "$marker") $(stat -L -c '%i %s %y' "$marker")"
+        fi
+    done
 }
 
 # Run a training-like stage (MODULE takes Hydra overrides, writes RUN_DIR/DONE when finished,
-# checkpoints and exits 0 on SIGUSR1/SIGTERM) and requeue the job until the run is DONE.
+# saves its progress and exits 0 on SIGUSR1/SIGTERM) and requeue the job until the run is DONE.
 run_training() {
     local module=$1 stage=$2
     shift 2

@@ -19,7 +19,7 @@ from pipeline.checkpoint.config import CheckpointConfig
 from pipeline.checkpoint.layout import (
     COMPLETE, DCP_METADATA, FORMAT, LATEST, META, PREFIX, RUN_CONFIG, SHAPE_FIELDS, TMP_PREFIX, CheckpointMeta,
     check_compatible, find_resumable, fingerprint, latest_checkpoint, read_meta, remove_stale_temporaries,
-    resolve_checkpoint, step_dir_name, step_dirs, verify_checkpoint,
+    resolve_checkpoint, run_dir_of, step_dir_name, step_dirs, verify_checkpoint,
 )
 
 _LAZY = {
@@ -35,7 +35,7 @@ _LAZY_OWNER = {name: module for module, names in _LAZY.items() for name in names
 __all__ = [
     "CheckpointConfig", "COMPLETE", "DCP_METADATA", "FORMAT", "LATEST", "META", "PREFIX", "RUN_CONFIG",
     "SHAPE_FIELDS", "TMP_PREFIX", "CheckpointMeta", "check_compatible", "find_resumable", "fingerprint",
-    "latest_checkpoint", "read_meta", "remove_stale_temporaries", "resolve_checkpoint", "step_dir_name",
+    "latest_checkpoint", "read_meta", "remove_stale_temporaries", "resolve_checkpoint", "run_dir_of", "step_dir_name",
     "step_dirs", "verify_checkpoint", *_LAZY_OWNER,
 ]
 

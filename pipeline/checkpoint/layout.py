@@ -202,6 +202,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no complete checkpoint under {path}; train first or give a step directory")
 
 
+def run_dir_of(step_dir: str | Path) -> Path:
+    """The run directory a step directory belongs to (<run_dir>/checkpoints/step_N); the step
+    directory itself when it stands alone."""
+    step_dir = Path(step_dir)
+    return step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir
+
+
 def read_meta(ckpt_dir: str | Path) -> CheckpointMeta:
     """The checkpoint's meta; CheckpointError if the checkpoint is incomplete or the meta unreadable."""
     ckpt_dir = Path(ckpt_dir)

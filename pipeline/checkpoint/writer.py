@@ -12,7 +12,9 @@ Writers report their results through a multiprocessing Manager queue whose serve
 megatron-core 0.19.2 starts on first use and never stops (`filesystem_async.get_write_results_queue`):
 a trainer killed with SIGKILL left it running (~0.5 GB each). `_results_queue_dies_with_trainer`
 starts that server itself, set to die with the trainer; remove it when megatron's queue server stops
-with its owner.
+with its owner. The server also ignores the stop signals: torchrun passes a SIGTERM or Ctrl-C it gets
+to each worker's whole process group, the server included, and a server that died then failed the
+very save that signal asks for (ConnectionRefusedError, nothing saved).
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def _mark_complete(tmp: Path) -> None:
     fsync_dir(tmp)
 
 
+def _serve_until_trainer_ends(trainer: int) -> None:
+    """The results queue server's start: it dies with `trainer` and lives through the stop signals
+    sent to the trainer's process group (the trainer saves after them, through this server)."""
+    die_with_parent(trainer)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _results_queue_dies_with_trainer() -> None:
     """Give megatron-core's checkpoint writers a results queue whose server dies with this process
     (module docstring); a no-op once megatron has a queue."""
@@ -62,7 +72,7 @@ def _results_queue_dies_with_trainer() -> None:
         return
     # "spawn", as megatron's own: the server must not inherit this process's threads and CUDA state.
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    manager.start(initializer=_serve_until_trainer_ends, initargs=(os.getpid(),))
     filesystem_async._results_queue = manager.Queue()
     # The queue is a proxy: the manager object must live as long as the queue does (both module-level).
     filesystem_async._results_queue_manager = manager

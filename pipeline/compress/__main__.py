@@ -10,27 +10,78 @@
 Each step reads what the earlier ones wrote under <run_dir>/compress/ (scores, candidates, the rank
 table and its pick), so the steps can run one at a time; `all` runs compress.steps in order.
 `distill` is the pretraining loop: re-running it with the same run_dir resumes. A bad request exits
-with status 2 and one line `error: <message>` before any work.
+with status 2 and one line `error: <message>` before any work. SIGTERM, SIGUSR1 or Ctrl-C stop any
+step at its next safe point, keeping only complete results (exit status 0); the same command started
+again skips the steps already complete and resumes the one it stopped in (pipeline/compress/progress.py).
+Every step owns run_dir while it runs (pipeline/training/run_lock.py): a second command there is refused.
 """
 
+import os
 import sys
 
 from pipeline.cli import exit_on_user_error
 from pipeline.compress.config import STEPS
 
 
-def _step(name: str):
+def _run_step(name: str, run, progress, rank: int) -> None:
+    """One step; a step complete for this request is not run again (pipeline/compress/progress.py)."""
+    from pipeline.compress.progress import COMPLETE, STARTED
+
+    if name == "distill":  # the trainer resumes from its own checkpoints
+        from pipeline.compress.distill import distill
+
+        distill(run)
+        return
+    state = progress.state(name)
+    if state == COMPLETE:
+        if rank == 0:
+            print(f"{name}: complete for this request in {run.run_dir}; not run again", flush=True)
+        return
+    progress.mark(name, STARTED)
     if name == "importance":
         from pipeline.compress.importance import score_importance
-        return score_importance
-    if name == "search":
+
+        score_importance(run)
+    elif name == "search":
         from pipeline.compress.search import search
-        return search
-    if name == "rank":
-        from pipeline.compress.rank import rank
-        return rank
-    from pipeline.compress.distill import distill
-    return distill
+
+        search(run)
+    else:
+        from pipeline.compress.rank import rank as rank_candidates
+
+        rank_candidates(run, resume=state == STARTED)
+    progress.mark(name, COMPLETE)
+
+
+def _compress(step: str, overrides: list[str], stop) -> None:
+    from pipeline.compress.parent import check_run_dir, parent_run
+    from pipeline.compress.progress import Progress
+    from pipeline.config import load_run_config
+    from pipeline.distributed import distributed, resolve_device
+    from pipeline.model.build import virtual_stages
+    from pipeline.training.prepare import check_machine
+    from pipeline.training.run_lock import run_dir_owner
+    from pipeline.training.stop import Stopped
+
+    run = load_run_config(overrides)
+    # Every step needs the parent: check it first. One process group for all steps (a second
+    # init in the same processes would hang under torchrun); steps nest inside it.
+    parent = parent_run(run)
+    check_run_dir(run, parent.step_dir)
+    check_machine(parent.run.precision, parent.run.train, resolve_device(run.device))
+    steps = run.compress.steps if step == "all" else [step]
+    if "search" in steps:
+        from pipeline.compress.search import check_search_request
+
+        # An impossible budget or width list fails now, not after the importance step's forwards.
+        check_search_request(parent.run.model, run.compress, run.parallel, run.precision)
+    with (distributed(run.parallel, virtual_stages(parent.run.model, run.parallel), run.device) as world,
+          run_dir_owner(run.run_dir, world.rank)):
+        progress = Progress.of(run, parent.identity)
+        for name in steps:
+            if stop.agreed(world.device):
+                raise Stopped(f"before {name}", stop)
+            _run_step(name, run, progress, world.rank)
 
 
 def main(argv: list[str]) -> int:
@@ -41,26 +92,16 @@ def main(argv: list[str]) -> int:
     if step not in (*STEPS, "all"):
         print(f"error: unknown step {step!r}; use one of {', '.join(STEPS)} or all", file=sys.stderr)
         return 2
-    with exit_on_user_error():
-        from pipeline.config import load_run_config
+    from pipeline.training.stop import Stopped, stop_requests
 
-        run = load_run_config(overrides)
-        from pipeline.compress.parent import parent_run
-        from pipeline.distributed import distributed
-        from pipeline.model.build import virtual_stages
-
-        # Every step needs the parent: check it first. One process group for all steps (a second
-        # init in the same processes would hang under torchrun); steps nest inside it.
-        parent = parent_run(run).run.model
-        steps = run.compress.steps if step == "all" else [step]
-        if "search" in steps:
-            from pipeline.compress.search import check_search_request
-
-            # An impossible budget or width list fails now, not after the importance step's forwards.
-            check_search_request(parent, run.compress, run.parallel, run.precision)
-        with distributed(run.parallel, virtual_stages(parent, run.parallel), run.device):
-            for name in steps:
-                _step(name)(run)
+    first_rank = os.environ.get("RANK", "0") == "0"
+    # From the start: a signal at any point stops the command at its next safe point (exit 0).
+    with stop_requests(announce=first_rank) as stop, exit_on_user_error():
+        try:
+            _compress(step, overrides, stop)
+        except Stopped as stopped:
+            if first_rank:
+                print(stopped, flush=True)
     return 0
 
 

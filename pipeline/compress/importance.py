@@ -262,11 +262,12 @@ class _LayerRemoval:
 
 @torch.no_grad()
 def score_model(chunks, model: ModelConfig, batches, layer_batches: int, seq_length: int,
-                sequence_parallel: bool = False) -> tuple[torch.Tensor, dict, dict]:
+                sequence_parallel: bool = False, after_batch=None) -> tuple[torch.Tensor, dict, dict]:
     """Importance of `model`'s units and layers (this rank's `chunks`, weights loaded) from the
     calibration micro-batches `batches` (ModelInputs; every rank of a DP replica the same ones);
     the first `layer_batches` also score layer removal. All ranks call it; all get the full
-    (hidden, units, layers) of `Scores`."""
+    (hidden, units, layers) of `Scores`. `after_batch()`, if given, runs on every rank after each
+    micro-batch (a stop request raises there)."""
     for chunk in chunks:
         chunk.eval()
     hooks = _Hooks(chunks, model, seq_length, sequence_parallel)
@@ -277,12 +278,13 @@ def score_model(chunks, model: ModelConfig, batches, layer_batches: int, seq_len
             hooks.collect, hooks.skip, removal.layer = True, None, None
             removal.active = n < layer_batches
             _run_forward(chunks, inputs, removal)
-            if not removal.active:
-                continue
-            hooks.collect = False
-            for layer in range(L):
-                hooks.skip = removal.layer = layer
-                _run_forward(chunks, inputs, removal)
+            if removal.active:
+                hooks.collect = False
+                for layer in range(L):
+                    hooks.skip = removal.layer = layer
+                    _run_forward(chunks, inputs, removal)
+            if after_batch is not None:
+                after_batch()
     finally:
         hooks.close()
     return _finish(_gather(hooks.acc, model), model)
@@ -348,7 +350,8 @@ def calibration_batches(run, dp_rank: int, dp: int, device: torch.device):
 
 def score_importance(run) -> Path:
     """The `importance` step (all ranks): score the parent `run.compress.parent` on calibration
-    data at `run.parallel` and write the scores file; returns its path."""
+    data at `run.parallel` and write the scores file; returns its path. A stop signal ends it after
+    the current micro-batch with `Stopped`, nothing written (a restart scores again from the start)."""
     from megatron.core import parallel_state
 
     from pipeline import checkpoint as ckpt
@@ -356,19 +359,27 @@ def score_importance(run) -> Path:
     from pipeline.compress.parent import parent_run
     from pipeline.distributed import distributed
     from pipeline.model.build import build_model, virtual_stages
+    from pipeline.training.stop import Stopped, stop_requests
 
     parent = parent_run(run)
     run, step_dir, identity = parent.run, parent.step_dir, parent.identity
     out = CompressLayout.of(run).scores
-    with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
+    with (distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world,
+          stop_requests(announce=world.rank == 0) as stop):
         chunks = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         ckpt.load_model(step_dir, chunks)
         dp_rank = parallel_state.get_data_parallel_rank()
         batches = calibration_batches(run, dp_rank, world.dp, world.device)
         per_step = run.train.micro_batch_size * world.dp
         layer_batches = math.ceil(run.compress.layer_calibration_samples / per_step)
+
+        def stop_here() -> None:
+            if stop.agreed(world.device):
+                raise Stopped("in importance", stop)
+
         hidden, units, layers = score_model(
-            chunks, run.model, batches, layer_batches, run.train.seq_length, run.parallel.sequence_parallel
+            chunks, run.model, batches, layer_batches, run.train.seq_length, run.parallel.sequence_parallel,
+            after_batch=stop_here,
         )
         samples = math.ceil(run.compress.calibration_samples / per_step) * per_step
         if world.rank == 0:

@@ -8,6 +8,7 @@
       rank/c0/           candidate c0's short distillation (`rank`): a run dir
       rank.json          the ranking table (`rank`)
       best.json          rank's pick: the student `distill` trains when compress.student is not set
+      progress.json      which steps are complete, and for which request (`progress.py`)
 
 Each step reads what the earlier ones wrote here, so the steps can run one at a time.
 """
@@ -40,11 +41,11 @@ class CompressLayout:
 
     def candidate_dir(self, name: str) -> Path:
         """Where candidate `name` is pruned to (a run dir)."""
-        return self.root / "candidates" / name
+        return self.candidates_root / name
 
     def rank_run_dir(self, name: str) -> Path:
         """Where candidate `name`'s short distillation runs."""
-        return self.root / "rank" / name
+        return self.rank_root / name
 
     @property
     def rank_table(self) -> Path:
@@ -53,6 +54,19 @@ class CompressLayout:
     @property
     def best(self) -> Path:
         return self.root / "best.json"
+
+    @property
+    def progress(self) -> Path:
+        return self.root / "progress.json"
+
+    @property
+    def rank_root(self) -> Path:
+        """Every candidate's pruned student and short distillation (`rank`), started over together."""
+        return self.root / "rank"
+
+    @property
+    def candidates_root(self) -> Path:
+        return self.root / "candidates"
 
 
 def plan_file(student_dir: Path) -> Path:

@@ -51,6 +51,18 @@ class ParentRun:
     """What scores and plans record of the parent."""
 
 
+def check_run_dir(run, step_dir: Path) -> None:
+    """ConfigError for a run_dir that is, holds or sits inside the parent's run directory: compressing
+    there would overwrite the parent's checkpoints, metrics and DONE."""
+    parent_dir = ckpt.run_dir_of(step_dir).resolve()
+    run_dir = Path(run.run_dir).resolve()
+    if run_dir == parent_dir or parent_dir in run_dir.parents or run_dir in parent_dir.parents:
+        raise ConfigError(
+            f"run_dir={run.run_dir} overlaps the parent's run directory {parent_dir}; give the compression "
+            f"its own run_dir, outside the parent's (e.g. run_dir={parent_dir}_student)"
+        )
+
+
 def parent_run(run) -> ParentRun:
     """`run` set up for its parent checkpoint (compress.parent); fails before any work on a bad parent."""
     if not run.compress.parent:

@@ -8,16 +8,12 @@ The run owns run_dir for its lifetime (`run_lock`); what is saved and how a resu
 checkpoint is in `state`; SIGTERM, SIGUSR1 and Ctrl-C save at the end of the step (docs/checkpoints.md).
 """
 
-import os
-import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from pipeline import checkpoint as ckpt
@@ -27,56 +23,18 @@ from pipeline.data.tokenizer import load_tokenizer
 from pipeline.distributed import World, distributed, use_expandable_segments
 from pipeline.errors import ConfigError
 from pipeline.metrics import MetricsLogger
-from pipeline.model.build import check_gpu_only_options, release_cuda_graphs, virtual_stages
+from pipeline.model.build import release_cuda_graphs, virtual_stages
 from pipeline.throughput import StartupTiming, step_throughput
 from pipeline.training.batches import step_batches
 from pipeline.training.kernel_cache import KernelCache
 from pipeline.training.optim import build_optimizer, build_scheduler
-from pipeline.training.prepare import build_training_chunks
+from pipeline.training.prepare import build_training_chunks, check_machine
 from pipeline.training.run_lock import run_dir_owner
 from pipeline.training.state import Saver, pick_checkpoint, resume, warn
 from pipeline.training.step import eval_step, train_step
+from pipeline.training.stop import StopRequest, stop_requests
 
 DONE = "DONE"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-"""Slurm's preemption / time-limit warning, and Ctrl-C: each saves a checkpoint at the step's end."""
-
-
-class StopRequest:
-    """Records a stop signal, acted on at a step end; a second Ctrl-C aborts at once (nothing saved)."""
-
-    REPEAT_S = 1.0
-    """A Ctrl-C within this time of the first is the same one: a terminal sends it to torchrun and to
-    every worker, and torchrun forwards it to the workers once more."""
-
-    def __init__(self, announce: bool = True):
-        self.signal: int | None = None
-        self._announce = announce
-        self._interrupted_at: float | None = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
-
-    def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT:
-            now = time.monotonic()
-            if self._interrupted_at is not None and now - self._interrupted_at > self.REPEAT_S:
-                raise KeyboardInterrupt
-            if self._interrupted_at is None:
-                self._interrupted_at = now
-                if self._announce:  # os.write: print() here could re-enter a print the handler interrupted
-                    os.write(sys.stderr.fileno(), b"Ctrl-C: saving a checkpoint after this step "
-                                                  b"(press Ctrl-C again to abort without saving)\n")
-        self.signal = signum
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank was signalled (all ranks must save together)."""
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def close(self) -> None:
-        """Give the signals back to their previous handlers."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _check_batch_layout(run: RunConfig, world: World) -> None:
@@ -116,18 +74,15 @@ def train(run: RunConfig, objective=None) -> TrainResult:
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
         _check_batch_layout(run, world)
         # Before the run directory is touched (build_model checks again, too late for that).
-        check_gpu_only_options(world.device, cuda_graphs=run.train.cuda_graphs,
-                               fused_cross_entropy=run.train.fused_cross_entropy)
+        check_machine(run.precision, run.train, world.device)
         with run_dir_owner(run.run_dir, world.rank):
             log = MetricsLogger(run.logging, run.run_dir, world.rank, Path(run.run_dir).name, asdict(run))
-            stop = StopRequest(announce=world.rank == 0)
             try:
-                with Saver(run, world, log) as saver:
+                with stop_requests(announce=world.rank == 0) as stop, Saver(run, world, log) as saver:
                     return _train(run, world, log, stop, saver, objective)
             finally:
                 if run.train.cuda_graphs:
                     release_cuda_graphs()
-                stop.close()
                 log.close()
 
 
@@ -137,11 +92,6 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
 
     run_dir = Path(run.run_dir)
     found = pick_checkpoint(run, world)  # first: a checkpoint that cannot be resumed leaves run_dir as it was
-    if world.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(run_dir / "checkpoints")
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
-        (run_dir / DONE).unlink(missing_ok=True)
     tokenizer = load_tokenizer(run.data.tokenizer)
     run.model.check_tokenizer(tokenizer.vocab_size)
     eval_batches = run.train.eval_iters if run.train.eval_interval else 0
@@ -161,6 +111,11 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
     # Before resume: building a teacher draws weights, the RNG state restored must come after.
     objective = make_objective(run, world, log, chunks) if make_objective else None
     state = resume(run, found, chunks, optimizer, scheduler, world, log)
+    # Only now, all checked and loaded: a refused start leaves a finished run finished.
+    if world.rank == 0:
+        ckpt.remove_stale_temporaries(run_dir / "checkpoints")
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
+        (run_dir / DONE).unlink(missing_ok=True)
     dp_rank = parallel_state.get_data_parallel_rank()
     documents_per_sequence = run.train.cuda_graph_documents if run.train.cuda_graphs else None
     joined_documents = 0
@@ -229,8 +184,7 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
             saver.save(chunks, optimizer, scheduler, state)
         if stopping:
             saver.wait()
-            signame = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
-            reason = "train.exit_after_steps" if state.step == exit_at else signame
+            reason = "train.exit_after_steps" if state.step == exit_at else stop.name()
             log.info(f"stopping at step {state.step} ({reason}); restart with the same run_dir to resume")
             return TrainResult(state.step, last_loss, last_val, done=False)
     saver.wait()

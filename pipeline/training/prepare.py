@@ -5,10 +5,18 @@ GPU tests, so that what they measure is what users train.
 """
 
 from pipeline.distributed import ParallelConfig
-from pipeline.model.build import build_model
+from pipeline.model.build import build_model, check_gpu_only_options, check_precision_supported
 from pipeline.model.config import ModelConfig
 from pipeline.model.precision import PrecisionConfig
 from pipeline.training.config import TrainConfig
+
+
+def check_machine(precision: PrecisionConfig, train: TrainConfig, device) -> None:
+    """ConfigError for what `build_training_chunks` cannot build on `device`: FP8 without FP8 tensor
+    cores, CUDA graphs or the fused cross entropy without a GPU. Checked before a run writes anything
+    (and for every job of a sweep before the first starts)."""
+    check_precision_supported(precision, device)
+    check_gpu_only_options(device, cuda_graphs=train.cuda_graphs, fused_cross_entropy=train.fused_cross_entropy)
 
 
 def build_training_chunks(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,

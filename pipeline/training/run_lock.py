@@ -1,12 +1,14 @@
 """One owner per run directory: a lock that dies with its process.
 
     with run_dir_owner(run_dir, world):   # all ranks; rank 0 holds run_dir/.lock
-        ...                               # write checkpoints, metrics, config.yaml
+        ...                               # write checkpoints, metrics, config.yaml, compress/
 
-Two trainers on one run_dir (a double-submitted job, a requeue racing a manual restart) would
-overwrite each other's checkpoints and metrics. Rank 0 takes an exclusive lock on run_dir/.lock
+Two commands on one run_dir (a double-submitted job, a requeue racing a manual restart, two
+`compress all`) would overwrite each other's checkpoints, metrics and compression results. Every
+command that writes a run_dir (training, each compression step) owns it this way. Rank 0 takes an exclusive lock on run_dir/.lock
 before anything else is written and writes its host, pid and start time into it; a second trainer
-is refused at once with RunDirLockedError naming that holder. The lock is a POSIX record lock
+is refused at once with RunDirLockedError naming that holder. Ownership nests: a command that
+already owns run_dir (`compress all`) keeps it through the trainer it runs there. The lock is a POSIX record lock
 (`fcntl.lockf`), owned by the process: the kernel drops it when the process exits in any way
 (kill -9 included), so there is never a stale lock to clean up. (An `flock` would be shared with
 forked children, e.g. megatron-core's checkpoint writers, and outlive the trainer while they
@@ -29,6 +31,10 @@ from pipeline.errors import RunDirLockedError
 
 LOCK_FILE = ".lock"
 
+_owned: set[Path] = set()
+"""The run dirs this process owns now (on every rank). Taken once: a POSIX lock is released when any
+descriptor of its file is closed, so a nested owner must not open the file again."""
+
 
 def _take(run_dir: Path) -> int:
     """The descriptor holding the lock on run_dir/.lock; RunDirLockedError naming the holder if taken."""
@@ -43,7 +49,7 @@ def _take(run_dir: Path) -> int:
         holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "a process that is starting"
         os.close(fd)
         raise RunDirLockedError(
-            f"run_dir {run_dir} is in use by another trainer ({holder}); wait for it to end or stop it, "
+            f"run_dir {run_dir} is in use by another run ({holder}); wait for it to end or stop it, "
             f"or choose another run_dir"
         ) from None
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -55,6 +61,10 @@ def _take(run_dir: Path) -> int:
 @contextmanager
 def run_dir_owner(run_dir: str | Path, rank: int):
     """Own `run_dir` for the duration (see the module docstring); call on every rank."""
+    key = Path(run_dir).resolve()
+    if key in _owned:
+        yield
+        return
     fd, refusal = None, None
     if rank == 0:
         try:
@@ -67,8 +77,10 @@ def run_dir_owner(run_dir: str | Path, rank: int):
         refusal = box[0]
     if refusal is not None:
         raise RunDirLockedError(refusal)
+    _owned.add(key)
     try:
         yield
     finally:
+        _owned.discard(key)
         if fd is not None:
             os.close(fd)

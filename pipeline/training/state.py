@@ -173,7 +173,8 @@ class Saver:
 
 def pick_checkpoint(run: RunConfig, world: World) -> Path | None:
     """The checkpoint of run_dir to resume, or None for a fresh start (all ranks; rank 0 verifies it and
-    warns about damaged ones). CheckpointError if it cannot be resumed (weights only, all damaged)."""
+    warns about damaged ones). CheckpointError if it cannot be resumed (weights only, all damaged,
+    another model shape): called before the run touches run_dir, so a refusal leaves it as it was."""
     choice = [None]
     if world.rank == 0 and run.checkpoint.resume:
         try:
@@ -183,6 +184,8 @@ def pick_checkpoint(run: RunConfig, world: World) -> Path | None:
                     f"{found} holds weights only (an import) and cannot be resumed; train from it in a new "
                     f"run_dir with checkpoint.init_from={Path(run.run_dir)}"
                 )
+            if found is not None:
+                ckpt.check_compatible(ckpt.read_meta(found), asdict(run.model), found)
             choice = [str(found) if found else None]
         except CheckpointError as e:
             choice = [e]
@@ -242,7 +245,6 @@ def resume(run: RunConfig, found: Path | None, chunks, optimizer, scheduler, wor
             _init_from(run, chunks, log)
         return TrainState()
     meta = ckpt.read_meta(found)
-    ckpt.check_compatible(meta, asdict(run.model), found)
     same_layout = meta.parallel.get("world_size") == world.world_size
     # Format-1 checkpoints pickled their RNG states, which safe loading refuses: resume without them.
     with_rng = same_layout and meta.format >= 2

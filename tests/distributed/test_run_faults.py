@@ -59,7 +59,7 @@ def owned(tmp_path_factory):
 
 def test_second_trainer_on_a_run_dir_is_refused_naming_the_holder(owned):
     line = one_error_line(owned["second"])
-    assert "in use by another trainer" in line and f"pid {owned['pid']}" in line, line
+    assert "in use by another run" in line and f"pid {owned['pid']}" in line, line
 
 
 def test_refused_trainer_leaves_the_first_ones_files_intact(owned):

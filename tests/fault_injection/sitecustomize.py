@@ -1,7 +1,7 @@
 """Fault injection for tests: on PYTHONPATH (through `tests.distributed.training.fault_env`), every Python
 process of a test run, torchrun's workers and their forked checkpoint writers included, patches the
-checkpoint writer at startup so that a save fails at an exact point. Nothing in `pipeline/` knows
-about it.
+checkpoint writer at startup so that a save fails at an exact point, or sends itself a stop signal at
+an exact point of a command. Nothing in `pipeline/` knows about it.
 
 PIPELINE_TEST_FAULT=<fault>@<step dir name>, e.g. `disk-full@step_0000010`:
 - `disk-full`: rank 0's commit of that save fails as a full disk does;
@@ -9,6 +9,12 @@ PIPELINE_TEST_FAULT=<fault>@<step dir name>, e.g. `disk-full@step_0000010`:
 - `disk-full-while-writing`: the file writer fails as a full disk does;
 - `trainer-killed-while-writing`: the background writer kills its trainer, then writes on slowly
   (it must end with its trainer, not finish).
+
+PIPELINE_TEST_FAULT=<signal point>@<SIGNAL>:<n>, e.g. `signal-at-train-step@SIGTERM:2`: the process
+sends itself SIGNAL during the n-th call of
+- `signal-at-forward`: an importance calibration forward (`compress importance`);
+- `signal-in-search`: the candidate search (`compress search`);
+- `signal-at-train-step`: a training step (pretraining, and the distillations of `rank` and `distill`).
 """
 
 import errno
@@ -60,5 +66,34 @@ def _install() -> None:
     writer._write_files = faulty_write_files
 
 
-if _FAULT:
+def _signal_at(module, name: str) -> None:
+    """Wrap module.name to send this process the signal of _WHERE during its n-th call."""
+    signame, _, n = _WHERE.partition(":")
+    calls = {"n": 0}
+    original = getattr(module, name)
+
+    def signalling(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == int(n or 1):
+            os.kill(os.getpid(), getattr(signal, signame))
+        return original(*args, **kwargs)
+
+    setattr(module, name, signalling)
+
+
+def _install_signal() -> None:
+    if _FAULT == "signal-at-forward":
+        from pipeline.compress import importance
+        _signal_at(importance, "_run_forward")
+    elif _FAULT == "signal-in-search":
+        from pipeline.compress import search
+        _signal_at(search, "search_candidates")
+    else:
+        from pipeline.training import loop
+        _signal_at(loop, "train_step")
+
+
+if _FAULT.startswith("signal-"):
+    _install_signal()
+elif _FAULT:
     _install()

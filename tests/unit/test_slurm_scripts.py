@@ -116,3 +116,17 @@ def test_missing_stage_module_is_a_clear_error():
     proc = bash("require_module pipeline.no_such_stage distillation", REPO=str(REPO))
     assert proc.returncode == 1, proc.stdout
     assert "distillation stage is not available" in proc.stderr and "pipeline/no_such_stage.py" in proc.stderr
+
+
+@pytest.mark.parametrize("progress", ["checkpoints/latest", "compress/progress.json",
+                                      "compress/rank/c1/checkpoints/latest"])
+def test_saved_progress_changes_the_signature_a_requeue_needs(tmp_path, progress):
+    # A compression run stopped in its ranking saved a candidate's checkpoint, not one of run_dir's.
+    (tmp_path / "compress" / "rank" / "c0").mkdir(parents=True)
+    before = bash(f"checkpoint_signature {tmp_path}")
+    (tmp_path / progress).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / progress).write_text("step_0000002")
+    after = bash(f"checkpoint_signature {tmp_path}")
+    assert before.returncode == after.returncode == 0, before.stderr + after.stderr
+    assert before.stdout != after.stdout
+    assert bash(f"checkpoint_signature {tmp_path}").stdout == after.stdout, "the signature must be stable"

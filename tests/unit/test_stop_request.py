@@ -1,4 +1,4 @@
-"""Ctrl-C during training: the first asks for a checkpoint at the step's end, a second one aborts.
+"""Ctrl-C during a command: the first asks it to stop at its next safe point, a second one aborts.
 (The save itself, in a real trainer process: tests/distributed/test_run_faults.py.)"""
 
 import os
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipeline.training.loop import StopRequest
+from pipeline.training.stop import StopRequest
 
 
 @pytest.fixture
