@@ -34,7 +34,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import signal
 import sys
 import time
 from collections import Counter, deque
@@ -48,7 +47,6 @@ from pipeline.data.sources import discover, input_bytes, iter_chunks
 from pipeline.data.tokenize_workers import Worker
 from pipeline.errors import ConfigError, DataError
 
-KILL_HOOK = "PIPELINE_PREPROCESS_KILL_AFTER_SHARDS"
 MB = 1 << 20
 
 
@@ -179,7 +177,6 @@ def preprocess(opts: PreprocessOptions) -> dict:
     plan = _plan(iter_chunks(sources, int(opts.chunk_mb * MB), opts.text_key), int(opts.shard_mb * MB))
     output = _Output(prefix, fingerprint, tokenizer.vocab_size, done)
     fresh = _Totals()  # this run's work, for the rates
-    kill_after = int(os.environ.get(KILL_HOOK, "0"))
     bar = _progress_bar(opts, sources)
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # workers import only what tokenizing needs
@@ -194,8 +191,6 @@ def preprocess(opts: PreprocessOptions) -> dict:
                 fresh.add_result(result)
                 bar.update(result.size)
                 _show_rates(bar, fresh, time.perf_counter() - start)
-                if last and kill_after and len(output.finished) - len(done) >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup runs, as with an external kill
         except BaseException:
             output.abort()
             pool.shutdown(cancel_futures=True)

@@ -20,7 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.distributed.training import BASE, REPO, fault_env, losses, run_cpu
+from tests.distributed.training import BASE, REPO, losses, run_cpu
+from tests.fault_injection import fault_env
 
 RUN = ("train.iters=8", "checkpoint.save_interval=2")
 

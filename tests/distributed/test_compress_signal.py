@@ -14,7 +14,8 @@ import json
 import pytest
 
 from tests.distributed.compress_runs import TINY, make_parent, records
-from tests.distributed.training import Trainer, fault_env
+from tests.distributed.training import Trainer
+from tests.fault_injection import fault_env
 
 RANK_ITERS, KD_ITERS, TOP_K = 3, 4, 2
 ALL = ("-m", "pipeline.compress", "all", *TINY, f"train.iters={KD_ITERS}", "compress.calibration_samples=8",

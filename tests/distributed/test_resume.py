@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.training import fault_env, losses, max_rel_diff, train
+from tests.distributed.training import losses, max_rel_diff, train
+from tests.fault_injection import fault_env
 
 ITERS = ["train.iters=20"]
 

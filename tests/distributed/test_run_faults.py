@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.checkpoint import fingerprint
-from tests.distributed.training import Trainer, fault_env, losses
+from tests.distributed.training import Trainer, losses
+from tests.fault_injection import fault_env
 
 RUN = ("train.iters=1000", "checkpoint.save_interval=2", "train.eval_interval=1000", "train.eval_iters=2")
 NEW_LR = 1.0e-4

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-FAULTS = REPO / "tests" / "fault_injection"
 
 # Small and fast, fp32 so layouts can be compared tightly; 8 sequences of 128 tokens per step.
 BASE = [
@@ -22,12 +21,6 @@ BASE = [
     "logging.interval=1",
     "checkpoint.save_interval=0",
 ]
-
-
-def fault_env(fault: str) -> dict:
-    """Environment that makes every process of a run hit `fault` (`<fault>@<step dir>`, see
-    tests/fault_injection/sitecustomize.py) while saving."""
-    return {"PIPELINE_TEST_FAULT": fault, "PYTHONPATH": f"{FAULTS}:{REPO}"}
 
 
 def train(run_dir: Path, nproc: int, *overrides: str, env: dict | None = None, check: bool = True,

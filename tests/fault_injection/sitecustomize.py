@@ -1,4 +1,4 @@
-"""Fault injection for tests: on PYTHONPATH (through `tests.distributed.training.fault_env`), every Python
+"""Fault injection for tests: on PYTHONPATH (through `tests.fault_injection.fault_env`), every Python
 process of a test run, torchrun's workers and their forked checkpoint writers included, patches the
 checkpoint writer at startup so that a save fails at an exact point, or sends itself a stop signal at
 an exact point of a command. Nothing in `pipeline/` knows about it.
@@ -15,6 +15,9 @@ sends itself SIGNAL during the n-th call of
 - `signal-at-forward`: an importance calibration forward (`compress importance`);
 - `signal-in-search`: the candidate search (`compress search`);
 - `signal-at-train-step`: a training step (pretraining, and the distillations of `rank` and `distill`).
+
+PIPELINE_TEST_FAULT=preprocess-killed-after-shards@<n>: `python -m pipeline.data preprocess` kills
+itself (SIGKILL: no cleanup runs, as with an external kill) once it has finished n shards this run.
 """
 
 import errno
@@ -93,7 +96,26 @@ def _install_signal() -> None:
         _signal_at(loop, "train_step")
 
 
+def _install_preprocess_kill() -> None:
+    from pipeline.data import preprocess
+
+    init, add = preprocess._Output.__init__, preprocess._Output.add
+
+    def counting_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.resumed_with = len(self.finished)
+
+    def killing_add(self, shard, last, result):
+        add(self, shard, last, result)
+        if last and len(self.finished) - self.resumed_with >= int(_WHERE):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    preprocess._Output.__init__, preprocess._Output.add = counting_init, killing_add
+
+
 if _FAULT.startswith("signal-"):
     _install_signal()
+elif _FAULT == "preprocess-killed-after-shards":
+    _install_preprocess_kill()
 elif _FAULT:
     _install()

@@ -16,10 +16,11 @@ import pytest
 
 from pipeline.data.__main__ import preprocess_options
 from pipeline.data.corpus import documents, stdlib_files
-from pipeline.data.preprocess import KILL_HOOK, BadRecordError, PreprocessOptions, preprocess
+from pipeline.data.preprocess import BadRecordError, PreprocessOptions, preprocess
 from pipeline.data.sentencepiece_training import train_sentencepiece_bpe
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import DataError, StorageError
+from tests.fault_injection import fault_env
 from tests.unit.data_tokenizer_kinds import byte_level_bpe, colliding_words
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -138,7 +139,7 @@ def test_sigkill_kills_workers_and_the_rerun_resumes_identically(tmp_path, corpu
     ] + ["--overwrite"] * overwrite
     marker = f"PREPROCESS_TEST_RUN={uuid.uuid4().hex}"
     key, value = marker.split("=")
-    env = {**os.environ, KILL_HOOK: "1", "PYTHONPATH": REPO, key: value}
+    env = {**os.environ, **fault_env("preprocess-killed-after-shards@1"), key: value}
     # Output to a file, not a pipe: workers that outlive the run would hold a pipe open.
     with open(tmp_path / "stderr", "wb") as log:
         killed = subprocess.run(command, env=env, cwd=REPO, stdout=log, stderr=log, timeout=120)
