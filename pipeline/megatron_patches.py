@@ -43,7 +43,7 @@ import multiprocessing
 import os
 import pickle
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from multiprocessing.managers import SyncManager
 
 import torch
@@ -103,6 +103,10 @@ class _NullStream:
     def synchronize(self) -> None:
         pass
 
+    def record_event(self, event=None) -> "_NullStream":
+        # The event of a stream that never waits: its synchronize() returns at once.
+        return self
+
 
 def prime_optimizer_for_loading(optimizer) -> None:
     """Give a fresh distributed optimizer its state tensors before a checkpoint is loaded into them.
@@ -148,6 +152,12 @@ def cpu_mode():
     set_states = DistributedOptimizer._set_main_param_and_optimizer_states
     DistributedOptimizer._set_main_param_and_optimizer_states = _skip_adam_step_state(set_states)
     saved = torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.current_stream
+    # megatron-core 0.19.2's MoE all-to-all dispatcher makes a side stream for its device-to-host
+    # copies and enters it (moe/token_dispatcher.py, MoEAlltoAllTokenDispatcher); on CPU both are
+    # no-ops. Remove when megatron-core creates that stream only on CUDA.
+    saved_streams = torch.cuda.Stream, torch.cuda.stream
+    torch.cuda.Stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.stream = lambda stream=None: nullcontext()
     # megatron-core wraps small activations (squared ReLU) in torch.compile; on CPU each process
     # would spend ~20 s building C++ kernels for a negligible gain.
     compile_disabled = torch._dynamo.config.disable
@@ -160,6 +170,7 @@ def cpu_mode():
             yield
     finally:
         torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.current_stream = saved
+        torch.cuda.Stream, torch.cuda.stream = saved_streams
         DistributedOptimizer._set_main_param_and_optimizer_states = set_states
         torch._dynamo.config.disable = compile_disabled
 

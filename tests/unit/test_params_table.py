@@ -32,7 +32,8 @@ def test_every_parameter_has_an_init_rule_and_components_share_it():
     for specs in params.LAYER_TENSORS.values():
         for spec in specs:
             assert spec.init in params.INIT_RULES, spec
-            assert params.init_rule(f"decoder.layers.0.{spec.param}") == spec.init
+            name = f"decoder.layers.0.{spec.param}" + ("3" if spec.per_expert else "")  # a routed expert's index
+            assert params.init_rule(name) == spec.init
     with pytest.raises(ValueError, match="params.py"):
         params.init_rule("decoder.layers.0.mixer.unknown")
 
