@@ -101,6 +101,9 @@ def _validate_experts(m: ModelConfig, p: ParallelConfig) -> None:
                                   f"set parallel.{name}=1")
         return
     moe = m.moe
+    if p.tp > 1 and not p.sequence_parallel:
+        # megatron-core's MoELayer refuses to train this way (moe_layer.py: "performance may degrade").
+        raise ConfigError(f"'E' (MoE) layers with parallel.tp={p.tp} need parallel.sequence_parallel=true")
     if moe.num_experts % p.ep:
         raise ConfigError(
             f"model.moe.num_experts={moe.num_experts} not divisible by parallel.ep={p.ep}; use a parallel.ep "

@@ -108,6 +108,38 @@ class _NullStream:
         return self
 
 
+def _split_sizes_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    # megatron-core 0.19.2 moe_utils.maybe_move_tensor_to_cpu converts only CUDA tensors, so on CPU
+    # the all-to-all dispatcher's split sizes stay tensors and all_to_all_single rejects them; give
+    # them the numpy form the GPU path produces. Remove when megatron converts CPU tensors too.
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _backwards_on_cpu() -> dict:
+    """Run the backward of megatron's communication autograd Functions (tensor_parallel/mappings.py)
+    under the CUDA-to-CPU mode too; return the original backwards to restore.
+
+    The mode does not reach into autograd's backward pass, and the MoE all-to-all's backward
+    allocates its output with `device=torch.cuda.current_device()` (megatron-core 0.19.2 _AllToAll;
+    seen as "Found no NVIDIA driver" in the first backward with parallel.ep=2).
+    """
+    from megatron.core.tensor_parallel import mappings
+
+    originals = {}
+    for function in vars(mappings).values():
+        if isinstance(function, type) and issubclass(function, torch.autograd.Function) and "backward" in vars(function):
+            originals[function] = vars(function)["backward"]
+
+            def backward(ctx, *grads, _original=function.backward):
+                with _CudaToCpu():
+                    return _original(ctx, *grads)
+
+            function.backward = staticmethod(backward)
+    return originals
+
+
 def prime_optimizer_for_loading(optimizer) -> None:
     """Give a fresh distributed optimizer its state tensors before a checkpoint is loaded into them.
 
@@ -158,6 +190,11 @@ def cpu_mode():
     saved_streams = torch.cuda.Stream, torch.cuda.stream
     torch.cuda.Stream = lambda *args, **kwargs: _NullStream()
     torch.cuda.stream = lambda stream=None: nullcontext()
+    from megatron.core.transformer.moe import token_dispatcher
+
+    to_host = token_dispatcher.maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_to_host
+    backwards = _backwards_on_cpu()
     # megatron-core wraps small activations (squared ReLU) in torch.compile; on CPU each process
     # would spend ~20 s building C++ kernels for a negligible gain.
     compile_disabled = torch._dynamo.config.disable
@@ -171,6 +208,9 @@ def cpu_mode():
     finally:
         torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.current_stream = saved
         torch.cuda.Stream, torch.cuda.stream = saved_streams
+        token_dispatcher.maybe_move_tensor_to_cpu = to_host
+        for function, backward in backwards.items():
+            function.backward = backward
         DistributedOptimizer._set_main_param_and_optimizer_states = set_states
         torch._dynamo.config.disable = compile_disabled
 

@@ -67,7 +67,9 @@ class TensorSpec:
     @property
     def component(self) -> str | None:
         """`z`, `x`, `B`, `C` or `dt` for a component of a fused Mamba tensor, else None."""
-        return self.key[len(self.param) + 1 :] if self.key.startswith(self.param + ".") else None
+        if self.key == self.param or self.per_expert:
+            return None
+        return self.key.rsplit(".", 1)[1]
 
 
 def _mamba() -> tuple[TensorSpec, ...]:
