@@ -1,5 +1,6 @@
 """The `E` layers' router on the portable backend against hand computations: the sequence aux loss
-(value and its gradient into the router weight) and the sigmoid top-k routing with expert bias."""
+(value and its gradient into the router weight), the sigmoid top-k routing with expert bias, and the
+expert-bias update the trainer's finalize_model_grads applies after each step."""
 
 import pytest
 import torch
@@ -14,11 +15,17 @@ S, B = 16, 3  # tokens per sequence, sequences
 
 
 @pytest.fixture(scope="module")
-def router_and_config():
+def model_and_config():
     run = load_run_config(["device=cpu", "precision=fp32", "model=tiny_moe", "model.pattern=ME"])
     with distributed(run.parallel, None, run.device) as world:
         (chunk,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
-        yield chunk.decoder.layers[1].mlp.router, run.model.moe
+        yield chunk, run.model.moe
+
+
+@pytest.fixture
+def router_and_config(model_and_config):
+    chunk, moe = model_and_config
+    return chunk.decoder.layers[1].mlp.router, moe
 
 
 def hand_seq_aux_loss(x_SBH: torch.Tensor, weight_EH: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -77,3 +84,20 @@ def test_sigmoid_topk_routing_with_expert_bias_and_scaling(router_and_config):
     router.expert_bias.zero_()
     assert torch.equal(routing_map_TE, expected_map)
     assert torch.allclose(probs_TE, expected, rtol=1e-5)
+
+
+def test_expert_bias_moves_each_expert_by_the_rate_toward_the_mean_load(model_and_config):
+    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+
+    chunk, moe = model_and_config
+    router = chunk.decoder.layers[1].mlp.router
+    router.train()
+    router.expert_bias.zero_()
+    router.local_tokens_per_expert.zero_()
+    x_SBH = torch.randn(S, B, router.weight.shape[1], generator=torch.Generator().manual_seed(2))
+    _, routing_map_TE = router(x_SBH)  # grad mode on: the router counts its tokens per expert
+    counts_E = routing_map_TE.sum(0).float()
+    _update_router_expert_bias([chunk], chunk.config)  # what finalize_model_grads runs after the backward
+    expected_E = moe.bias_update_rate * torch.sign(counts_E.mean() - counts_E)
+    assert torch.equal(router.expert_bias, expected_E)
+    assert expected_E.abs().sum() > 0
