@@ -22,7 +22,7 @@ from pipeline.distributed import ParallelConfig
 from pipeline.errors import ConfigError
 from pipeline.metrics import LoggingConfig
 from pipeline.model.config import ModelConfig
-from pipeline.model.pattern import ATTENTION, MAMBA, split_stages
+from pipeline.model.pattern import ATTENTION, MAMBA, MOE, split_stages
 from pipeline.model.precision import PrecisionConfig
 from pipeline.training.config import OptimConfig, TrainConfig
 
@@ -61,6 +61,7 @@ def validate_run(run: RunConfig) -> None:
                 f"model.{name}={getattr(m, name)} not divisible by parallel.tp={tp}; use a "
                 f"parallel.tp that divides {getattr(m, name)}"
             )
+    _validate_experts(m, p)
     if m.padded_vocab_size % tp:
         raise ConfigError(
             f"padded vocabulary {m.padded_vocab_size} not divisible by parallel.tp={tp}; raise "
@@ -82,6 +83,35 @@ def validate_run(run: RunConfig) -> None:
         )
     if run.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={run.device!r}; use auto, cpu or cuda")
+
+
+def _validate_experts(m: ModelConfig, p: ParallelConfig) -> None:
+    """Expert parallel layout against the `E` layers' sizes."""
+    if MOE not in m.parsed_pattern().layers:
+        for name in ("ep", "etp"):
+            if getattr(p, name) > 1:
+                raise ConfigError(f"parallel.{name}={getattr(p, name)} but model.pattern has no 'E' (MoE) layer; "
+                                  f"set parallel.{name}=1")
+        return
+    moe = m.moe
+    if p.tp > 1 and not p.sequence_parallel:
+        # megatron-core's MoELayer refuses to train this way (moe_layer.py: "performance may degrade").
+        raise ConfigError(f"'E' (MoE) layers with parallel.tp={p.tp} need parallel.sequence_parallel=true")
+    if moe.num_experts % p.ep:
+        raise ConfigError(
+            f"model.moe.num_experts={moe.num_experts} not divisible by parallel.ep={p.ep}; use a parallel.ep "
+            f"that divides {moe.num_experts}"
+        )
+    if moe.ffn_hidden_size % p.etp:
+        raise ConfigError(
+            f"model.moe.ffn_hidden_size={moe.ffn_hidden_size} not divisible by parallel.etp={p.etp}; use a "
+            f"parallel.etp that divides {moe.ffn_hidden_size}"
+        )
+    if moe.shared_ffn_hidden_size % p.tp:
+        raise ConfigError(
+            f"model.moe.shared_ffn_hidden_size={moe.shared_ffn_hidden_size} not divisible by parallel.tp={p.tp}; "
+            f"use a parallel.tp that divides it"
+        )
 
 
 def register_configs() -> None:

@@ -10,6 +10,7 @@ The data-parallel size is WORLD_SIZE / (tp * pp); without WORLD_SIZE the world i
 (dp = 1). A bad override exits with status 2 and one line `error: <message>` (docs/cli.md).
 """
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -33,10 +34,12 @@ GIB = 2**30
 
 def world_size_from_env(run: RunConfig, env: dict[str, str]) -> tuple[int, str]:
     """World size from WORLD_SIZE in `env`, or tp * pp; and a phrase saying where it came from."""
-    model_parallel = run.parallel.tp * run.parallel.pp
+    p = run.parallel
+    model_parallel = p.tp * p.pp
     text = env.get("WORLD_SIZE")
     if text is None:
-        return model_parallel, "tp*pp, no WORLD_SIZE set"
+        # The smallest world that holds both layouts (dense tp*pp and expert etp*ep*pp).
+        return math.lcm(model_parallel, p.etp * p.ep * p.pp), "lcm(tp*pp, etp*ep*pp), no WORLD_SIZE set"
     if not text.isdigit() or int(text) < 1:
         raise ConfigError(
             f"WORLD_SIZE={text!r} is not a positive integer; unset it or give a GPU count"
@@ -46,11 +49,17 @@ def world_size_from_env(run: RunConfig, env: dict[str, str]) -> tuple[int, str]:
             f"WORLD_SIZE={text} not divisible by parallel.tp*parallel.pp={model_parallel}; "
             f"use a multiple of {model_parallel}"
         )
+    expert_parallel = run.parallel.etp * run.parallel.ep * run.parallel.pp
+    if int(text) % expert_parallel:
+        raise ConfigError(
+            f"WORLD_SIZE={text} not divisible by parallel.etp*parallel.ep*parallel.pp={expert_parallel}; "
+            f"use a multiple of {expert_parallel}"
+        )
     return int(text), "from WORLD_SIZE"
 
 
 def _symbol_counts(symbols: str) -> str:
-    return ", ".join(f"{symbols.count(s)} {s}" for s in "M*-" if s in symbols)
+    return ", ".join(f"{symbols.count(s)} {s}" for s in "M*-E" if s in symbols)
 
 
 def format_report(run: RunConfig, world_size: int, world_size_source: str) -> str:
@@ -61,14 +70,22 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
     counts = pattern.counts()
     lines = [
         f"model      {m.name}: {pattern.num_layers} layers ("
-        + ", ".join(f"{counts[k]} {k}" for k in ("mamba", "attention", "mlp"))
+        + ", ".join(f"{counts[k]} {k}" for k in ("mamba", "attention", "mlp", "moe") if k != "moe" or counts[k])
         + ")",
         f"pattern    {pattern}",
         f"parallel   tp={par.tp} pp={par.pp} dp={dp} on {world_size} GPUs "
         f"(world size {world_size_source}); sequence_parallel={par.sequence_parallel}, "
         f"distributed_optimizer={par.distributed_optimizer}",
-        "pipeline stages",
     ]
+    if counts["moe"]:
+        moe = m.moe
+        lines.append(
+            f"experts    {moe.num_experts} routed (top-{moe.top_k}, FFN {moe.ffn_hidden_size}) + "
+            + (f"shared FFN {moe.shared_ffn_hidden_size}" if moe.shared_ffn_hidden_size else "no shared expert")
+            + f" per E layer; ep={par.ep} etp={par.etp}: {moe.num_experts // par.ep} experts per GPU, "
+            f"expert dp={world_size // (par.etp * par.ep * par.pp)}"
+        )
+    lines.append("pipeline stages")
     stages = split_stages(pattern, par.pp)
     for rank, virtual in enumerate(stages):
         for v, stage in enumerate(virtual):
@@ -90,13 +107,24 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
         f" padded to {m.padded_vocab_size}" if m.padded_vocab_size != m.vocab_size else ""
     )
     lines.append(f"parameters {format_count(total)} ({total:,}; {vocab})")
-    for key in ("embedding", "output_layer", "final_norm", "mamba", "attention", "mlp"):
-        lines.append(f"  {key:<13}{params[key]:>16,}  {100 * params[key] / total:5.1f}%")
+    for key in ("embedding", "output_layer", "final_norm", "mamba", "attention", "mlp", "moe"):
+        if key != "moe" or params[key]:
+            lines.append(f"  {key:<13}{params[key]:>16,}  {100 * params[key] / total:5.1f}%")
+    if counts["moe"]:
+        active = sizes.active_param_count(m)
+        lines.append(
+            f"  active       {active:>16,}  {format_count(active)} per token (top-{m.moe.top_k} of "
+            f"{m.moe.num_experts} experts); {format_count(active - params['embedding'])} without the "
+            f"input embedding, {format_count(active - params['embedding'] - params['output_layer'])} "
+            f"without it and the output layer"
+        )
 
     seq, batch = train.seq_length, train.global_batch_size
     lines += [
         "FLOPs      Megatron convention (fwd + bwd = 3x fwd GEMMs, causal attention, "
-        "Mamba d_in = heads*head_dim), full-length sequences",
+        "Mamba d_in = heads*head_dim"
+        + ("; MoE: router + top-k experts + shared expert" if counts["moe"] else "")
+        + "), full-length sequences",
         f"  per token   {format_flops(sizes.flops_per_token(m, seq))} at train.seq_length={seq}",
         f"  per step    {format_flops(sizes.flops_per_step(m, seq, batch))} "
         f"(train.global_batch_size={batch} x {seq} tokens)",

@@ -22,19 +22,28 @@ if TYPE_CHECKING:
 
 @dataclass
 class ParallelConfig:
-    """How the model is split over processes. Data parallel size = world size / (tp * pp)."""
+    """How the model is split over processes. Data parallel size = world size / (tp * pp).
+
+    The experts of `E` layers have their own layout inside each pipeline stage (megatron-core's
+    expert groups): `ep` ranks each hold num_experts / ep experts, each expert split over `etp`
+    ranks; expert data parallel = world size / (etp * ep * pp).
+    """
 
     tp: int = 1
     """Tensor parallel size."""
     pp: int = 1
     """Pipeline parallel size; virtual stages come from '|' segments in model.pattern."""
+    ep: int = 1
+    """Expert parallel size: the routed experts of every `E` layer are divided over ep ranks."""
+    etp: int = 1
+    """Expert tensor parallel size: each routed expert's FFN split over etp ranks."""
     sequence_parallel: bool = False
     """Shard activations along the sequence in TP regions (GPU only, needs tp > 1)."""
     distributed_optimizer: bool = True
     """Shard optimizer states over data-parallel ranks (megatron-core's distributed optimizer)."""
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "ep", "etp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
 
@@ -95,11 +104,14 @@ def _active_world(parallel: ParallelConfig, vp: int | None, device: str) -> Worl
 
     active = (parallel_state.get_tensor_model_parallel_world_size(),
               parallel_state.get_pipeline_model_parallel_world_size(),
-              parallel_state.get_virtual_pipeline_model_parallel_world_size())
-    if active != (parallel.tp, parallel.pp, vp):
+              parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+              parallel_state.get_expert_model_parallel_world_size(),
+              parallel_state.get_expert_tensor_parallel_world_size())
+    if active != (parallel.tp, parallel.pp, vp, parallel.ep, parallel.etp):
         raise ConfigError(
-            f"this process already runs at tp={active[0]} pp={active[1]} vp={active[2]}; a nested run needs "
-            f"the same layout, not tp={parallel.tp} pp={parallel.pp} vp={vp}"
+            f"this process already runs at tp={active[0]} pp={active[1]} vp={active[2]} ep={active[3]} "
+            f"etp={active[4]}; a nested run needs the same layout, not tp={parallel.tp} pp={parallel.pp} "
+            f"vp={vp} ep={parallel.ep} etp={parallel.etp}"
         )
     dev = resolve_device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -150,6 +162,12 @@ def distributed(parallel: ParallelConfig, vp: int | None, device: str = "auto"):
             f"world size {world_size} not divisible by parallel.tp*parallel.pp={model_parallel}; "
             f"launch a multiple of {model_parallel} processes"
         )
+    expert_parallel = parallel.etp * parallel.ep * parallel.pp
+    if world_size % expert_parallel:
+        raise ConfigError(
+            f"world size {world_size} not divisible by parallel.etp*parallel.ep*parallel.pp={expert_parallel}; "
+            f"launch a multiple of {expert_parallel} processes or lower parallel.ep"
+        )
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(local_rank)
@@ -166,6 +184,8 @@ def distributed(parallel: ParallelConfig, vp: int | None, device: str = "auto"):
             tensor_model_parallel_size=parallel.tp,
             pipeline_model_parallel_size=parallel.pp,
             virtual_pipeline_model_parallel_size=vp,
+            expert_model_parallel_size=parallel.ep,
+            expert_tensor_parallel_size=parallel.etp,
         )
         yield World(
             rank=rank,

@@ -15,13 +15,16 @@ with three narrow redirections, active only inside the context and only on CPU r
 3. `tensor.type()` (no arguments) reports `torch.cuda.*Tensor` names, because the optimizers sort
    parameters into fp32/bf16 groups by comparing against those strings (optimizer.py,
    distrib_optimizer.py) and reject anything else.
+4. For MoE layers with expert parallelism: the all-to-all dispatcher's side stream and its
+   split sizes (moe/token_dispatcher.py), and the backward of the communication functions
+   (tensor_parallel/mappings.py), which the TorchFunctionMode does not reach.
 
 Remove each redirection when megatron-core takes the device from its tensors instead of assuming
 CUDA at the places named (checked against 0.19.2); tests/distributed run every one of those paths.
 Other patches live beside the code that needs them: the checkpoint's in `pipeline/checkpoint/`.
 """
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -60,11 +63,58 @@ class _NullStream:
     def synchronize(self) -> None:
         pass
 
+    def record_event(self, event=None) -> "_NullStream":
+        # The event of a stream that never waits: its synchronize() returns at once.
+        return self
+
+
+def _split_sizes_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    # megatron-core 0.19.2 moe_utils.maybe_move_tensor_to_cpu converts only CUDA tensors, so on CPU
+    # the all-to-all dispatcher's split sizes stay tensors and all_to_all_single rejects them; give
+    # them the numpy form the GPU path produces. Remove when megatron converts CPU tensors too.
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _backwards_on_cpu() -> dict:
+    """Run the backward of megatron's communication autograd Functions (tensor_parallel/mappings.py)
+    under the CUDA-to-CPU mode too; return the original backwards to restore.
+
+    The mode does not reach into autograd's backward pass, and the MoE all-to-all's backward
+    allocates its output with `device=torch.cuda.current_device()` (megatron-core 0.19.2 _AllToAll;
+    seen as "Found no NVIDIA driver" in the first backward with parallel.ep=2).
+    """
+    from megatron.core.tensor_parallel import mappings
+
+    originals = {}
+    for function in vars(mappings).values():
+        if isinstance(function, type) and issubclass(function, torch.autograd.Function) and "backward" in vars(function):
+            originals[function] = vars(function)["backward"]
+
+            def backward(ctx, *grads, _original=function.backward):
+                with _CudaToCpu():
+                    return _original(ctx, *grads)
+
+            function.backward = staticmethod(backward)
+    return originals
+
 
 @contextmanager
 def cpu_mode():
     """Run megatron-core's CUDA-assuming code on CPU (see the module docstring)."""
+    from megatron.core.transformer.moe import token_dispatcher
+
     saved = torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.current_stream
+    # megatron-core 0.19.2's MoE all-to-all dispatcher makes a side stream for its device-to-host
+    # copies and enters it (moe/token_dispatcher.py, MoEAlltoAllTokenDispatcher); on CPU both are
+    # no-ops. Remove when megatron-core creates that stream only on CUDA.
+    saved_streams = torch.cuda.Stream, torch.cuda.stream
+    torch.cuda.Stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.stream = lambda stream=None: nullcontext()
+    to_host = token_dispatcher.maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_to_host
+    backwards = _backwards_on_cpu()
     # megatron-core wraps small activations (squared ReLU) in torch.compile; on CPU each process
     # would spend ~20 s building C++ kernels for a negligible gain.
     compile_disabled = torch._dynamo.config.disable
@@ -77,4 +127,8 @@ def cpu_mode():
             yield
     finally:
         torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.current_stream = saved
+        torch.cuda.Stream, torch.cuda.stream = saved_streams
+        token_dispatcher.maybe_move_tensor_to_cpu = to_host
+        for function, backward in backwards.items():
+            function.backward = backward
         torch._dynamo.config.disable = compile_disabled

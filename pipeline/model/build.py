@@ -13,7 +13,7 @@ from pipeline.distributed import ParallelConfig
 from pipeline.errors import ConfigError
 from pipeline.model.config import ModelConfig
 from pipeline.model.init import initialize_weights
-from pipeline.model.pattern import megatron_pattern, split_stages
+from pipeline.model.pattern import MOE, megatron_pattern, split_stages
 from pipeline.model.precision import PrecisionConfig
 from pipeline.model.spec import stack_spec
 
@@ -55,6 +55,49 @@ def check_gpu_only_options(device: torch.device, **options: bool) -> None:
     for name, on in options.items():
         if on and device.type != "cuda":
             raise ConfigError(f"train.{name}=true needs a GPU (this run is on {device.type}); set train.{name}=false")
+
+
+def check_moe_supported(model: ModelConfig, device: torch.device, backend: str) -> None:
+    """The MoE options that need Transformer Engine or a GPU, refused in one line on the portable backend."""
+    if MOE not in model.parsed_pattern().layers or backend == "te":
+        return
+    if model.moe.token_dispatcher == "flex":
+        raise ConfigError(f"model.moe.token_dispatcher=flex (DeepEP/HybridEP) needs a GPU (this run is on "
+                          f"{device.type}); use model.moe.token_dispatcher=alltoall")
+    if model.moe.latent_size is not None:
+        raise ConfigError(f"model.moe.latent_size needs Transformer Engine (megatron-core builds the latent "
+                          f"projections as TELinear; this run is on {device.type}); set model.moe.latent_size=null")
+
+
+def moe_config(model: ModelConfig, parallel: ParallelConfig) -> dict:
+    """megatron-core's TransformerConfig `moe_*` fields for the `E` layers (none without them)."""
+    if MOE not in model.parsed_pattern().layers:
+        return {}
+    moe = model.moe
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=moe.shared_ffn_hidden_size or None,
+        moe_router_topk=moe.top_k,
+        moe_router_score_function=moe.score_function,
+        moe_router_enable_expert_bias=moe.expert_bias,
+        moe_router_bias_update_rate=moe.bias_update_rate,
+        moe_router_topk_scaling_factor=moe.scaling_factor,
+        moe_router_num_groups=moe.num_groups,
+        moe_router_group_topk=moe.topk_groups,
+        moe_router_load_balancing_type=moe.aux_loss,
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_router_dtype=None if moe.router_dtype == "model" else moe.router_dtype,
+        moe_token_dispatcher_type=moe.token_dispatcher,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_token_drop_policy=moe.drop_policy,
+        moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
+        moe_latent_size=moe.latent_size,
+        # The hybrid TE spec builds experts as TEGroupedMLP (hybrid_layer_specs.py).
+        moe_grouped_gemm=True,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
+    )
 
 
 def transformer_config(
@@ -124,6 +167,7 @@ def transformer_config(
         # previous and next rank are the same process and batched sends in both directions can be
         # received swapped. The unbatched path puts the two directions on different groups.
         batch_p2p_comm=on_gpu,
+        **moe_config(model, parallel),
         **fp8,
         **graphs,
     )
@@ -151,6 +195,7 @@ def build_model(
 
     backend = backend or default_backend(device)
     check_precision_supported(precision, device)
+    check_moe_supported(model, device, backend)
     check_gpu_only_options(device, cuda_graphs=cuda_graphs, fused_cross_entropy=fused_cross_entropy)
     vp = virtual_stages(model, parallel)
     config = transformer_config(model, parallel, precision, device, vp, cuda_graphs, fused_cross_entropy)

@@ -4,10 +4,12 @@ megatron-core initialises many tensors per rank (Mamba's conv, dt_bias and A_log
 fork; TE layers on the GPU), so the same seed gives a different model at TP=1 and TP=2, and on CPU
 and GPU. Here every parameter is drawn at its full (unsharded) shape from a CPU generator seeded by
 (seed, global parameter name), then this rank's slice is copied in. Same seed, same model, for any
-TP/PP/VPP and either backend.
+TP/PP/VPP/EP/ETP and either backend. A routed expert's parameter is named by its global expert
+index (`...experts.linear_fc1.weight{ep_rank * local_experts + i}`) and split over expert-TP ranks.
 """
 
 import math
+import re
 import zlib
 from collections.abc import Callable
 
@@ -48,26 +50,41 @@ def _full_value(name: str, shape: tuple[int, ...], model: ModelConfig, gen: torc
     raise ValueError(f"init rule {rule!r} of {name!r} has no drawing code; add it in pipeline/model/init.py")
 
 
+_EXPERT_PARAM = re.compile(r"(.*\.mlp\.experts\.linear_fc[12]\.weight)(\d+)")
+
+
 def global_param_names(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters of one model chunk keyed by name with the global layer index (layer_number - 1)."""
+    """Parameters of one model chunk keyed by name with the global layer index (layer_number - 1)
+    and, for routed experts, the global expert index."""
     names = {}
     layers = chunk.decoder.layers
     local_to_global = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(layers)}
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
     for name, param in chunk.named_parameters():
         parts = name.split(".")
         if parts[:2] == ["decoder", "layers"]:
+            local_experts = getattr(getattr(layers[int(parts[2])], "mlp", None), "num_local_experts", 0)
             parts[2] = local_to_global[parts[2]]
+            expert = _EXPERT_PARAM.fullmatch(".".join(parts))
+            if expert:
+                parts = f"{expert.group(1)}{ep_rank * local_experts + int(expert.group(2))}".split(".")
         names[".".join(parts)] = param
     return names
+
+
+def _tp_of(name: str) -> tuple[int, int]:
+    """(rank, size) of the tensor-parallel group `name` is split over: expert TP for routed experts."""
+    if _EXPERT_PARAM.fullmatch(name):
+        return parallel_state.get_expert_tensor_parallel_rank(), parallel_state.get_expert_tensor_parallel_world_size()
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
 
 
 @torch.no_grad()
 def _copy_full_values(chunks: list[torch.nn.Module], full_value: Callable[[str, torch.Tensor, int], torch.Tensor]) -> None:
     """Copy this rank's slice of `full_value(global name, param, tp_size)` into every parameter."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for chunk in chunks:
         for name, param in global_param_names(getattr(chunk, "module", chunk)).items():
+            tp_rank, tp_size = _tp_of(name)
             param.copy_(local_slice(full_value(name, param, tp_size), param, tp_rank, tp_size))
 
 

@@ -16,13 +16,22 @@ Axis legend (the size of each comes from `axis_sizes`):
     K   conv kernel taps                1   a singleton
     QKV fused attention rows, grouped per KV group: g x (n/g query heads + 1 key + 1 value) x d
     Q   attention output channels (n query heads x d)
+    X   routed experts (one parameter each)   R   router rows (one per routed expert)
+    e   neurons of one routed expert's FFN
+    s   shared-expert FFN neurons       L   routed experts' input/output width (latent size, else h)
+    l   latent width (latent MoE only)
+
+Routed-expert tensors (leading axis X) are stored as one [experts, ...] tensor per projection, as
+megatron-core's TEGroupedMLP stores them, but are one module parameter per local expert:
+`mlp.experts.linear_fc1.weight0`, `weight1`, ... (`TensorSpec.per_expert`).
 """
 
 import math
+import re
 from dataclasses import dataclass
 
 from pipeline.model.config import ModelConfig
-from pipeline.model.pattern import ATTENTION, LAYER_SYMBOLS, MAMBA, MLP
+from pipeline.model.pattern import ATTENTION, LAYER_SYMBOLS, MAMBA, MLP, MOE
 
 LAYER_PREFIX = "decoder.layers"
 EMBEDDING = "embedding.word_embeddings.weight"
@@ -51,9 +60,16 @@ class TensorSpec:
     init: str
 
     @property
+    def per_expert(self) -> bool:
+        """One module parameter per routed expert (`{param}{i}`), stored as one [experts, ...] tensor."""
+        return self.axes[0] == "X"
+
+    @property
     def component(self) -> str | None:
         """`z`, `x`, `B`, `C` or `dt` for a component of a fused Mamba tensor, else None."""
-        return self.key.rsplit(".", 1)[1] if self.key != self.param else None
+        if self.key == self.param or self.per_expert:
+            return None
+        return self.key.rsplit(".", 1)[1]
 
 
 def _mamba() -> tuple[TensorSpec, ...]:
@@ -99,6 +115,27 @@ LAYER_TENSORS: dict[str, tuple[TensorSpec, ...]] = {
 }
 """Tensors of one layer of each type, in the order Hugging Face lists them (pre-norm first)."""
 
+LAYER_TENSORS[MOE] = (
+    _plain("pre_mlp_layernorm.weight", ("h",), None, "ones"),
+    _plain("mlp.router.weight", ("R", "h"), None, "normal"),
+    # megatron-core's TEGroupedMLP (and SequentialMLP) store the experts under `experts.experts.`.
+    TensorSpec("mlp.experts.experts.linear_fc1.weight", ("X", "e", "L"), "mlp.experts.linear_fc1.weight", 1, "normal"),
+    TensorSpec("mlp.experts.experts.linear_fc2.weight", ("X", "L", "e"), "mlp.experts.linear_fc2.weight", 2,
+               "scaled_normal"),
+    _plain("mlp.shared_experts.linear_fc1.weight", ("s", "h"), 0, "normal"),
+    _plain("mlp.shared_experts.linear_fc2.weight", ("h", "s"), 1, "scaled_normal"),
+)
+"""The `E` layer with a shared expert and without latent projections; `layer_tensors` gives the
+table of a given model (no shared expert, latent projections). The router's `expert_bias` is a
+buffer (stored, not a parameter) and not listed."""
+
+MOE_LATENT_TENSORS = (
+    _plain("mlp.fc1_latent_proj.weight", ("l", "h"), None, "normal"),
+    _plain("mlp.fc2_latent_proj.weight", ("h", "l"), None, "scaled_normal"),
+)
+"""Latent MoE's down/up projections around the routed experts (replicated over TP, TELinear
+`parallel_mode="duplicated"` in megatron-core's MoELayer)."""
+
 EMBEDDING_TENSOR = _plain(EMBEDDING, ("V", "h"), 0, "normal")
 FINAL_NORM_TENSOR = _plain(FINAL_NORM, ("h",), None, "ones")
 OUTPUT_TENSOR = _plain(OUTPUT_LAYER, ("V", "h"), 0, "normal")
@@ -118,7 +155,26 @@ def axis_sizes(model: ModelConfig) -> dict[str, int]:
         "1": 1,
         "QKV": (n + 2 * g) * d,
         "Q": n * d,
+        "X": model.moe.num_experts,
+        "R": model.moe.num_experts,
+        "e": model.moe.ffn_hidden_size,
+        "s": model.moe.shared_ffn_hidden_size,
+        "L": model.moe.latent_size or model.hidden_size,
+        "l": model.moe.latent_size or 0,
     }
+
+
+def layer_tensors(model: ModelConfig, symbol: str) -> tuple[TensorSpec, ...]:
+    """The tensors of one layer of type `symbol` in `model` (the MoE table depends on its options)."""
+    if symbol not in LAYER_TENSORS:
+        raise ValueError(f"unknown layer symbol {symbol!r}; use one of {''.join(LAYER_SYMBOLS)}")
+    specs = LAYER_TENSORS[symbol]
+    if symbol == MOE:
+        if not model.moe.shared_ffn_hidden_size:
+            specs = tuple(s for s in specs if "shared_experts" not in s.key)
+        if model.moe.latent_size:
+            specs = (*specs[:2], *MOE_LATENT_TENSORS, *specs[2:])
+    return specs
 
 
 def shape_of(spec: TensorSpec, model: ModelConfig) -> tuple[int, ...]:
@@ -137,7 +193,7 @@ def model_tensors(model: ModelConfig) -> list[tuple[str, int | None, TensorSpec]
     embedding, each layer in order, final norm, output layer."""
     out: list[tuple[str, int | None, TensorSpec]] = [(EMBEDDING, None, EMBEDDING_TENSOR)]
     for i, symbol in enumerate(model.parsed_pattern().layers):
-        out += [(layer_key(i, spec), i, spec) for spec in LAYER_TENSORS[symbol]]
+        out += [(layer_key(i, spec), i, spec) for spec in layer_tensors(model, symbol)]
     out += [(FINAL_NORM, None, FINAL_NORM_TENSOR), (OUTPUT_LAYER, None, OUTPUT_TENSOR)]
     return out
 
@@ -147,22 +203,41 @@ def checkpoint_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {key: shape_of(spec, model) for key, _, spec in model_tensors(model)}
 
 
-def parameter_numels(model: ModelConfig, tp: int = 1) -> dict[str, int]:
-    """Elements of every module parameter on one TP rank, keyed as `HybridModel.named_parameters()`
-    lists them with pipeline parallel size 1 (fused Mamba parameters sum their components)."""
+def local_numel(spec: TensorSpec, model: ModelConfig, tp: int = 1, etp: int = 1) -> int:
+    """Elements of one module parameter of `spec` on one rank: a routed expert's (of its etp shard)
+    for per-expert tensors, else this tp rank's part of the whole tensor."""
+    shape = shape_of(spec, model)
+    if spec.per_expert:
+        numel = math.prod(shape[1:])
+        return numel // etp if spec.tp_axis is not None else numel
+    numel = math.prod(shape)
+    return numel // tp if spec.tp_axis is not None else numel
+
+
+def parameter_numels(model: ModelConfig, tp: int = 1, ep: int = 1, etp: int = 1) -> dict[str, int]:
+    """Elements of every module parameter on one rank (of EP rank 0 for routed experts), keyed as
+    `HybridModel.named_parameters()` lists them with pipeline parallel size 1 (fused Mamba
+    parameters sum their components; routed experts are `{param}{i}` for the num_experts / ep local ones)."""
     out: dict[str, int] = {}
     for key, index, spec in model_tensors(model):
         name = key if index is None else f"{LAYER_PREFIX}.{index}.{spec.param}"
-        numel = math.prod(shape_of(spec, model))
-        out[name] = out.get(name, 0) + (numel // tp if spec.tp_axis is not None else numel)
+        numel = local_numel(spec, model, tp, etp)
+        if spec.per_expert:
+            for i in range(model.moe.num_experts // ep):
+                out[f"{name}{i}"] = numel
+        else:
+            out[name] = out.get(name, 0) + numel
     return out
 
 
 def layer_param_count(model: ModelConfig, symbol: str) -> int:
-    """Parameters of one layer of type `symbol` (`M`, `*` or `-`)."""
-    if symbol not in LAYER_TENSORS:
-        raise ValueError(f"unknown layer symbol {symbol!r}; use one of {''.join(LAYER_SYMBOLS)}")
-    return sum(math.prod(shape_of(spec, model)) for spec in LAYER_TENSORS[symbol])
+    """Parameters of one layer of type `symbol` (`M`, `*`, `-` or `E`, all experts counted)."""
+    return sum(math.prod(shape_of(spec, model)) for spec in layer_tensors(model, symbol))
+
+
+def routed_expert_param_count(model: ModelConfig) -> int:
+    """Parameters of one routed expert of one `E` layer (its fc1 and fc2)."""
+    return sum(math.prod(shape_of(spec, model)[1:]) for spec in layer_tensors(model, MOE) if spec.per_expert)
 
 
 def param_keys(param_name: str) -> list[str]:
@@ -172,6 +247,10 @@ def param_keys(param_name: str) -> list[str]:
     if not param_name.startswith(LAYER_PREFIX + "."):
         return [param_name]
     index, param = param_name[len(LAYER_PREFIX) + 1 :].split(".", 1)
+    for spec in _all_layer_specs():
+        if spec.per_expert and re.fullmatch(rf"{re.escape(spec.param)}\d+", param):
+            # One expert's parameter is one slice of the stored [experts, ...] tensor.
+            return [layer_key(int(index), spec)]
     for specs in LAYER_TENSORS.values():
         keys = [layer_key(int(index), spec) for spec in specs if spec.param == param]
         if keys:
@@ -179,9 +258,15 @@ def param_keys(param_name: str) -> list[str]:
     raise ValueError(f"no parameter {param_name!r} in the table; add it to pipeline/model/params.py")
 
 
+def _all_layer_specs() -> tuple[TensorSpec, ...]:
+    return (*(s for t in LAYER_TENSORS.values() for s in t), *MOE_LATENT_TENSORS)
+
+
 def init_rule(param_name: str) -> str:
-    """The init rule of a module parameter, from its name (any prefix, e.g. `decoder.layers.3.`)."""
-    for spec in (EMBEDDING_TENSOR, FINAL_NORM_TENSOR, OUTPUT_TENSOR, *(s for t in LAYER_TENSORS.values() for s in t)):
-        if param_name == spec.param or param_name.endswith("." + spec.param):
+    """The init rule of a module parameter, from its name (any prefix, e.g. `decoder.layers.3.`;
+    routed experts' parameters end in their expert index)."""
+    for spec in (EMBEDDING_TENSOR, FINAL_NORM_TENSOR, OUTPUT_TENSOR, *_all_layer_specs()):
+        suffix = r"\d+" if spec.per_expert else ""
+        if re.fullmatch(rf"(.*\.)?{re.escape(spec.param)}{suffix}", param_name):
             return spec.init
     raise ValueError(f"no parameter {param_name!r} in the table; add it to pipeline/model/params.py")

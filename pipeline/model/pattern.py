@@ -1,7 +1,7 @@
 """Hybrid layer patterns: one character per layer, `|` between pipeline segments.
 
-`M` Mamba-2 mixer, `*` self-attention, `-` FFN (megatron-core also knows `E G D +`, which this
-pipeline does not build). `M-M*-|M-M*-` is two pipeline segments of five layers each; with
+`M` Mamba-2 mixer, `*` self-attention, `-` FFN, `E` mixture-of-experts FFN (Nemotron 3; its
+sizes are `model.moe`). megatron-core also knows `G D +`, which this pipeline does not build. `M-M*-|M-M*-` is two pipeline segments of five layers each; with
 `parallel.pp=2` each stage gets one segment, with `pp=1` and two segments the single stage runs
 both as virtual stages (megatron-core: segments / PP = virtual stages per rank).
 """
@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
 
-MAMBA, ATTENTION, MLP = "M", "*", "-"
-LAYER_SYMBOLS = (MAMBA, ATTENTION, MLP)
+MAMBA, ATTENTION, MLP, MOE = "M", "*", "-", "E"
+LAYER_SYMBOLS = (MAMBA, ATTENTION, MLP, MOE)
 PIPE = "|"
-SYMBOL_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp"}
+SYMBOL_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp", MOE: "moe"}
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Pattern:
         return len(self.layers)
 
     def counts(self) -> dict[str, int]:
-        """Number of layers of each type, keyed by `mamba`, `attention`, `mlp`."""
+        """Number of layers of each type, keyed by `mamba`, `attention`, `mlp`, `moe`."""
         c = Counter(self.layers)
         return {SYMBOL_NAMES[s]: c.get(s, 0) for s in LAYER_SYMBOLS}
 
@@ -49,7 +49,7 @@ def parse_pattern(text: str, field: str = "model.pattern") -> Pattern:
     if bad:
         raise ConfigError(
             f"{field} has unknown layer symbol(s) {''.join(bad)!r}; use 'M' (Mamba-2), '*' "
-            f"(attention), '-' (FFN) and '|' between pipeline segments"
+            f"(attention), '-' (FFN), 'E' (mixture of experts) and '|' between pipeline segments"
         )
     segments = tuple(text.split(PIPE))
     if any(not s for s in segments):

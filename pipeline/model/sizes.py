@@ -5,7 +5,9 @@ size a 56B model on a laptop. Parameter counts come from the tensor table in `pa
 what megatron-core 0.19 builds with the Transformer Engine hybrid spec (norms fused into the
 following linear as `layer_norm_weight`, no biases except the Mamba conv, untied embedding and
 output layer). FLOPs follow Megatron's convention (docs/performance.md); the memory figure is an
-estimate (see `memory_estimate`).
+estimate (see `memory_estimate`). Mixture-of-experts (`E`) layers count all their routed experts in
+the totals; `active_param_count` and the FLOPs count the path one token takes (router, top-k
+routed experts, shared expert).
 """
 
 import math
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from pipeline.distributed import ParallelConfig
 from pipeline.model import params
 from pipeline.model.config import ModelConfig
-from pipeline.model.pattern import ATTENTION, LAYER_SYMBOLS, MAMBA, MLP, SYMBOL_NAMES, split_stages
+from pipeline.model.pattern import ATTENTION, LAYER_SYMBOLS, MAMBA, MLP, MOE, SYMBOL_NAMES, split_stages
 from pipeline.model.precision import PrecisionConfig
 from pipeline.training.config import TrainConfig
 
@@ -30,8 +32,9 @@ DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 def param_counts(model: ModelConfig) -> dict[str, int]:
     """Exact parameter count of the whole model: `total` and per component.
 
-    Keys: `embedding`, `output_layer`, `final_norm`, and `mamba`, `attention`, `mlp` (all layers
-    of that type together). The vocabulary is the padded one (`model.padded_vocab_size`).
+    Keys: `embedding`, `output_layer`, `final_norm`, and `mamba`, `attention`, `mlp`, `moe` (all
+    layers of that type together, every routed expert counted). The vocabulary is the padded one
+    (`model.padded_vocab_size`).
     """
     counts = {
         name: math.prod(params.shape_of(spec, model))
@@ -47,6 +50,29 @@ def param_counts(model: ModelConfig) -> dict[str, int]:
         counts[name] = layers[name] * params.layer_param_count(model, symbol)
     counts["total"] = sum(counts.values())
     return counts
+
+
+def active_param_count(model: ModelConfig) -> int:
+    """Parameters one token passes through: the total less the routed experts it is not sent to
+    (num_experts - top_k per `E` layer). Embedding and output layer included; subtract
+    `param_counts(...)["embedding"]` (and `output_layer`) for the figure without them."""
+    inactive = model.moe.num_experts - model.moe.top_k
+    moe_layers = model.parsed_pattern().counts()["moe"]
+    return param_counts(model)["total"] - moe_layers * inactive * params.routed_expert_param_count(model)
+
+
+def moe_forward_flops(model: ModelConfig, tokens: int) -> int:
+    """Forward FLOPs of one `E` layer for `tokens` tokens: the router GEMM, the top-k routed experts'
+    squared-ReLU FFNs (in the latent width with latent MoE, plus its down/up projections) and the
+    shared expert. Megatron-LM's `moe_layer_flops` (megatron/training/training.py, hybrid models)
+    is the same without the router's 2*T*h*experts (0.6% of an `E` layer of Nemotron 3 Nano)."""
+    moe, h = model.moe, model.hidden_size
+    router = 2 * tokens * h * moe.num_experts
+    width = moe.latent_size or h
+    routed = 4 * tokens * width * moe.ffn_hidden_size * moe.top_k
+    latent = 4 * tokens * h * moe.latent_size if moe.latent_size else 0
+    shared = 4 * tokens * h * moe.shared_ffn_hidden_size
+    return router + routed + latent + shared
 
 
 def training_flops(model: ModelConfig, tokens: int, seqlen_squared_sum: int) -> int:
@@ -76,6 +102,7 @@ def training_flops(model: ModelConfig, tokens: int, seqlen_squared_sum: int) -> 
         layers["attention"] * attention
         + layers["mlp"] * mlp
         + layers["mamba"] * mamba
+        + (layers["moe"] * moe_forward_flops(model, tokens) if layers["moe"] else 0)
         + 2 * tokens * h * v
     )
     return 3 * forward
@@ -110,29 +137,42 @@ class MemoryEstimate:
         return self.weights + self.grads + self.optimizer + self.activations
 
 
-def stage_param_counts(model: ModelConfig, tp: int, pp: int) -> list[int]:
-    """Parameters on one GPU of each pipeline rank: layers via `split_stages` (all virtual stages
-    of the rank), the embedding on the first rank, final norm and output layer on the last;
-    tensor-parallel-sharded tensors divided by `tp`, norms replicated."""
+def stage_param_split(
+    model: ModelConfig, tp: int, pp: int, ep: int = 1, etp: int = 1
+) -> list[tuple[int, int]]:
+    """(dense, routed-expert) parameters on one GPU of each pipeline rank: layers via
+    `split_stages` (all virtual stages of the rank), the embedding on the first rank, final norm and
+    output layer on the last; tensor-parallel-sharded tensors divided by `tp`, norms replicated;
+    routed experts num_experts / ep per GPU, each divided by `etp`."""
 
     def local(spec: params.TensorSpec) -> int:
-        numel = math.prod(params.shape_of(spec, model))
-        return numel // tp if spec.tp_axis is not None else numel
+        numel = params.local_numel(spec, model, tp, etp)
+        return numel * (model.moe.num_experts // ep) if spec.per_expert else numel
 
-    per_layer = {s: sum(local(spec) for spec in params.LAYER_TENSORS[s]) for s in LAYER_SYMBOLS}
+    def per_layer(symbol: str, experts: bool) -> int:
+        return sum(local(spec) for spec in params.layer_tensors(model, symbol) if spec.per_expert == experts)
+
+    dense = {s: per_layer(s, False) for s in LAYER_SYMBOLS}
+    routed = {s: per_layer(s, True) for s in LAYER_SYMBOLS}
     counts = []
     for rank, stages in enumerate(split_stages(model.parsed_pattern(), pp)):
-        n = sum(per_layer[s] for stage in stages for s in stage.symbols)
+        symbols = "".join(stage.symbols for stage in stages)
+        n = sum(dense[s] for s in symbols)
         if rank == 0:
             n += local(params.EMBEDDING_TENSOR)
         if rank == pp - 1:
             n += local(params.FINAL_NORM_TENSOR) + local(params.OUTPUT_TENSOR)
-        counts.append(n)
+        counts.append((n, sum(routed[s] for s in symbols)))
     return counts
 
 
+def stage_param_counts(model: ModelConfig, tp: int, pp: int, ep: int = 1, etp: int = 1) -> list[int]:
+    """Parameters on one GPU of each pipeline rank (`stage_param_split`, dense + routed experts)."""
+    return [dense + experts for dense, experts in stage_param_split(model, tp, pp, ep, etp)]
+
+
 def activation_bytes_per_token(
-    model: ModelConfig, symbol: str, tp: int, sequence_parallel: bool, dtype_bytes: int = 2
+    model: ModelConfig, symbol: str, tp: int, sequence_parallel: bool, dtype_bytes: int = 2, etp: int = 1
 ) -> float:
     """Activation bytes one layer keeps for backward, per token of a micro-batch (estimate).
 
@@ -148,6 +188,10 @@ def activation_bytes_per_token(
          output (3 * d_in), all /tp
       *  q, k, v ((n + 2g) * kv) and the attention output (n * kv), /tp
       -  fc1 output and squared-ReLU output (2 * ffn), /tp
+      E  router logits and scores (2 * experts, fp32 counted as 2 elements each); shared expert as
+         `-` (2 * shared, /tp); every token's top_k routed copies: the permuted input (L, the
+         latent or hidden width), fc1 and squared-ReLU outputs (2 * expert ffn, /etp) and the
+         expert output (L). Averaged over experts: balanced routing, no dropped tokens.
     """
     sp = tp if sequence_parallel else 1
     norm_region = 2 * model.hidden_size / sp
@@ -158,6 +202,11 @@ def activation_bytes_per_token(
         tp_region = (2 * n + 2 * g) * model.kv_channels
     elif symbol == MLP:
         tp_region = 2 * model.ffn_hidden_size
+    elif symbol == MOE:
+        moe = model.moe
+        width = moe.latent_size or model.hidden_size
+        routed = moe.top_k * (2 * width + 2 * moe.ffn_hidden_size / etp)
+        return dtype_bytes * (norm_region + 4 * moe.num_experts + 2 * moe.shared_ffn_hidden_size / tp + routed)
     else:
         raise ValueError(f"unknown layer symbol {symbol!r}; use one of {''.join(LAYER_SYMBOLS)}")
     return dtype_bytes * (norm_region + tp_region / tp)
@@ -197,13 +246,17 @@ def stage_memory_estimates(
     optimizer_shards = dp if parallel.distributed_optimizer else 1
     tokens = train.micro_batch_size * train.seq_length
     num_micro_batches = max(1, train.global_batch_size // (train.micro_batch_size * dp))
+    # Routed experts are replicated over, and their optimizer state sharded over, the expert-data-
+    # parallel ranks: world / (etp * ep * pp) = tp * dp / (etp * ep).
+    expert_shards = max(1, tp * dp // (parallel.etp * parallel.ep)) if parallel.distributed_optimizer else 1
     per_token = {
-        s: activation_bytes_per_token(model, s, tp, parallel.sequence_parallel, dtype_bytes)
+        s: activation_bytes_per_token(model, s, tp, parallel.sequence_parallel, dtype_bytes, parallel.etp)
         for s in LAYER_SYMBOLS
     }
     stages = split_stages(model.parsed_pattern(), pp)
     estimates = []
-    for rank, params in enumerate(stage_param_counts(model, tp, pp)):
+    for rank, (dense, experts) in enumerate(stage_param_split(model, tp, pp, parallel.ep, parallel.etp)):
+        params = dense + experts
         in_flight = _micro_batches_in_flight(rank, pp, len(stages[rank]), num_micro_batches)
         layers = sum(per_token[s] for stage in stages[rank] for s in stage.symbols)
         activations = in_flight * layers * tokens
@@ -218,7 +271,8 @@ def stage_memory_estimates(
                 params=params,
                 weights=params * dtype_bytes,
                 grads=params * MAIN_GRAD_BYTES,
-                optimizer=params * (master + ADAM_MOMENT_BYTES) // optimizer_shards,
+                optimizer=(dense * (master + ADAM_MOMENT_BYTES) // optimizer_shards
+                           + experts * (master + ADAM_MOMENT_BYTES) // expert_shards),
                 activations=round(activations),
                 micro_batches_in_flight=in_flight,
             )
@@ -240,11 +294,13 @@ def memory_estimate(
     - weights: parameters in `precision.params_dtype`;
     - grads: fp32 main-grad buffers (Megatron DDP with grad_reduce_in_fp32), not sharded;
     - optimizer: Adam, fp32 master copy (unless params are fp32) + 2 fp32 moments = 12 bytes per
-      parameter, divided by `dp` with the distributed optimizer;
+      parameter, divided by `dp` with the distributed optimizer (routed experts: by the expert
+      data-parallel size tp * dp / (etp * ep));
     - activations: one micro-batch of `train.micro_batch_size x train.seq_length` tokens times the
       micro-batches the pipeline schedule keeps in flight (`activation_bytes_per_token`).
-    Tensor parallel shards every parameter but the RMSNorm weights; the model is split over pipeline
-    ranks by `split_stages` (embedding on the first, output layer on the last).
+    Tensor parallel shards every parameter but the RMSNorm weights (and the MoE router); the model is
+    split over pipeline ranks by `split_stages` (embedding on the first, output layer on the last);
+    each GPU holds num_experts / ep routed experts of every `E` layer, split over etp.
 
     `dp` is the data-parallel size (world size / (tp * pp)).
     """

@@ -14,16 +14,26 @@ from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import GroupedMLPSubmodules, TEGroupedMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    MoETransformerLayer,
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
 
 from pipeline.model.config import ModelConfig
+from pipeline.model.portable.experts import PortableColumnParallelGroupedLinear, PortableRowParallelGroupedLinear
 from pipeline.model.portable.layers import (
     PortableCoreAttention,
     PortableHybridStack,
     PortableMambaMixer,
     PortableNormColumnParallelLinear,
+    PortableRMSNorm,
 )
 
 BACKENDS = ("te", "portable")
@@ -31,6 +41,28 @@ BACKENDS = ("te", "portable")
 
 def _mixer_params(model: ModelConfig) -> dict:
     return {"d_conv": model.mamba_conv_kernel, "chunk_size": model.mamba_chunk_size}
+
+
+def _portable_moe_layer() -> ModuleSpec:
+    """The `E` layer as the TE spec builds it (MoETransformerLayer: pre-MLP norm + MoELayer with
+    TEGroupedMLP experts and a shared expert), with portable norm and grouped linears."""
+    experts = partial(
+        TEGroupedMLP,
+        submodules=GroupedMLPSubmodules(
+            linear_fc1=PortableColumnParallelGroupedLinear, linear_fc2=PortableRowParallelGroupedLinear
+        ),
+    )
+    shared = partial(
+        SharedExpertMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    )
+    return ModuleSpec(
+        module=MoETransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=PortableRMSNorm,
+            mlp=partial(MoELayer, submodules=MoESubmodules(experts=experts, shared_experts=shared)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
 
 
 def portable_stack_spec(model: ModelConfig) -> ModuleSpec:
@@ -78,6 +110,7 @@ def portable_stack_spec(model: ModelConfig) -> ModuleSpec:
                     mlp_bda=get_bias_dropout_add,
                 ),
             ),
+            moe_layer=_portable_moe_layer(),
         ),
     )
 

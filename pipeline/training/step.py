@@ -10,6 +10,7 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from pipeline.training.batches import ModelInputs
+from pipeline.training.expert_load import ExpertLoad
 
 LM_KEYS = ("lm loss",)
 
@@ -78,7 +79,8 @@ class StepResult:
     grad_norm: float | None
     skipped: bool
     metrics: dict[str, float] = field(default_factory=dict)
-    """The objective's other keys (token means), e.g. the teacher's loss."""
+    """The objective's other keys (token means), e.g. the teacher's loss; the MoE layers' load
+    balance (`expert_load.ExpertLoad`)."""
 
 
 def run_schedule(chunks, micro_batches: list[ModelInputs], forward_only: bool, objective: Objective | None):
@@ -112,10 +114,12 @@ def train_step(chunks, optimizer, scheduler, micro_batches: list[ModelInputs], d
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = run_schedule(chunks, micro_batches, forward_only=False, objective=objective)
+    with ExpertLoad(chunks) as expert_load:
+        losses = run_schedule(chunks, micro_batches, forward_only=False, objective=objective)
     keys = objective.keys if objective else LM_KEYS
     metrics = _global_means(losses, keys, device)
     loss = metrics.pop(keys[0])
+    metrics.update(expert_load.metrics(len(micro_batches)))
     if not math.isfinite(loss) or not _grads_finite(chunks, device):
         return StepResult(loss=loss, grad_norm=None, skipped=True, metrics=metrics)
     updated, grad_norm, _ = optimizer.step()

@@ -6,7 +6,7 @@ import torch
 from pipeline.cli import config_error_line
 from pipeline.config import load_run_config
 from pipeline.errors import ConfigError
-from pipeline.model.build import check_precision_supported
+from pipeline.model.build import check_moe_supported, check_precision_supported
 
 # (overrides, substrings the one-line message must contain)
 BAD_CONFIGS = {
@@ -30,6 +30,24 @@ BAD_CONFIGS = {
     "wrong type": (["model.hidden_size=wide"], ["model.hidden_size", "wide"]),
     "unknown preset": (["model=nemotron_h_9b"], ["model/nemotron_h_9b", "nemotron_h_8b"]),
     "unknown fp8 recipe": (["precision=fp8_tensorwise", "precision.fp8_recipe=fast"], ["precision.fp8_recipe", "tensorwise"]),
+    # Mixture of experts ('E' layers, model.moe, parallel.ep/etp)
+    "E without experts": (["model.pattern=ME*"], ["'E'", "model.moe.num_experts"]),
+    "experts without E": (["model.moe.num_experts=4"], ["model.moe.num_experts=4", "no 'E'"]),
+    "top_k > experts": (["model=tiny_moe", "model.moe.top_k=9"], ["model.moe.top_k=9", "num_experts=8"]),
+    "experts % ep": (["model=tiny_moe", "parallel.ep=3"], ["model.moe.num_experts=8", "parallel.ep=3"]),
+    "ep without E": (["parallel.ep=2"], ["parallel.ep=2", "no 'E'"]),
+    "expert ffn % etp": (["model=tiny_moe", "parallel.etp=3"], ["model.moe.ffn_hidden_size=64", "parallel.etp=3"]),
+    "moe with tp, no sequence parallel": (["model=tiny_moe", "parallel.tp=2"], ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "expert bias with softmax": (["model=tiny_moe", "model.moe.score_function=softmax"], ["model.moe.expert_bias=true", "sigmoid"]),
+    "unknown score function": (["model=tiny_moe", "model.moe.score_function=relu"], ["model.moe.score_function='relu'", "softmax, sigmoid"]),
+    "top-1 softmax": (["model=tiny_moe", "model.moe.expert_bias=false", "model.moe.score_function=softmax", "model.moe.top_k=1"], ["model.moe.top_k=1", "softmax"]),
+    "aux coefficient without aux loss": (["model=tiny_moe", "model.moe.aux_loss=none"], ["model.moe.aux_loss_coeff", "aux_loss=none"]),
+    "half of group routing": (["model=tiny_moe", "model.moe.num_groups=2"], ["model.moe.num_groups", "model.moe.topk_groups"]),
+    "experts % groups": (["model=tiny_moe", "model.moe.num_groups=3", "model.moe.topk_groups=1"], ["num_experts=8", "model.moe.num_groups=3"]),
+    "top_k beyond topk_groups": (["model=tiny_moe", "model.moe.num_groups=8", "model.moe.topk_groups=1"], ["model.moe.top_k=2", "topk_groups=1"]),
+    "pad without capacity": (["model=tiny_moe", "model.moe.pad_to_capacity=true"], ["model.moe.pad_to_capacity", "capacity_factor"]),
+    "unknown dispatcher": (["model=tiny_moe", "model.moe.token_dispatcher=ring"], ["model.moe.token_dispatcher='ring'", "alltoall"]),
+    "misspelled moe key": (["model=tiny_moe", "model.moe.num_expert=4"], ["model.moe.num_expert"]),
 }
 
 
@@ -74,3 +92,14 @@ def test_vocabulary_smaller_than_tokenizer_is_refused():
     run = load_run_config([])
     with pytest.raises(ConfigError, match=r"model.vocab_size=4096 .* \(5000\)"):
         run.model.check_tokenizer(5000)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.moe.token_dispatcher=flex", "model.moe.token_dispatcher=flex"),
+    ("model.moe.latent_size=64", "model.moe.latent_size"),
+])
+def test_gpu_only_moe_options_are_refused_on_the_portable_backend(override, expected):
+    run = load_run_config(["model=tiny_moe", override])
+    with pytest.raises(ConfigError, match=expected):
+        check_moe_supported(run.model, torch.device("cpu"), "portable")
+    check_moe_supported(run.model, torch.device("cuda"), "te")

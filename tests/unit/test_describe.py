@@ -82,6 +82,8 @@ def test_cli_prints_parameter_count_and_writes_nothing(tmp_path):
     [
         (("model=nemotron_h_8b", "parallel.tp=3"), "parallel.tp=3"),
         (("model.hiden_size=4",), "hiden_size"),
+        (("model=tiny_moe", "parallel.ep=3"), "parallel.ep=3"),
+        (("model=tiny_moe", "model.moe.top_k=0"), "model.moe.top_k=0"),
     ],
 )
 def test_cli_bad_override_exits_2_with_one_line(tmp_path, overrides, field):
@@ -89,3 +91,12 @@ def test_cli_bad_override_exits_2_with_one_line(tmp_path, overrides, field):
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], result.stderr
+
+
+def test_cli_reports_total_and_active_parameters_of_an_moe_model(tmp_path):
+    result = run_describe("model=nemotron3_nano_30b_a3b", "parallel.ep=8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = load_run_config(["model=nemotron3_nano_30b_a3b"])
+    assert f"{sizes.param_counts(run.model)['total']:,}" in result.stdout, result.stdout
+    assert f"active          {sizes.active_param_count(run.model):,}" in result.stdout, result.stdout
+    assert "ep=8 etp=1: 16 experts per GPU" in result.stdout, result.stdout

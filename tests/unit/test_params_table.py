@@ -11,7 +11,12 @@ from pipeline.model import params
 from pipeline.model.build import build_model
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.pattern=M*-M-*MM-", "model.mamba_num_heads=6", "model.mamba_num_groups=3"]])
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["model.pattern=M*-M-*MM-", "model.mamba_num_heads=6", "model.mamba_num_groups=3"],
+    ["model=tiny_moe"],
+    ["model=tiny_moe", "model.pattern=E-M*E", "model.moe.shared_ffn_hidden_size=0"],
+])
 def test_table_matches_built_model_and_its_sharded_state(overrides):
     run = load_run_config(["device=cpu", "precision=fp32", *overrides])
     with distributed(run.parallel, None, run.device) as world:
@@ -24,15 +29,20 @@ def test_table_matches_built_model_and_its_sharded_state(overrides):
             for v in nested_values(state)
             if hasattr(v, "global_shape") and not v.key.endswith("_extra_state")
         }
+    # The MoE router's expert_bias is a stored buffer, not a parameter (params.py lists parameters).
+    biases = {k for k in sharded if k.endswith(".mlp.router.expert_bias")}
+    layers = run.model.parsed_pattern().layers
+    assert biases == {f"decoder.layers.{i}.mlp.router.expert_bias" for i, s in enumerate(layers) if s == "E"}
     assert params.parameter_numels(run.model) == built
-    assert params.checkpoint_shapes(run.model) == sharded
+    assert params.checkpoint_shapes(run.model) == {k: v for k, v in sharded.items() if k not in biases}
 
 
 def test_every_parameter_has_an_init_rule_and_components_share_it():
     for specs in params.LAYER_TENSORS.values():
         for spec in specs:
             assert spec.init in params.INIT_RULES, spec
-            assert params.init_rule(f"decoder.layers.0.{spec.param}") == spec.init
+            name = f"decoder.layers.0.{spec.param}" + ("3" if spec.per_expert else "")  # a routed expert's index
+            assert params.init_rule(name) == spec.init
     with pytest.raises(ValueError, match="params.py"):
         params.init_rule("decoder.layers.0.mixer.unknown")
 
