@@ -67,6 +67,13 @@ def replace_dir(tmp: str | Path, target: str | Path) -> None:
     fsync_dir(target.parent)
 
 
+def overlaps(a: str | Path, b: str | Path) -> bool:
+    """True if paths `a` and `b` (links resolved) are the same, or one lies inside the other: replacing
+    one would delete or write into the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
 def storage_error(exc: OSError, what: str, where: str | Path) -> StorageError:
     """A one-line StorageError for a failed write of `what` under `where` (disk full, read-only, permissions)."""
     code = getattr(exc, "errno", None)
