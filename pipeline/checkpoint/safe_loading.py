@@ -5,7 +5,8 @@ loader. Reading a checkpoint unpickles bytes from disk in two places: `FileSyste
 is a plain `pickle.load` of `.metadata`, and every stored object (megatron's common state, our RNG
 and train state) goes through `DefaultLoadPlanner.load_bytes`, a `torch.load(weights_only=False)`.
 A crafted checkpoint would run code in both. Inside `safe_checkpoint_loading()` they read with an
-allow-list instead; an `UnsafeCheckpointError` names what was refused.
+allow-list instead; an `UnsafeCheckpointError` names what was refused. Every file `.metadata` names
+(`relative_path`) must lie inside the checkpoint directory.
 Remove when torch's DCP reader unpickles `.metadata` with an allow-list and loads bytes with
 `weights_only=True` by default (not the case in torch 2.11).
 """
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
+from pipeline.checkpoint.layout import inside
 from pipeline.errors import UnsafeCheckpointError
 
 # Every global that torch's `.metadata` pickle of a megatron-core checkpoint references (found by
@@ -65,6 +67,8 @@ def _safe_read_metadata(self, *args, **kwargs):
             raise
         except Exception as e:
             raise UnsafeCheckpointError(f"{path} is not a torch checkpoint metadata file ({type(e).__name__}: {e})") from None
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        inside(self.path, info.relative_path, str(path))
     if getattr(metadata, "storage_meta", None) is None:
         metadata.storage_meta = StorageMeta()
     metadata.storage_meta.load_id = self.load_id

@@ -251,14 +251,14 @@ def export_checkpoint(
 
     Every check runs before anything is written; a failure leaves `out_dir` untouched.
     """
-    from pipeline.checkpoint import read_meta, resolve_checkpoint
+    from pipeline.checkpoint import resolve_checkpoint
 
     start = time.perf_counter()
     ckpt_dir = resolve_checkpoint(checkpoint)
-    meta = read_meta(ckpt_dir)
+    reader = CheckpointTensors(ckpt_dir)
+    meta = reader.meta
     out_dir = check_out_dir(Path(out_dir), overwrite, Path(checkpoint))
     model = model_config_from_meta(meta.model)
-    reader = CheckpointTensors(ckpt_dir)
     check_shapes(model, reader.shapes, ckpt_dir)
     if dtype is None:
         dtype = "bf16" if reader.dtypes[EMBEDDING] == torch.bfloat16 else "fp32"
