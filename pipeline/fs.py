@@ -74,6 +74,27 @@ def overlaps(a: str | Path, b: str | Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+"""The errors of a file system rather than of the program: full, read-only, not permitted, failing."""
+
+
+def storage_error_of(exc: BaseException) -> StorageError | None:
+    """The one-line StorageError for an OSError of the file system (STORAGE_ERRNOS) raised anywhere,
+    directly or as the cause of `exc`, naming the file it names; None for any other exception. Entry
+    points turn what no writer caught itself into one line with this (pipeline.cli)."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__cause__
+    if exc is None or exc.errno not in STORAGE_ERRNOS:
+        return None
+    path = Path(os.fsdecode(exc.filename)) if exc.filename else None
+    if path is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return storage_error(exc, path.name, path.parent)
+    return StorageError(
+        f"{path or 'the file system'}: {os.strerror(exc.errno)}; free space, fix the permissions or the storage, "
+        f"or choose another location, then rerun"
+    )
+
+
 def storage_error(exc: OSError, what: str, where: str | Path) -> StorageError:
     """A one-line StorageError for a failed write of `what` under `where` (disk full, read-only, permissions)."""
     code = getattr(exc, "errno", None)
