@@ -87,11 +87,14 @@ def storage_error_of(exc: BaseException) -> StorageError | None:
     if exc is None or exc.errno not in STORAGE_ERRNOS:
         return None
     path = Path(os.fsdecode(exc.filename)) if exc.filename else None
-    if path is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return storage_error(exc, path.name, path.parent)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if path is not None:
+            return storage_error(exc, path.name, path.parent)
+        return StorageError(f"disk full while writing a file ({os.strerror(exc.errno)}); free space or point the "
+                            f"output elsewhere, then rerun")
     return StorageError(
-        f"{path or 'the file system'}: {os.strerror(exc.errno)}; free space, fix the permissions or the storage, "
-        f"or choose another location, then rerun"
+        f"{path or 'the file system'}: {os.strerror(exc.errno)}; fix the permissions or the storage, or choose "
+        f"another location, then rerun"
     )
 
 
