@@ -68,8 +68,8 @@ def test_a_compression_parent_with_zeroed_bytes_is_refused(run):
 
 
 def test_the_loader_refuses_zeroed_bytes(run):
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
     import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from pipeline.distributed import ParallelConfig, distributed
 

@@ -219,7 +219,8 @@ def _refused(capsys, path: str) -> str:
 @pytest.mark.parametrize("name", ["tokenizer.model", "tokenizer.json"])
 def test_a_corrupt_tokenizer_file_exits_2(tmp_path, capsys, trained, name):
     corrupt = tmp_path / name
-    corrupt.write_bytes(open(os.path.join(trained, name), "rb").read()[:-100] + b"\xff" * 7)
+    with open(os.path.join(trained, name), "rb") as f:
+        corrupt.write_bytes(f.read()[:-100] + b"\xff" * 7)
     assert "not a valid" in _refused(capsys, str(corrupt))
 
 

@@ -79,9 +79,8 @@ def test_a_run_lock_the_disk_refuses_is_one_storage_error(tmp_path, monkeypatch)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "pwrite", full)
-    with pytest.raises(StorageError) as info:
-        with run_dir_owner(tmp_path, 0):
-            pass
+    with pytest.raises(StorageError) as info, run_dir_owner(tmp_path, 0):
+        pass
     assert "disk full" in one_line(info.value) and "run lock" in str(info.value)
 
 
@@ -89,15 +88,13 @@ def test_a_run_lock_the_disk_refuses_is_one_storage_error(tmp_path, monkeypatch)
                                             (errno.EDQUOT, "disk full"), (errno.EIO, "Input/output error")])
 def test_a_storage_error_anywhere_exits_2_with_one_line(tmp_path, capsys, code, expected):
     # e.g. config.yaml or DONE written by the loop itself: no writer of its own catches it.
-    with pytest.raises(SystemExit) as info:
-        with exit_on_user_error():
-            raise OSError(code, os.strerror(code), str(tmp_path / "config.yaml"))
+    with pytest.raises(SystemExit) as info, exit_on_user_error():
+        raise OSError(code, os.strerror(code), str(tmp_path / "config.yaml"))
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert expected in err and "config.yaml" in err, err
 
 
 def test_other_os_errors_stay_bugs(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        with exit_on_user_error():
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "x"))
+    with pytest.raises(FileNotFoundError), exit_on_user_error():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "x"))
