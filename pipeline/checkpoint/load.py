@@ -43,7 +43,7 @@ def drop_missing_extra_state(sharded_state: dict, keys: set[str]) -> dict:
 
 def verify_once(ckpt_dir: Path) -> None:
     """`verify_checkpoint` by rank 0 for every rank of the process group (each rank reading samples of
-    every file would read a checkpoint once per rank); the CheckpointError, if any, raised on all ranks."""
+    every file would read a checkpoint once per rank); its error, if any, raised on all ranks."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -53,7 +53,7 @@ def verify_once(ckpt_dir: Path) -> None:
     if dist.get_rank() == 0:
         try:
             verify_checkpoint(ckpt_dir)
-        except CheckpointError as e:
+        except (CheckpointError, OSError) as e:  # the other ranks wait in the broadcast
             outcome = [e]
     dist.broadcast_object_list(outcome, src=0)
     if outcome[0] is not None:
