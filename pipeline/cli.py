@@ -13,7 +13,8 @@ and `-m` sweeps work) written in three parts:
         launch(main)                      # checks the overrides first, then runs the app
 
 Exit status (docs/cli.md): 0 on success; 2 with one line `error: <problem and fix>` on stderr for
-a `PipelineError` or a bad override; anything else is a bug and ends with a traceback (status 1).
+a `PipelineError`, a bad override or a file-system failure (disk full, read-only, permissions: `fs.storage_error_of`,
+wherever it happens); anything else is a bug and ends with a traceback (status 1).
 `launch` composes and validates the command line's overrides (every job of a sweep) before Hydra
 starts, because Hydra reports composition errors over several lines and exits 1.
 """
@@ -27,6 +28,7 @@ from omegaconf import DictConfig
 
 from pipeline.config import CONF_DIR, RunConfig, load_run_config, register_configs, to_run_config
 from pipeline.errors import EXIT_USER_ERROR, PipelineError
+from pipeline.fs import storage_error_of
 
 CONF_PATH = str(CONF_DIR)
 """`config_path` of every entry point's @hydra.main (an absolute path: entry points may run as scripts)."""
@@ -40,6 +42,9 @@ def config_error_line(exc: BaseException) -> str | None:
 
     if isinstance(exc, PipelineError):
         return str(exc)
+    storage = storage_error_of(exc)
+    if storage is not None:
+        return str(storage)
     if isinstance(exc, OverrideParseException):
         return f"cannot parse override: {str(exc).splitlines()[0]}; write overrides as key=value"
     if isinstance(exc, MissingConfigException):

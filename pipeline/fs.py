@@ -67,6 +67,37 @@ def replace_dir(tmp: str | Path, target: str | Path) -> None:
     fsync_dir(target.parent)
 
 
+def overlaps(a: str | Path, b: str | Path) -> bool:
+    """True if paths `a` and `b` (links resolved) are the same, or one lies inside the other: replacing
+    one would delete or write into the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+"""The errors of a file system rather than of the program: full, read-only, not permitted, failing."""
+
+
+def storage_error_of(exc: BaseException) -> StorageError | None:
+    """The one-line StorageError for an OSError of the file system (STORAGE_ERRNOS) raised anywhere,
+    directly or as the cause of `exc`, naming the file it names; None for any other exception. Entry
+    points turn what no writer caught itself into one line with this (pipeline.cli)."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__cause__
+    if exc is None or exc.errno not in STORAGE_ERRNOS:
+        return None
+    path = Path(os.fsdecode(exc.filename)) if exc.filename else None
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if path is not None:
+            return storage_error(exc, path.name, path.parent)
+        return StorageError(f"disk full while writing a file ({os.strerror(exc.errno)}); free space or point the "
+                            f"output elsewhere, then rerun")
+    return StorageError(
+        f"{path or 'the file system'}: {os.strerror(exc.errno)}; fix the permissions or the storage, or choose "
+        f"another location, then rerun"
+    )
+
+
 def storage_error(exc: OSError, what: str, where: str | Path) -> StorageError:
     """A one-line StorageError for a failed write of `what` under `where` (disk full, read-only, permissions)."""
     code = getattr(exc, "errno", None)

@@ -4,11 +4,16 @@ Only global rank 0 writes. TensorBoard and W&B are imported lazily, only when sw
 offline without an API key (or network), and a restarted run continues the same W&B run (its id is
 kept in the run dir). TensorBoard event files go to run_dir/tensorboard; a restarted run drops the
 events it is about to log again (steps after the checkpoint it resumed from).
+
+metrics.jsonl gets whole lines only: each record is appended with one write and, if the disk
+refuses part of it, cut back to the last whole line before the StorageError; a partial last line
+left by a process killed mid-write is removed (with a warning) when the next run opens the file.
 """
 
 import json
 import math
 import os
+import stat
 import sys
 import time
 import uuid
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipeline.fs import atomic_write_text
+from pipeline.fs import atomic_write_text, storage_error
 
 
 @dataclass
@@ -31,6 +36,7 @@ class LoggingConfig:
     wandb_project: str = "nemotron-h"
     wandb_entity: Optional[str] = None
 
+METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -45,6 +51,57 @@ def _fmt(key: str, value) -> str:
     return f"{key} {value}"
 
 
+class JsonlFile:
+    """An append-only JSON-lines file that holds whole lines only (module docstring)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._drop_partial_line()
+        except OSError as e:
+            raise storage_error(e, "the metrics log", path) from None
+
+    def _drop_partial_line(self) -> None:
+        size = os.fstat(self._fd).st_size
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode) or size == 0:
+            return
+        keep = 0
+        with open(self.path, "rb") as f:
+            end = size
+            while end > 0:  # back from the end to the last newline, 64 KiB at a time
+                start = max(0, end - (1 << 16))
+                f.seek(start)
+                newline = f.read(end - start).rfind(b"\n")
+                if newline >= 0 or start == 0:
+                    keep = start + newline + 1
+                    break
+                end = start
+        if keep < size:
+            os.ftruncate(self._fd, keep)
+            print(f"WARNING: {self.path} ended in a partial line ({size - keep} bytes, from an interrupted "
+                  f"write); removed it", file=sys.stderr, flush=True)
+
+    def append(self, line: str) -> None:
+        """Append `line` and a newline, whole; StorageError (and the file as it was) if the disk refuses it."""
+        data = (line + "\n").encode()
+        before = os.fstat(self._fd).st_size
+        try:
+            written = 0
+            while written < len(data):  # a short write (disk nearly full) is continued or refused
+                written += os.write(self._fd, data[written:])
+        except OSError as e:
+            try:
+                os.ftruncate(self._fd, before)
+            except OSError:
+                pass  # not a regular file (a device): nothing was kept
+            raise storage_error(e, "the metrics log", self.path) from None
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class MetricsLogger:
     """log(step, {...}) fans one record out to every enabled sink; close() flushes them."""
 
@@ -56,8 +113,7 @@ class MetricsLogger:
         self._tensorboard_dir = Path(run_dir) / TENSORBOARD_DIR if cfg.tensorboard else None
         if not self.enabled:
             return
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+        self._jsonl = JsonlFile(Path(run_dir) / METRICS_FILE)
         if cfg.wandb:
             self._wandb = _start_wandb(cfg, run_dir, run_name, config)
 
@@ -66,8 +122,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, "kind": kind, "time": time.time(), **record}
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        self._jsonl.append(json.dumps(row))
         shown = "  ".join(_fmt(k, v) for k, v in record.items())
         print(f"[{kind} {step}] {shown}", file=sys.stdout, flush=True)
         numbers = {f"{kind}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, UnsafeCheckpointError
 
 FORMAT = 2
 """meta.json layout version: 1 had no file records; 2 records each file's size and sampled checksum."""
@@ -95,6 +95,11 @@ def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:07d}"
 
 
+def _is_step_name(name: str) -> bool:
+    """True for a plain step directory name: a `latest` pointer never leads anywhere else."""
+    return name.startswith(PREFIX) and Path(name).name == name and name not in (".", "..")
+
+
 def _is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file() and (path / META).is_file()
 
@@ -110,10 +115,23 @@ def fingerprint(path: Path) -> list[int]:
     return [size, crc]
 
 
+def inside(ckpt_dir: str | Path, name: str, what: str) -> Path:
+    """`ckpt_dir / name` for a file name the checkpoint itself gives (`what` says where); an
+    UnsafeCheckpointError if it leads outside `ckpt_dir` (an absolute path, `..`, a link)."""
+    path = Path(ckpt_dir) / name
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(Path(ckpt_dir).resolve()):
+        raise UnsafeCheckpointError(
+            f"{what} names {name!r}, outside checkpoint {ckpt_dir}; refusing to open it (a checkpoint "
+            f"must only name its own files)"
+        )
+    return path
+
+
 def verify_checkpoint(ckpt_dir: str | Path) -> CheckpointMeta:
     """The checkpoint's meta after checking that it is whole: COMPLETE, a readable meta.json, the
-    torch metadata, and every file with the size and checksum recorded at save. CheckpointError
-    saying what is wrong otherwise."""
+    torch metadata, and every file with the size and checksum recorded at save, inside the checkpoint
+    directory. CheckpointError saying what is wrong otherwise. Every reader of a checkpoint calls this
+    first (resume, init_from, `load.load_checkpoint`, `reader.CheckpointTensors`)."""
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / COMPLETE).is_file():
         raise CheckpointError(f"checkpoint {ckpt_dir} has no {COMPLETE} marker (its save did not finish)")
@@ -121,7 +139,7 @@ def verify_checkpoint(ckpt_dir: str | Path) -> CheckpointMeta:
     if not (ckpt_dir / DCP_METADATA).is_file():
         raise CheckpointError(f"{ckpt_dir / DCP_METADATA} is missing; the checkpoint is damaged")
     for name, (size, crc) in (meta.files or {}).items():
-        path = ckpt_dir / name
+        path = inside(ckpt_dir, name, f"{ckpt_dir / META}")
         if not path.is_file():
             raise CheckpointError(f"{path} is missing; the checkpoint is damaged")
         found = fingerprint(path)
@@ -144,9 +162,9 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     root = Path(checkpoints_dir)
     pointer = root / LATEST
     if pointer.is_file():
-        candidate = root / pointer.read_text(errors="replace").strip()
-        if candidate.name.startswith(PREFIX) and _is_complete(candidate):
-            return candidate
+        name = pointer.read_text(errors="replace").strip()
+        if _is_step_name(name) and _is_complete(root / name):
+            return root / name
     # A missing or stale pointer (e.g. killed between rename and pointer update): scan instead.
     done = [p for p in step_dirs(root) if _is_complete(p)]
     return done[0] if done else None
@@ -160,7 +178,7 @@ def find_resumable(checkpoints_dir: str | Path, warn: Callable[[str], None]) -> 
     pointer = root / LATEST
     if pointer.exists():
         name = pointer.read_text(errors="replace").strip()
-        if not (name.startswith(PREFIX) and (root / name).is_dir()):
+        if not (_is_step_name(name) and (root / name).is_dir()):
             warn(f"WARNING: {pointer} is damaged (it names {name[:40]!r}, not a checkpoint here); "
                  f"using the newest intact checkpoint instead")
     damaged = []

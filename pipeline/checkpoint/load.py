@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.checkpoint.layout import read_meta
+from pipeline.checkpoint.layout import verify_checkpoint
 from pipeline.checkpoint.safe_loading import safe_checkpoint_loading
 from pipeline.errors import CheckpointError, UnsafeCheckpointError, find_cause
 
@@ -41,17 +41,36 @@ def drop_missing_extra_state(sharded_state: dict, keys: set[str]) -> dict:
     return walk(sharded_state)
 
 
+def verify_once(ckpt_dir: Path) -> None:
+    """`verify_checkpoint` by rank 0 for every rank of the process group (each rank reading samples of
+    every file would read a checkpoint once per rank); its error, if any, raised on all ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        verify_checkpoint(ckpt_dir)
+        return
+    outcome = [None]
+    if dist.get_rank() == 0:
+        try:
+            verify_checkpoint(ckpt_dir)
+        except (CheckpointError, OSError) as e:  # the other ranks wait in the broadcast
+            outcome = [e]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
 def load_checkpoint(ckpt_dir: str | Path, sharded_state: dict) -> dict:
     """Load `sharded_state` (all ranks), tolerating FP8 metadata absent from the checkpoint.
 
-    Pickled parts are read through `safe_checkpoint_loading` (an allow-list:
-    UnsafeCheckpointError otherwise); any other failure is a CheckpointError naming the checkpoint."""
+    The checkpoint is verified first (`verify_checkpoint`, by rank 0). Pickled parts are read through
+    `safe_checkpoint_loading` (an allow-list: UnsafeCheckpointError otherwise); any other failure is a
+    CheckpointError naming the checkpoint."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
-
     ckpt_dir = Path(ckpt_dir)
-    read_meta(ckpt_dir)
+    verify_once(ckpt_dir)
     try:
         sharded_state = drop_missing_extra_state(sharded_state, available_keys(ckpt_dir))
         with safe_checkpoint_loading():

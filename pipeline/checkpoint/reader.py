@@ -16,8 +16,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
-from pipeline.errors import ConversionError
+from pipeline.checkpoint.layout import verify_checkpoint
 from pipeline.checkpoint.safe_loading import safe_checkpoint_loading
+from pipeline.errors import ConversionError
 
 
 class _CachedMetadataReader(dcp.FileSystemReader):
@@ -70,10 +71,12 @@ class CheckpointTensors:
     through `byte_ranges`, copied file to file without passing through memory at all. Anything the
     fast path does not recognise (a transform such as compression, a non-contiguous or offset
     storage, another byte order) goes through `dcp.load`, without a process group (no_dist; dcp
-    warns that it assumes so).
+    warns that it assumes so). Opening one verifies the checkpoint first (`verify_checkpoint`).
     """
 
     def __init__(self, ckpt_dir: Path, raw: bool = True):
+        self.meta = verify_checkpoint(ckpt_dir)
+        """The checkpoint's meta.json, verified."""
         self._dir = Path(ckpt_dir)
         self._raw = raw
         self._reader = _CachedMetadataReader(str(ckpt_dir))

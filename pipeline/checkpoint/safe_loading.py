@@ -1,11 +1,14 @@
 """Reading a checkpoint's pickled parts through an allow-list (docs/checkpoints.md: a checkpoint is code).
 
 Patch of torch 2.11's `torch.distributed.checkpoint`, as used by megatron-core 0.19.2's torch_dist
-loader. Reading a checkpoint unpickles bytes from disk in two places: `FileSystemReader.read_metadata`
-is a plain `pickle.load` of `.metadata`, and every stored object (megatron's common state, our RNG
-and train state) goes through `DefaultLoadPlanner.load_bytes`, a `torch.load(weights_only=False)`.
-A crafted checkpoint would run code in both. Inside `safe_checkpoint_loading()` they read with an
-allow-list instead; an `UnsafeCheckpointError` names what was refused.
+loader. Reading a checkpoint unpickles bytes from disk in three places: `FileSystemReader.read_metadata`
+is a plain `pickle.load` of `.metadata`, every stored object (megatron's common state, our RNG and
+train state) goes through `DefaultLoadPlanner.load_bytes`, a `torch.load(weights_only=False)`, and
+megatron's `load_common` reads a legacy `common.pt` with a bare `torch.load`, which the environment
+variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns into a full unpickle. A crafted checkpoint would
+run code in all three. Inside `safe_checkpoint_loading()` they read with an
+allow-list instead; an `UnsafeCheckpointError` names what was refused. Every file `.metadata` names
+(`relative_path`) must lie inside the checkpoint directory.
 Remove when torch's DCP reader unpickles `.metadata` with an allow-list and loads bytes with
 `weights_only=True` by default (not the case in torch 2.11).
 """
@@ -13,10 +16,12 @@ Remove when torch's DCP reader unpickles `.metadata` with an allow-list and load
 import io
 import pickle
 import re
+import sys
 from contextlib import contextmanager
 
 import torch
 
+from pipeline.checkpoint.layout import inside
 from pipeline.errors import UnsafeCheckpointError
 
 # Every global that torch's `.metadata` pickle of a megatron-core checkpoint references (found by
@@ -65,24 +70,32 @@ def _safe_read_metadata(self, *args, **kwargs):
             raise
         except Exception as e:
             raise UnsafeCheckpointError(f"{path} is not a torch checkpoint metadata file ({type(e).__name__}: {e})") from None
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        inside(self.path, info.relative_path, str(path))
     if getattr(metadata, "storage_meta", None) is None:
         metadata.storage_meta = StorageMeta()
     metadata.storage_meta.load_id = self.load_id
     return metadata
 
 
-def _safe_load_bytes(self, read_item, value: io.BytesIO) -> None:
-    # DefaultLoadPlanner.load_bytes (torch 2.11) with weights_only=True: tensors, containers and
-    # plain values only; what we and megatron store needs nothing more.
+def _load_plain(source, what: str, **kwargs):
+    """torch.load with weights_only=True passed explicitly (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD overrides
+    only an implicit default): tensors, containers and plain values only, which is all that we and
+    megatron store. UnsafeCheckpointError naming `what` and the refused global otherwise."""
     try:
-        obj = torch.load(value, weights_only=True)
+        return torch.load(source, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f"references {found.group(1)}" if found else "is not plain data"
+        why = f"references {found.group(1)}" if found else "is not plain data"
         raise UnsafeCheckpointError(
-            f"stored object {read_item.dest_index.fqn} {what}, which weights_only loading does not allow; refusing "
+            f"{what} {why}, which the checkpoint allow-list (weights_only loading) does not allow; refusing "
             f"to open it (a checkpoint is code, like a pickle file: open only checkpoints you trust)"
         ) from None
+
+
+def _safe_load_bytes(self, read_item, value: io.BytesIO) -> None:
+    # DefaultLoadPlanner.load_bytes (torch 2.11) with weights_only=True.
+    obj = _load_plain(value, f"stored object {read_item.dest_index.fqn}")
     if self.flatten_state_dict:
         from torch.distributed.checkpoint._traverse import set_element
 
@@ -91,18 +104,35 @@ def _safe_load_bytes(self, read_item, value: io.BytesIO) -> None:
         self.state_dict[read_item.dest_index.fqn] = obj
 
 
+def _safe_load_common(checkpoint_dir: str):
+    # megatron-core 0.19.2 strategies.common.load_common (a legacy common.pt) with weights_only=True.
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
+
+    path = f"{checkpoint_dir}/{COMMON_STATE_FNAME}"
+    return _load_plain(path, path, map_location="cpu")
+
+
 @contextmanager
 def safe_checkpoint_loading():
     """Read checkpoints with the allow-listed unpickler for `.metadata` and `weights_only=True` for
-    stored objects (module docstring); an UnsafeCheckpointError names what was refused. Nested use
-    is harmless: an inner context finds the safe readers in place and leaves them there."""
+    stored objects and a legacy common.pt, whatever the environment says (module docstring); an
+    UnsafeCheckpointError names what was refused. Nested use is harmless: an inner context finds the
+    safe readers in place and leaves them there."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    read_metadata, load_bytes = FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes
+    # megatron's loader is patched only where it is imported (load.load_checkpoint imports it before
+    # entering): importing megatron here would cost readers without it (export) seconds and a page of
+    # warnings on stderr.
+    megatron = sys.modules.get("megatron.core.dist_checkpointing.serialization")
+    saved = FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes
     FileSystemReader.read_metadata = _safe_read_metadata
     DefaultLoadPlanner.load_bytes = _safe_load_bytes
+    if megatron is not None:
+        load_common, megatron.load_common = megatron.load_common, _safe_load_common
     try:
         yield
     finally:
-        FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes = read_metadata, load_bytes
+        FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes = saved
+        if megatron is not None:
+            megatron.load_common = load_common

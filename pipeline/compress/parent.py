@@ -19,15 +19,16 @@ def parent_identity(step_dir: Path, meta: ckpt.CheckpointMeta) -> ParentIdentity
 
 
 def open_parent(parent_dir: str | Path):
-    """(step dir, meta, ModelConfig, CheckpointTensors) of a parent checkpoint, checked complete:
-    every tensor its model config implies is stored with that shape. CheckpointError otherwise."""
+    """(step dir, meta, ModelConfig, CheckpointTensors) of a parent checkpoint, verified
+    (`verify_checkpoint`) and checked complete: every tensor its model config implies is stored with
+    that shape. CheckpointError otherwise."""
     step_dir = ckpt.resolve_checkpoint(parent_dir)
-    meta = ckpt.read_meta(step_dir)
+    tensors = ckpt.CheckpointTensors(step_dir)
+    meta = tensors.meta
     try:
         model = ModelConfig(**meta.model)
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"parent {step_dir} has no usable model config in its meta.json ({e}); re-save it") from e
-    tensors = ckpt.CheckpointTensors(step_dir)
     for key, shape in params.checkpoint_shapes(model).items():
         found = tensors.shapes.get(key)
         if found != shape:

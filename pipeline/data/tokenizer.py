@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from functools import cached_property
 from typing import Iterable, Optional, Sequence
 
@@ -36,6 +37,9 @@ from pipeline.data.word_cache import WORD_LIMIT, WordCache
 from pipeline.errors import ConfigError
 
 HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
+MAX_FILE_BYTES = 1 << 30
+"""Largest tokenizer file read (1 GiB; published tokenizer.json files are under 40 MB, .model files
+under 10 MB): a hostile path (a huge file, /dev/zero) is refused instead of read until memory runs out."""
 
 
 class Tokenizer:
@@ -145,7 +149,10 @@ class SentencePieceTokenizer(Tokenizer):
 
         self.path = path
         self._proto_bytes = _read_bytes(path)
-        self._sp = sentencepiece.SentencePieceProcessor(model_proto=self._proto_bytes)
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=self._proto_bytes)
+        except RuntimeError as error:  # sentencepiece: "Internal: could not parse ModelProto ..."
+            raise ConfigError(f"tokenizer {path} is not a valid sentencepiece model: {error}") from None
         self.vocab_size = self._sp.get_piece_size()
         self.eod = _sp_id(self._sp.eos_id())
         if self.eod is None:
@@ -303,8 +310,18 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    """The bytes of tokenizer file `path`, a regular file of at most MAX_FILE_BYTES; ConfigError otherwise."""
+    try:
+        # Checked before opening: opening a FIFO would wait for a writer.
+        found = os.stat(path)
+        if not stat.S_ISREG(found.st_mode):
+            raise ConfigError(f"tokenizer file {path} is not a regular file; give a tokenizer.json or .model file")
+        if found.st_size > MAX_FILE_BYTES:
+            raise ConfigError(f"tokenizer file {path} is larger than {MAX_FILE_BYTES} bytes; it is not a tokenizer")
+        with open(path, "rb") as f:
+            return f.read(found.st_size)  # bounded even if the file grows meanwhile
+    except OSError as error:
+        raise ConfigError(f"tokenizer file {path} cannot be read: {error.strerror or error}") from None
 
 
 def _sp_id(value: int) -> Optional[int]:
@@ -318,8 +335,12 @@ def _hf_special_tokens(directory: str, vocab: dict) -> dict:
         file = os.path.join(directory, name)
         if not os.path.exists(file):
             continue
-        with open(file, encoding="utf-8") as f:
-            config = json.load(f)
+        try:
+            config = json.loads(_read_bytes(file))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"tokenizer {file} is not a valid JSON file: {error}") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"tokenizer {file} is not a valid JSON object")
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
             value = config.get(key)
             if isinstance(value, dict):

@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 
 from pipeline.errors import CheckpointError, ConversionError
-from pipeline.fs import replace_dir, temporary_sibling
+from pipeline.fs import overlaps, replace_dir, temporary_sibling
 from pipeline.checkpoint import CheckpointTensors
 from pipeline.hf.config import hf_config
 from pipeline.hf.mapping import Conversion, conversions, hf_shapes
@@ -74,12 +74,21 @@ def check_shapes(model: ModelConfig, found: dict[str, tuple[int, ...]], where: P
             )
 
 
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """OUT_DIR must be absent, empty, or replaced with --overwrite."""
+def check_out_dir(out_dir: Path, overwrite: bool, source: Path) -> Path:
+    """Where OUT_DIR really is (links resolved, so that the replace swaps the directory the link points
+    to, not the link). It must be absent, empty, or replaced with --overwrite, and must neither equal,
+    contain nor sit inside `source` (replacing it would delete the input)."""
+    if overlaps(out_dir, source):
+        raise ConversionError(
+            f"output {out_dir} overlaps the input {source} (the same directory, inside it or containing it); "
+            f"choose an output outside {Path(source).resolve()}"
+        )
+    out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise ConversionError(f"output {out_dir} exists and is not a directory; choose another path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ConversionError(f"output directory {out_dir} is not empty; pass --overwrite to replace it")
+    return out_dir
 
 
 def load_export_tokenizer(path: str | None, ckpt_dir: Path):
@@ -242,15 +251,14 @@ def export_checkpoint(
 
     Every check runs before anything is written; a failure leaves `out_dir` untouched.
     """
-    from pipeline.checkpoint import read_meta, resolve_checkpoint
+    from pipeline.checkpoint import resolve_checkpoint
 
     start = time.perf_counter()
-    out_dir = Path(out_dir)
     ckpt_dir = resolve_checkpoint(checkpoint)
-    meta = read_meta(ckpt_dir)
-    check_out_dir(out_dir, overwrite)
-    model = model_config_from_meta(meta.model)
     reader = CheckpointTensors(ckpt_dir)
+    meta = reader.meta
+    out_dir = check_out_dir(Path(out_dir), overwrite, Path(checkpoint))
+    model = model_config_from_meta(meta.model)
     check_shapes(model, reader.shapes, ckpt_dir)
     if dtype is None:
         dtype = "bf16" if reader.dtypes[EMBEDDING] == torch.bfloat16 else "fp32"

@@ -227,7 +227,7 @@ def import_hf(
     model = model_config_from_hf(hf_config, name or default_name(hf_dir))
     tensors = CanonicalHFTensors(hf_dir)
     check_hf_tensors(model, tensors, hf_dir)
-    check_out_dir(out_dir, overwrite)
+    out_dir = check_out_dir(out_dir, overwrite, hf_dir)
     run = import_run_config(model, hf_config, list(overrides), out_dir)
     notes = []
     clamp = time_step_clamp(hf_config)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from pipeline.errors import RunDirLockedError
+from pipeline.fs import storage_error
 
 LOCK_FILE = ".lock"
 
@@ -70,13 +71,15 @@ def run_dir_owner(run_dir: str | Path, rank: int):
         try:
             fd = _take(Path(run_dir))
         except RunDirLockedError as e:
-            refusal = str(e)
+            refusal = e
+        except OSError as e:  # every rank learns it (they would wait in the broadcast for ever)
+            refusal = storage_error(e, "the run lock", Path(run_dir) / LOCK_FILE)
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [refusal]
         dist.broadcast_object_list(box, src=0)
         refusal = box[0]
     if refusal is not None:
-        raise RunDirLockedError(refusal)
+        raise refusal
     _owned.add(key)
     try:
         yield

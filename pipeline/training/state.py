@@ -231,9 +231,8 @@ def _schedule_changes(saved: dict, scheduler) -> list[str]:
 
 def _init_from(run: RunConfig, chunks, log) -> None:
     source = ckpt.resolve_checkpoint(run.checkpoint.init_from)
-    meta = ckpt.verify_checkpoint(source)
-    ckpt.check_compatible(meta, asdict(run.model), source)
-    ckpt.load_model(source, chunks)
+    ckpt.check_compatible(ckpt.read_meta(source), asdict(run.model), source)
+    ckpt.load_model(source, chunks)  # verifies the checkpoint first (rank 0 for all)
     log.info(f"initialised weights from {source}")
 
 

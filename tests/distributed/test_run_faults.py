@@ -141,3 +141,17 @@ def test_crafted_metadata_is_refused_and_does_not_run(owned, tmp_path):
     line = one_error_line(proc)
     assert str(step / ".metadata") in line and "posix.system" in line and "allow-list" in line, line
     assert not marker.exists(), "the pickled command ran"
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.yaml"])
+def test_a_full_disk_outside_the_checkpoint_is_one_line(tmp_path, name):
+    # /dev/full refuses every write with ENOSPC: metrics (the trainer's own writer) and config.yaml (the
+    # run dir, written by the loop) end the run with one line, exit 2, like a full disk under a save.
+    # (A failed write() names no file: only the metrics writer, which knows its file, names it.)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / name).symlink_to("/dev/full")
+    proc = Trainer(run_dir, tmp_path / "log", "train.iters=2", "logging.interval=1").wait()
+    line = one_error_line(proc)
+    assert "disk full" in line and (name in line or name == "config.yaml"), line
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

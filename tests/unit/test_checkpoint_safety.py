@@ -86,3 +86,27 @@ def test_rng_state_round_trips_as_plain_tensors():
     buffer.seek(0)
     set_rng_state(torch.load(buffer, weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+@pytest.mark.parametrize("force_unsafe", ["0", "1"])
+def test_a_legacy_common_pt_is_read_through_the_allow_list(tmp_path, monkeypatch, force_unsafe):
+    # megatron's loader reads a legacy common.pt with a bare torch.load, which
+    # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns into a full unpickle.
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", force_unsafe)
+    marker = tmp_path / "pwned"
+    meta = CheckpointMeta(step=1, model={}, parallel={"tp": 1, "pp": 1, "dp": 1, "world_size": 1})
+    with distributed(ParallelConfig(), None, "cpu"):
+        step = save_checkpoint(tmp_path, 1, {"w": ShardedTensor.from_rank_offsets("w", torch.ones(4))}, meta, "")
+        torch.save({"args": RunsCommand(marker)}, step / "common.pt")
+        with pytest.raises(UnsafeCheckpointError, match="common.pt.*posix.system.*allow") as info:
+            load_checkpoint(step, {"w": ShardedTensor.from_rank_offsets("w", torch.zeros(4))})
+    assert not marker.exists(), "the pickled command ran"
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("force_unsafe", ["0", "1"])
+def test_a_stored_object_is_refused_whatever_the_environment(tmp_path, monkeypatch, force_unsafe):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", force_unsafe)
+    test_a_stored_object_that_would_run_code_is_refused(tmp_path)

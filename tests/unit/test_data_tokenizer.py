@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import sentencepiece
@@ -203,3 +204,43 @@ def test_info_command_on_a_missing_path_exits_2(tmp_path, capsys):
         main(["tokenizer", "info", str(tmp_path / "nope")])
     assert info.value.code == 2
     assert capsys.readouterr().err.startswith("error: tokenizer ")
+
+
+def _refused(capsys, path: str) -> str:
+    from pipeline.data.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["tokenizer", "info", path])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("error: tokenizer ") and "\n" not in err, (info.value.code, err)
+    return err
+
+
+@pytest.mark.parametrize("name", ["tokenizer.model", "tokenizer.json"])
+def test_a_corrupt_tokenizer_file_exits_2(tmp_path, capsys, trained, name):
+    corrupt = tmp_path / name
+    with open(os.path.join(trained, name), "rb") as f:
+        corrupt.write_bytes(f.read()[:-100] + b"\xff" * 7)
+    assert "not a valid" in _refused(capsys, str(corrupt))
+
+
+@pytest.mark.parametrize("name", ["tokenizer.model", "tokenizer.json"])
+def test_a_tokenizer_that_is_not_a_regular_file_is_not_read(tmp_path, capsys, name):
+    # A link to /dev/zero would otherwise be read until memory runs out.
+    (tmp_path / name).symlink_to("/dev/zero")
+    assert "not a regular file" in _refused(capsys, str(tmp_path / name))
+
+
+@pytest.mark.parametrize("name", ["tokenizer.model", "tokenizer.json", "tokenizer_config.json"])
+def test_a_tokenizer_file_over_the_size_bound_is_not_read(tmp_path, capsys, trained, monkeypatch, name):
+    from pipeline.data import tokenizer
+
+    directory = shutil.copytree(trained, tmp_path / "tok")
+    if name == "tokenizer.model":
+        os.remove(directory / "tokenizer.json")  # the directory then holds a sentencepiece tokenizer
+    bound = os.path.getsize(directory / "tokenizer.json") if name == "tokenizer_config.json" else 0
+    if name == "tokenizer_config.json":  # valid JSON, longer than the tokenizer.json
+        (directory / name).write_text((directory / name).read_text() + " " * bound)
+    monkeypatch.setattr(tokenizer, "MAX_FILE_BYTES", bound or os.path.getsize(directory / name) - 1)
+    err = _refused(capsys, str(directory))
+    assert "larger than" in err and name in err, err

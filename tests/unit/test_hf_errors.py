@@ -190,3 +190,43 @@ def test_entry_points_run_from_any_directory(sources, tmp_path, entry):
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") and "\n" not in bad.stderr.strip(), (
         bad.stderr
     )
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["itself", "inside", "parent"])
+@pytest.mark.parametrize("command, source", [("export", "run"), ("import", "hf")])
+def test_an_output_overlapping_the_source_is_refused(capsys, sources, tmp_path, command, source, where):
+    # `export RUN RUN --overwrite` once deleted the whole training run: refused before anything is written.
+    src = copy_of(sources / source, tmp_path / "box" / source)
+    out = {"itself": src, "inside": src / "out", "parent": tmp_path / "box"}[where]
+    before = _tree(tmp_path)
+    err = refused(capsys, [command, str(src), str(out), "--overwrite"])
+    assert "overlaps" in err, err
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("command, source", [("export", "run"), ("import", "hf")])
+def test_an_output_linked_to_the_source_is_refused(capsys, sources, tmp_path, command, source):
+    src = copy_of(sources / source, tmp_path / source)
+    (tmp_path / "link").symlink_to(src)
+    err = refused(capsys, [command, str(src), str(tmp_path / "link"), "--overwrite"])
+    assert "overlaps" in err and str(src) in err, err
+    assert (tmp_path / "link").is_symlink() and _tree(src) == _tree(sources / source)
+
+
+@pytest.mark.parametrize("filled", [False, True])
+def test_export_writes_through_a_symlinked_output_dir(capsys, sources, tmp_path, filled):
+    # A link to an empty directory exited 1; with --overwrite the link was left renamed aside.
+    target = tmp_path / "storage" / "out"
+    target.mkdir(parents=True)
+    if filled:
+        (target / "old.txt").write_text("old")
+    (tmp_path / "out").symlink_to(target)
+    main(["export", str(sources / "run"), str(tmp_path / "out"), *(["--overwrite"] if filled else [])])
+    assert (tmp_path / "out").is_symlink() and (target / "config.json").is_file()
+    assert not (target / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "storage"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out"]
