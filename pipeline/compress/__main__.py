@@ -53,6 +53,25 @@ def _run_step(name: str, run, progress, rank: int) -> None:
     progress.mark(name, COMPLETE)
 
 
+def _check_inputs(first: str, run, parent) -> None:
+    """What the first step asked for reads from earlier steps or the command line, checked before the
+    run_dir is touched (a step run alone; `all` makes them as it goes)."""
+    from pipeline.compress.layout import CompressLayout
+    from pipeline.compress.scores import load_scores
+
+    files = CompressLayout.of(run)
+    if first in ("search", "rank"):
+        load_scores(files.scores, parent.identity)
+    if first == "rank":
+        from pipeline.compress.search import load_candidates
+
+        load_candidates(files.candidates)
+    if first == "distill":
+        from pipeline.compress.distill import check_pair, resolve_student
+
+        check_pair(run, parent.step_dir, resolve_student(run))
+
+
 def _compress(step: str, overrides: list[str], stop) -> None:
     from pipeline.compress.parent import check_run_dir, parent_run
     from pipeline.compress.progress import Progress
@@ -75,6 +94,7 @@ def _compress(step: str, overrides: list[str], stop) -> None:
 
         # An impossible budget or width list fails now, not after the importance step's forwards.
         check_search_request(parent.run.model, run.compress, run.parallel, run.precision)
+    _check_inputs(steps[0], run, parent)
     with (distributed(run.parallel, virtual_stages(parent.run.model, run.parallel), run.device) as world,
           run_dir_owner(run.run_dir, world.rank)):
         progress = Progress.of(run, parent.identity)
