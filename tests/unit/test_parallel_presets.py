@@ -80,3 +80,15 @@ def test_overlap_option_refused_where_layout_cannot_use_it(overrides, fix):
     with pytest.raises(ConfigError, match="parallel") as error:
         load_run_config(overrides)
     assert fix in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_tp_comm_overlap_refused_on_cpu():
+    import torch
+
+    from pipeline.distributed import ParallelConfig
+    from pipeline.training.prepare import check_parallel_supported
+
+    parallel = ParallelConfig(tp=2, sequence_parallel=True, tp_comm_overlap=True)
+    with pytest.raises(ConfigError, match="set parallel.tp_comm_overlap=false"):
+        check_parallel_supported(parallel, torch.device("cpu"))
+    check_parallel_supported(ParallelConfig(tp=2, sequence_parallel=True), torch.device("cpu"))
