@@ -24,8 +24,7 @@ small messages, congestion, and the slower achieved bandwidth of real collective
 of the link); the GEMM rate is taken as independent of the TP shard size.
 """
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.distributed import ParallelConfig
