@@ -114,7 +114,7 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
     )
     rows = [
         (f"weights ({prec.params_dtype})", mem.weights, ""),
-        ("grads (fp32)", mem.grads, ""),
+        (f"grads ({par.grad_reduce_dtype})", mem.grads, ""),
         ("optimizer (Adam)", mem.optimizer, optimizer_note),
         (
             "activations",

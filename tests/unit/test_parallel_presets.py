@@ -2,6 +2,7 @@
 their GPU count and, by describe's memory estimate, fit an 80 GB H100; the overlap options are refused
 in one line where the layout cannot use them."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,11 @@ def test_tp_comm_overlap_refused_on_cpu():
     with pytest.raises(ConfigError, match="set parallel.tp_comm_overlap=false"):
         check_parallel_supported(parallel, torch.device("cpu"))
     check_parallel_supported(ParallelConfig(tp=2, sequence_parallel=True), torch.device("cpu"))
+
+
+def test_bf16_gradient_buffers_halve_the_gradient_memory():
+    run = load("nemotron_h_56b_256gpu")
+    fp32 = sizes.memory_estimate(run.model, run.parallel, run.train, run.precision, 32)
+    bf16 = dataclasses.replace(run.parallel, grad_reduce_dtype="bf16")
+    half = sizes.memory_estimate(run.model, bf16, run.train, run.precision, 32)
+    assert half.grads * 2 == fp32.grads == fp32.params * 4
