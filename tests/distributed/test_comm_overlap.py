@@ -1,7 +1,7 @@
 """Communication overlap changes when gradients and parameters move, not what they are: with
-overlapped gradient reduce and parameter all-gather (several buckets) the losses over 4 steps equal
-the runs without (within 1e-6; fp32, packed documents, CPU, gloo), at DP2 and TP2 x DP2, and a run
-saved with overlap on resumes with it off on the same curve."""
+overlapped gradient reduce (alone, and with the parameter all-gather; several buckets) the losses over 4
+steps equal the runs without (within 1e-6; fp32, packed documents, CPU, gloo), at DP2, TP2 x DP2 and
+PP2 (2 virtual stages) x DP2, and a run saved with overlap on resumes with it off on the same curve."""
 
 import pytest
 
@@ -10,8 +10,11 @@ from tests.distributed.training import losses, max_rel_diff, train
 STEPS = ["train.iters=4", "train.packed_documents=true"]
 # ~100k parameters per bucket splits the tiny model (1.8M) into about a dozen buckets, so buckets
 # are reduced and gathered one after another (megatron's default, 40M, would make one).
-OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true", "parallel.bucket_size=100000"]
-LAYOUTS = {"dp2": (2, []), "tp2_dp2": (4, ["parallel.tp=2"])}
+GRAD_ONLY = ["parallel.overlap_grad_reduce=true", "parallel.bucket_size=100000"]
+OVERLAP = [*GRAD_ONLY, "parallel.overlap_param_gather=true"]
+# pp2_vp2_dp2: the interleaved schedule, which takes one no_sync/grad_sync hook per model chunk.
+LAYOUTS = {"dp2": (2, []), "tp2_dp2": (4, ["parallel.tp=2"]),
+           "pp2_vp2_dp2": (4, ["parallel.pp=2", "model.pattern=M-|M*|-M|-*"])}
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,12 @@ def test_overlap_matches_no_overlap(layout, reference, tmp_path):
     assert len(got) == 4
     diff = max_rel_diff(got, reference(layout))
     assert diff <= 1e-6, f"{layout}: losses {got} with overlap vs {reference(layout)} without ({diff:.2e})"
+
+
+def test_gradient_overlap_alone_matches_no_overlap(reference, tmp_path):
+    train(tmp_path, 2, *STEPS, *GRAD_ONLY)
+    diff = max_rel_diff(losses(tmp_path), reference("dp2"))
+    assert diff <= 1e-6, f"losses {losses(tmp_path)} with overlapped gradient reduce vs {reference('dp2')} ({diff:.2e})"
 
 
 def test_saved_with_overlap_resumes_without(reference, tmp_path):
