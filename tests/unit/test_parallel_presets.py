@@ -15,11 +15,12 @@ from pipeline.model import sizes
 
 REPO = Path(__file__).resolve().parents[2]
 H100_BYTES = 80e9
-# preset -> (model, GPUs of the published run)
+# preset -> (model, precision, GPUs of the published run)
 PUBLISHED = {
-    "nemotron_h_56b_256gpu": ("nemotron_h_56b", 256),
-    "nemotron_h_56b_64gpu": ("nemotron_h_56b", 64),
-    "nemotron_h_8b_8gpu": ("nemotron_h_8b", 8),
+    "nemotron_h_56b_256gpu": ("nemotron_h_56b", "fp8_tensorwise", 256),
+    "nemotron_h_56b_64gpu": ("nemotron_h_56b", "fp8_tensorwise", 64),
+    "nemotron_h_8b_8gpu": ("nemotron_h_8b", "fp8_tensorwise", 8),
+    "nemotron_nano2_12b_4gpu": ("nemotron_nano2_12b", "fp8_tensorwise", 4),
 }
 # describe's estimate keeps every activation of a micro-batch (no recomputation) and overstates the
 # 8B's: 101 GiB at TP1, micro-batch 1 x 8192, where the published run fits 80 GB (issue 27).
@@ -34,8 +35,8 @@ def fresh_hydra():
 
 
 def load(preset: str, *extra: str):
-    model, _ = PUBLISHED[preset]
-    return load_run_config([f"parallel={preset}", f"model={model}", "precision=fp8_tensorwise", *extra])
+    model, precision, _ = PUBLISHED[preset]
+    return load_run_config([f"parallel={preset}", f"model={model}", f"precision={precision}", *extra])
 
 
 def test_every_layout_preset_is_listed():
@@ -46,7 +47,7 @@ def test_every_layout_preset_is_listed():
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
 def test_layout_divides_and_fits(preset):
     run = load(preset)
-    gpus = PUBLISHED[preset][1]
+    gpus = PUBLISHED[preset][2]
     model_parallel = run.parallel.tp * run.parallel.pp
     assert gpus % model_parallel == 0
     dp = gpus // model_parallel
@@ -62,7 +63,7 @@ def test_layout_divides_and_fits(preset):
 
 def test_56b_global_batch_is_three_per_gpu():
     for preset in ("nemotron_h_56b_256gpu", "nemotron_h_56b_64gpu"):
-        assert load(preset).train.global_batch_size == 3 * PUBLISHED[preset][1]
+        assert load(preset).train.global_batch_size == 3 * PUBLISHED[preset][2]
 
 
 @pytest.mark.parametrize("overrides, fix", [

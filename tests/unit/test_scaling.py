@@ -30,13 +30,13 @@ def anchor_run():
 
 
 def test_anchor_lies_between_ideal_overlap_and_none_and_matches_with_tp_exposed():
-    """Every overlap credited in full is a bound the real step cannot beat, no overlap at all one it
+    """The preset's overlap credited in full is a bound the real step cannot beat, no overlap at all one it
     should not exceed; the check of the model is the prediction with the TP collectives exposed."""
     run = anchor_run()
     ideal = scaling.predict_step(run.model, run.parallel, run.train, run.precision, 256)
     tp_exposed = scaling.predict_step(run.model, dataclasses.replace(run.parallel, tp_comm_overlap=False),
                                       run.train, run.precision, 256)
-    for label, p in (("all overlap credited", ideal), ("TP collectives exposed", tp_exposed)):
+    for label, p in (("the preset's overlap credited", ideal), ("TP collectives exposed", tp_exposed)):
         error = p.step_s / ANCHOR_STEP_S - 1
         print(f"{label}: {p.step_s:.3f} s ({error:+.1%}), {p.tokens_per_s_per_gpu():,.0f} tokens/s/GPU "
               f"vs published {ANCHOR_STEP_S} s, {ANCHOR_TOKENS_PER_GPU:,.0f}")
