@@ -76,6 +76,12 @@ def validate_run(run: RunConfig) -> None:
             f"{m.mamba_in_proj_width} to be a multiple of 16; change model.mamba_num_heads or "
             f"model.mamba_state_dim, or use precision=bf16"
         )
+    if p.fp8_param_gather and not run.precision.fp8:
+        raise ConfigError(f"parallel.fp8_param_gather=true needs an FP8 precision (precision={run.precision.name}); "
+                          f"use precision=fp8_tensorwise or set parallel.fp8_param_gather=false")
+    if p.grad_reduce_dtype == "bf16" and run.precision.params_dtype != "bf16":
+        raise ConfigError(f"parallel.grad_reduce_dtype=bf16 needs precision.params_dtype=bf16 (gradients are "
+                          f"{run.precision.params_dtype} here); set parallel.grad_reduce_dtype=fp32")
     if run.train.seq_length > m.seq_length:
         raise ConfigError(
             f"train.seq_length={run.train.seq_length} exceeds model.seq_length={m.seq_length}; "

@@ -8,6 +8,10 @@ nothing to disk:
 
 The data-parallel size is WORLD_SIZE / (tp * pp); without WORLD_SIZE the world is tp * pp GPUs
 (dp = 1). A bad override exits with status 2 and one line `error: <message>` (docs/cli.md).
+
+`--gpus N` sets the world size and adds the scaling model's predicted step time and tokens/s per GPU
+(`pipeline/model/scaling.py`); `--gpu h100|h200` picks the calibration (default h100):
+    python -m pipeline.describe parallel=nemotron_h_56b_256gpu model=nemotron_h_56b precision=fp8_tensorwise --gpus 256
 """
 
 import math
@@ -25,7 +29,7 @@ if __package__ in (None, ""):
 from pipeline.cli import CONF_PATH, exit_on_user_error, launch, run_config_of  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
-from pipeline.model import sizes  # noqa: E402
+from pipeline.model import scaling, sizes  # noqa: E402
 from pipeline.model.sizes import format_count, format_flops  # noqa: E402
 from pipeline.model.pattern import split_stages  # noqa: E402
 
@@ -138,7 +142,7 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
     )
     rows = [
         (f"weights ({prec.params_dtype})", mem.weights, ""),
-        ("grads (fp32)", mem.grads, ""),
+        (f"grads ({par.grad_reduce_dtype})", mem.grads, ""),
         ("optimizer (Adam)", mem.optimizer, optimizer_note),
         (
             "activations",
@@ -153,14 +157,46 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
     return "\n".join(lines)
 
 
+SCALING_ARGS = {"--gpus": None, "--gpu": "h100"}
+"""describe's own options (taken off the command line before Hydra reads it) and their defaults."""
+
+
+def pop_scaling_args(argv: list[str]) -> dict[str, str | None]:
+    """Remove `--gpus N` and `--gpu NAME` from `argv`; their values (defaults where absent)."""
+    values = dict(SCALING_ARGS)
+    for name in SCALING_ARGS:
+        if name in argv:
+            i = argv.index(name)
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{name} needs a value, e.g. {name} {'256' if name == '--gpus' else 'h100'}")
+            values[name] = argv.pop(i + 1)
+            argv.pop(i)
+    gpus = values["--gpus"]
+    if gpus is not None and (not gpus.isdigit() or int(gpus) < 1):
+        raise ConfigError(f"--gpus {gpus}: give a positive number of GPUs")
+    return values
+
+
 @hydra.main(config_path=CONF_PATH, config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    """Print the report of the composed run config."""
+    """Print the report of the composed run config (and the scaling prediction with --gpus)."""
     run = run_config_of(cfg)
     with exit_on_user_error():
         world_size, source = world_size_from_env(run, dict(os.environ))
+        prediction = None
+        if _SCALING["--gpus"]:
+            prediction = scaling.predict_step(run.model, run.parallel, run.train, run.precision, world_size,
+                                              _SCALING["--gpu"])
     print(format_report(run, world_size, source))
+    if prediction:
+        print("\n".join(scaling.format_prediction(prediction)))
 
+
+_SCALING = dict(SCALING_ARGS)
 
 if __name__ == "__main__":
+    with exit_on_user_error():
+        _SCALING = pop_scaling_args(sys.argv)
+    if _SCALING["--gpus"]:
+        os.environ["WORLD_SIZE"] = _SCALING["--gpus"]
     launch(main)

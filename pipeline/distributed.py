@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from pipeline.errors import ConfigError
 
@@ -41,11 +41,45 @@ class ParallelConfig:
     """Shard activations along the sequence in TP regions (GPU only, needs tp > 1)."""
     distributed_optimizer: bool = True
     """Shard optimizer states over data-parallel ranks (megatron-core's distributed optimizer)."""
+    # Communication overlap (docs/performance.md, Scaling). Off by default: the presets of the
+    # published layouts (conf/parallel/) turn on what NVIDIA's Nemotron-H recipes use.
+    overlap_grad_reduce: bool = False
+    """Reduce gradients bucket by bucket while the backward runs (a reduce-scatter with the
+    distributed optimizer), instead of all at once after it."""
+    overlap_param_gather: bool = False
+    """All-gather the updated parameters bucket by bucket during the next forward instead of right
+    after the optimizer step (needs distributed_optimizer and overlap_grad_reduce)."""
+    grad_reduce_dtype: str = "fp32"
+    """Dtype gradients are accumulated and reduced in: fp32, or bf16 (the parameters' dtype)."""
+    bucket_size: Optional[int] = None
+    """Parameters per gradient bucket with overlap_grad_reduce; null: megatron-core's
+    max(40M, 1M x data-parallel size)."""
+    fp8_param_gather: bool = False
+    """FP8 runs: keep the weights in FP8 and all-gather them in FP8 (needs distributed_optimizer)."""
+    tp_comm_overlap: bool = False
+    """GPU, tp > 1 with sequence_parallel: overlap the tensor-parallel all-gather/reduce-scatter of
+    activations with the GEMMs (Transformer Engine userbuffers)."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "ep", "etp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if self.grad_reduce_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"parallel.grad_reduce_dtype={self.grad_reduce_dtype!r}; use fp32 or bf16")
+        if self.bucket_size is not None and self.bucket_size < 1:
+            raise ConfigError(f"parallel.bucket_size={self.bucket_size} must be >= 1 (or null for the default)")
+        if self.tp_comm_overlap and self.tp == 1:
+            raise ConfigError("parallel.tp_comm_overlap=true needs parallel.tp > 1; set it to false")
+        needs = {
+            "overlap_param_gather": ("distributed_optimizer", "overlap_grad_reduce"),
+            "fp8_param_gather": ("distributed_optimizer",),
+            "tp_comm_overlap": ("sequence_parallel",),
+        }
+        for option, required in needs.items():
+            missing = [name for name in required if getattr(self, option) and not getattr(self, name)]
+            if missing:
+                raise ConfigError(f"parallel.{option}=true needs parallel.{missing[0]}=true; set it, "
+                                  f"or parallel.{option}=false")
 
 
 @dataclass(frozen=True)

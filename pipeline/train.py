@@ -43,7 +43,7 @@ def check_machine(run) -> None:
     from pipeline.distributed import resolve_device
     from pipeline.training.prepare import check_machine
 
-    check_machine(run.precision, run.train, resolve_device(run.device))
+    check_machine(run.precision, run.train, run.parallel, resolve_device(run.device))
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def _compress(step: str, overrides: list[str], stop) -> None:
     # init in the same processes would hang under torchrun); steps nest inside it.
     parent = parent_run(run)
     check_run_dir(run, parent.step_dir)
-    check_machine(parent.run.precision, parent.run.train, resolve_device(run.device))
+    check_machine(parent.run.precision, parent.run.train, parent.run.parallel, resolve_device(run.device))
     steps = run.compress.steps if step == "all" else [step]
     if "search" in steps:
         from pipeline.compress.search import check_search_request

@@ -127,6 +127,8 @@ def transformer_config(
             first_last_layers_bf16=precision.first_last_layers_bf16,
             num_layers_at_start_in_bf16=precision.num_layers_at_start_in_bf16,
             num_layers_at_end_in_bf16=precision.num_layers_at_end_in_bf16,
+            # FP8 weights (TE's fp8_model_init), which the DDP's fp8_param_gather all-gathers.
+            fp8_param=parallel.fp8_param_gather,
         )
     return TransformerConfig(
         num_layers=model.parsed_pattern().num_layers,
@@ -157,6 +159,7 @@ def transformer_config(
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=vp,
         sequence_parallel=parallel.sequence_parallel,
+        tp_comm_overlap=parallel.tp_comm_overlap,
         pipeline_dtype=dtype,
         # The fused kernels behind these flags are CUDA-only.
         bias_dropout_fusion=on_gpu,

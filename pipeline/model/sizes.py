@@ -23,9 +23,9 @@ from pipeline.training.config import TrainConfig
 # Adam keeps two fp32 moments per parameter, plus an fp32 master copy when the model is not fp32.
 ADAM_MOMENT_BYTES = 8
 MASTER_WEIGHT_BYTES = 4
-# Megatron DDP accumulates and reduces gradients in fp32 buffers (grad_reduce_in_fp32, what the
-# Megatron recipes use for BF16/FP8 training); the distributed optimizer does not shard them.
-MAIN_GRAD_BYTES = 4
+# Megatron DDP accumulates and reduces gradients in buffers of parallel.grad_reduce_dtype (fp32 by
+# default, what the Megatron recipes use for BF16/FP8 training); the distributed optimizer does not
+# shard them.
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 
 
@@ -270,7 +270,7 @@ def stage_memory_estimates(
                 pp_rank=rank,
                 params=params,
                 weights=params * dtype_bytes,
-                grads=params * MAIN_GRAD_BYTES,
+                grads=params * DTYPE_BYTES[parallel.grad_reduce_dtype],
                 optimizer=(dense * (master + ADAM_MOMENT_BYTES) // optimizer_shards
                            + experts * (master + ADAM_MOMENT_BYTES) // expert_shards),
                 activations=round(activations),
@@ -292,7 +292,7 @@ def memory_estimate(
     FP8 weight copies and transient workspaces are not included.
 
     - weights: parameters in `precision.params_dtype`;
-    - grads: fp32 main-grad buffers (Megatron DDP with grad_reduce_in_fp32), not sharded;
+    - grads: main-grad buffers in `parallel.grad_reduce_dtype` (fp32 by default), not sharded;
     - optimizer: Adam, fp32 master copy (unless params are fp32) + 2 fp32 moments = 12 bytes per
       parameter, divided by `dp` with the distributed optimizer (routed experts: by the expert
       data-parallel size tp * dp / (etp * ep));

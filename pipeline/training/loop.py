@@ -28,7 +28,7 @@ from pipeline.throughput import StartupTiming, step_throughput
 from pipeline.training.batches import step_batches
 from pipeline.training.kernel_cache import KernelCache
 from pipeline.training.optim import build_optimizer, build_scheduler
-from pipeline.training.prepare import build_training_chunks, check_machine
+from pipeline.training.prepare import build_training_chunks, check_machine, gather_params
 from pipeline.training.run_lock import run_dir_owner
 from pipeline.training.state import Saver, pick_checkpoint, resume, warn
 from pipeline.training.step import eval_step, train_step
@@ -74,7 +74,7 @@ def train(run: RunConfig, objective=None) -> TrainResult:
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
         _check_batch_layout(run, world)
         # Before the run directory is touched (build_model checks again, too late for that).
-        check_machine(run.precision, run.train, world.device)
+        check_machine(run.precision, run.train, run.parallel, world.device)
         with run_dir_owner(run.run_dir, world.rank):
             log = MetricsLogger(run.logging, run.run_dir, world.rank, Path(run.run_dir).name, asdict(run))
             try:
@@ -126,6 +126,7 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
             tokenizer.eod, run.train.packed_documents, world.device, documents_per_sequence))
 
     def validate() -> dict:
+        gather_params(chunks)
         results = [eval_step(chunks, batches(valid_data, i), world.device, objective) for i in range(eval_batches)]
         means = {key.replace(" ", "_"): float(np.mean([r[key] for r in results])) for key in results[0]}
         val = means.pop(next(iter(means)))

@@ -31,6 +31,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.config import RunConfig
 from pipeline.distributed import World
 from pipeline.errors import CheckpointError
+from pipeline.training.prepare import gather_params
 
 SCHEDULE_GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
 """Values megatron-core copies from the config into every optimizer param group (and saves with it)."""
@@ -126,6 +127,7 @@ class Saver:
         """Save the state at `state.step` (in the background: returns once it is staged)."""
         self._step = state.step
         started = time.perf_counter()
+        gather_params(chunks)
         full = sharded_state(chunks, optimizer, scheduler, state, self._world, with_rng=True, loading=False)
         meta = checkpoint_meta(self._run, state, self._world)
         run_config = OmegaConf.to_yaml(OmegaConf.structured(self._run))

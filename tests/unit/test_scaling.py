@@ -1,0 +1,109 @@
+"""The scaling model (`pipeline/model/scaling.py`) against the published anchor, and its parts by hand."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+
+from pipeline.config import load_run_config
+from pipeline.errors import ConfigError
+from pipeline.model import calibration, scaling, sizes
+
+REPO = Path(__file__).resolve().parents[2]
+# NVIDIA/dgxc-benchmarking nemotron-h/README.md: Nemotron-H 56B, FP8, 256 H100s, TP8 PP1, global batch 768.
+ANCHOR_STEP_S = 15.714
+ANCHOR_TOKENS_PER_GPU = 400_373 / 256
+
+
+@pytest.fixture(autouse=True)
+def fresh_hydra():
+    GlobalHydra.instance().clear()
+    yield
+    GlobalHydra.instance().clear()
+
+
+def anchor_run():
+    return load_run_config(["parallel=nemotron_h_56b_256gpu", "model=nemotron_h_56b", "precision=fp8_tensorwise"])
+
+
+def test_anchor_lies_between_ideal_overlap_and_none_and_matches_with_tp_exposed():
+    """The preset's overlap credited in full is a bound the real step cannot beat, no overlap at all one it
+    should not exceed; the check of the model is the prediction with the TP collectives exposed."""
+    run = anchor_run()
+    ideal = scaling.predict_step(run.model, run.parallel, run.train, run.precision, 256)
+    tp_exposed = scaling.predict_step(run.model, dataclasses.replace(run.parallel, tp_comm_overlap=False),
+                                      run.train, run.precision, 256)
+    for label, p in (("the preset's overlap credited", ideal), ("TP collectives exposed", tp_exposed)):
+        error = p.step_s / ANCHOR_STEP_S - 1
+        print(f"{label}: {p.step_s:.3f} s ({error:+.1%}), {p.tokens_per_s_per_gpu():,.0f} tokens/s/GPU "
+              f"vs published {ANCHOR_STEP_S} s, {ANCHOR_TOKENS_PER_GPU:,.0f}")
+    print(f"no overlap: {ideal.step_s_without_overlap:.3f} s")
+    assert ideal.step_s < ANCHOR_STEP_S < ideal.step_s_without_overlap
+    assert abs(tp_exposed.step_s / ANCHOR_STEP_S - 1) <= 0.15
+
+
+def test_collective_bytes_by_hand():
+    """TP: 5 collectives of [8192, 8192] BF16 per layer and micro-batch, 7/8 of each sent; DP: the
+    fp32 gradients and FP8 parameters of one GPU's shard, 31/32 sent."""
+    run = anchor_run()
+    p = scaling.predict_step(run.model, run.parallel, run.train, run.precision, 256)
+    terms = {t.name: t for t in p.terms}
+    tp_bytes = 8192 * 8192 * 2 * 7 / 8 * 5 * 118 * 24
+    assert terms["TP all-gather/reduce-scatter"].bytes == pytest.approx(tp_bytes)
+    assert terms["TP all-gather/reduce-scatter"].link == "NVLink"
+    shard = sizes.stage_param_counts(run.model, 8, 1)[0]
+    assert terms["DP gradient reduce"].bytes == pytest.approx(shard * 4 * 31 / 32)
+    assert terms["DP parameter all-gather"].bytes == pytest.approx(shard * 1 * 31 / 32)
+    assert terms["DP gradient reduce"].link == "InfiniBand"
+    assert terms["DP gradient reduce"].seconds == pytest.approx(shard * 4 * 31 / 32 / 50e9)
+
+
+def test_overlap_off_adds_every_collective():
+    run = anchor_run()
+    off = dataclasses.replace(run.parallel, overlap_grad_reduce=False, overlap_param_gather=False,
+                              tp_comm_overlap=False)
+    p = scaling.predict_step(run.model, off, run.train, run.precision, 256)
+    assert p.step_s == pytest.approx(p.step_s_without_overlap)
+    assert p.step_s == pytest.approx(sum(t.seconds for t in p.terms))
+
+
+def test_pipeline_bubble_and_send_recv():
+    run = load_run_config(["model=nemotron_h_56b", "parallel.tp=8", "parallel.pp=4", "train.seq_length=8192",
+                           "train.micro_batch_size=1", "train.global_batch_size=64"])
+    p = scaling.predict_step(run.model, run.parallel, run.train, run.precision, 64)
+    terms = {t.name: t for t in p.terms}
+    micro_batches = 64 // 2  # dp = 64 / 32 = 2
+    assert terms["pipeline bubble"].seconds == pytest.approx(terms["compute"].seconds * 3 / micro_batches)
+    assert terms["PP send/recv"].bytes == pytest.approx(2 * 8192 * 8192 * 2 * micro_batches)
+    assert terms["PP send/recv"].link == "InfiniBand"  # 4 stages x 8 GPUs apart span 4 nodes
+
+
+def test_calibration_rows_name_their_source():
+    for row in calibration.MEASUREMENTS:
+        assert row.source and row.step_s > 0
+    rates = scaling.calibrated_rates("h100")
+    assert rates["fp8"] > rates["bf16"]
+
+
+def test_unknown_gpu_is_refused():
+    run = anchor_run()
+    with pytest.raises(ConfigError, match="--gpu a100"):
+        scaling.predict_step(run.model, run.parallel, run.train, run.precision, 256, gpu="a100")
+
+
+def test_describe_prints_prediction(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.describe", "parallel=nemotron_h_56b_256gpu", "model=nemotron_h_56b",
+         "precision=fp8_tensorwise", "--gpus", "256", "--gpu", "h100"],
+        cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "on 256 GPUs" in result.stdout and "scaling    ESTIMATE on 256 x H100" in result.stdout
+    assert "tokens/s/GPU" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "pipeline.describe", "--gpus", "x"], cwd=tmp_path,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --gpus x: give a positive number of GPUs"
