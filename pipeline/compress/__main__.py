@@ -10,9 +10,11 @@
 Each step reads what the earlier ones wrote under <run_dir>/compress/ (scores, candidates, the rank
 table and its pick), so the steps can run one at a time; `all` runs compress.steps in order.
 `distill` is the pretraining loop: re-running it with the same run_dir resumes. A bad request exits
-with status 2 and one line `error: <message>` before any work.
+with status 2 and one line `error: <message>` before any work. Without a GPU the steps run in fp32
+unless precision= is given (like the dev run, launch/local.sh).
 """
 
+import os
 import sys
 
 from pipeline.cli import exit_on_user_error
@@ -33,6 +35,15 @@ def _step(name: str):
     return distill
 
 
+def cpu_needs_fp32(run, overrides: list[str]) -> bool:
+    """True on CPU when no precision= was given: bf16 matmuls are slow on most CPUs, so compression
+    defaults to fp32 there, as the dev run does (launch/local.sh)."""
+    from pipeline.distributed import resolve_device
+
+    given = any(o.lstrip("+~").startswith("precision=") for o in overrides)
+    return not given and resolve_device(run.device).type == "cpu"
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -45,9 +56,14 @@ def main(argv: list[str]) -> int:
         from pipeline.config import load_run_config
 
         run = load_run_config(overrides)
+        if cpu_needs_fp32(run, overrides):
+            if os.environ.get("RANK", "0") == "0":
+                print("no GPU: compressing in fp32 (override with precision=...)", file=sys.stderr)
+            run = load_run_config([*overrides, "precision=fp32"])
         from pipeline.compress.parent import parent_run
         from pipeline.distributed import distributed
         from pipeline.model.build import virtual_stages
+        from pipeline.throughput import start_clock
 
         # Every step needs the parent: check it first. One process group for all steps (a second
         # init in the same processes would hang under torchrun); steps nest inside it.
@@ -60,6 +76,7 @@ def main(argv: list[str]) -> int:
             check_search_request(parent, run.compress, run.parallel, run.precision)
         with distributed(run.parallel, virtual_stages(parent, run.parallel), run.device):
             for name in steps:
+                start_clock()  # each step's `timing` record counts its own start-up
                 _step(name)(run)
     return 0
 

@@ -5,7 +5,8 @@
 
 The student starts from the weights of `compress.student` (a checkpoint written by pruning; default:
 the candidate `rank` picked) and its model config comes from that checkpoint; the teacher is
-`compress.parent`, built in the same processes at the same TP/PP layout, loaded, frozen. Everything
+`compress.parent`, built in the same processes at the same TP/PP layout, loaded, frozen. The
+optimizer runs optim's schedule at compress.lr_scale of its rates (`distillation_optim`). Everything
 else is `pipeline.training.loop.train`: checkpoints in run_dir, exact resume, SIGTERM/SIGUSR1 saves,
 packed documents, FP8, JSONL/W&B records carrying the student's loss, the teacher's loss and the KL.
 
@@ -31,6 +32,7 @@ from pipeline.errors import ConfigError
 from pipeline.model.build import build_model, virtual_stages
 from pipeline.model.config import ModelConfig
 from pipeline.training.batches import ModelInputs
+from pipeline.training.config import OptimConfig
 from pipeline.training.step import run_schedule
 
 def resolve_parent(run: RunConfig) -> Path:
@@ -212,6 +214,12 @@ def build_teacher(teacher: Teacher, run: RunConfig, device: torch.device) -> lis
     return chunks
 
 
+def distillation_optim(run: RunConfig) -> OptimConfig:
+    """The optimizer settings of a distillation: optim with its rates scaled by compress.lr_scale."""
+    scale = run.compress.lr_scale
+    return dataclasses.replace(run.optim, lr=run.optim.lr * scale, min_lr=run.optim.min_lr * scale)
+
+
 def objective_factory(teacher: Teacher, compress_cfg):
     """`train(..., objective=...)`'s builder: the teacher in this process, then the objective."""
 
@@ -236,4 +244,5 @@ def distill(run: RunConfig, student: str | Path | None = None):
     teacher_dir = resolve_parent(run)
     student_dir = ckpt.resolve_checkpoint(student) if student else resolve_student(run)
     student_run, teacher = check_pair(run, teacher_dir, student_dir)
+    student_run = dataclasses.replace(student_run, optim=distillation_optim(run))
     return train(student_run, objective=objective_factory(teacher, run.compress))
