@@ -1,17 +1,24 @@
-"""Benchmark of the compression stage: importance + prune + distillation of a parent, per precision.
+"""Benchmark of the compression stage: importance + prune + distillation of a parent, per precision,
+and the distilled student against the baselines, on the same validation windows and seeds.
 
     python bench/compress.py                       # one GPU: bench_125m parent (trained here unless --parent), BF16 and FP8
-    python bench/compress.py --parent runs/125m --iters 100 --out /tmp/bench_compress
-    python bench/compress.py --tiny                # CPU smoke test: the tiny model, fp32, a few steps
+    python bench/compress.py --parent runs/125m --parent-iters 300 --iters 100 --out /tmp/bench_compress
+    python bench/compress.py --tiny --lr-scales 1,0.3,0.1,0.03,0.01   # CPU: the worked example of docs/compression.md
 
 For each precision preset: time to score the parent (`importance`), the best searched student at
---target-fraction of the parent's parameters pruned from it, its validation loss before and after
---iters distillation steps, and distillation tokens/s against plain training of the same student
-(the teacher's overhead). Then, at the first preset, the side by side with nvidia-modelopt's
-`mcore_minitron` (bench/compress_modelopt.py): the same parent pruned by modelopt to the
-architecture our search picked, its time to score, parameters and validation loss before
-distillation on the same batches as ours (a row saying why not where modelopt or a GPU is missing).
-Prints two tables; everything it ran stays under --out (modelopt's log: <out>/<precision>/modelopt.log).
+--target-fraction of the parent's parameters (--tiny: the worked example's budget) pruned from it,
+its validation loss before and after --iters distillation steps, and distillation tokens/s against
+plain training of the same student (the teacher's overhead). At the first preset, the quality side
+by side (bench/compress_quality.py) at every --seeds: pruned, distilled, pruned + LM-only (same steps
+and schedule, no teacher), scratch at the same steps and at the parent's + student's steps, each
+scored window by window on the same validation windows, differences to the distilled student with
+standard errors from the paired windows; with --lr-scales, distilled and LM-only at each
+compress.lr_scale. Then the side by side with nvidia-modelopt's `mcore_minitron`
+(bench/compress_modelopt.py): the same parent pruned by modelopt to the architecture our search
+picked, its time to score, parameters and validation loss before distillation on the same batches
+as ours (a row saying why not where modelopt or a GPU is missing). Everything it ran stays under
+--out (each training run in <out>/<precision>/runs/; a rerun with the same --out reuses finished
+runs, so adding seeds or scales trains only the new ones; modelopt's log: <out>/<precision>/modelopt.log).
 """
 
 import argparse

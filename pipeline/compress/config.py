@@ -11,7 +11,7 @@ from typing import Optional
 from pipeline.errors import ConfigError
 
 STEPS = ("importance", "search", "rank", "distill")
-LR_SCALE = 0.1
+LR_SCALE = 0.3
 """compress.lr_scale's default; measured in docs/compression.md ("Learning rate")."""
 
 

@@ -30,6 +30,7 @@ BAD_CONFIGS = {
     "wrong type": (["model.hidden_size=wide"], ["model.hidden_size", "wide"]),
     "unknown preset": (["model=nemotron_h_9b"], ["model/nemotron_h_9b", "nemotron_h_8b"]),
     "unknown fp8 recipe": (["precision=fp8_tensorwise", "precision.fp8_recipe=fast"], ["precision.fp8_recipe", "tensorwise"]),
+    "distillation learning rate scale": (["compress.lr_scale=0"], ["compress.lr_scale=0", "optim.lr"]),
 }
 
 
