@@ -86,7 +86,8 @@ def summary(scores: Scores, metric: str) -> str:
     for kind, per_layer in scores.units.items():
         if per_layer:
             widths = sorted({t.numel() for t in per_layer.values()})
-            units.append(f"{UNIT_NAMES[kind]} {len(per_layer)} layers x {'/'.join(map(str, widths))}")
+            layers = f"{len(per_layer)} layer{'s' if len(per_layer) > 1 else ''}"
+            units.append(f"{UNIT_NAMES[kind]} {layers} x {'/'.join(map(str, widths))}")
     lines.append("  units: " + ", ".join(units))
     if metric in scores.layers:
         values = scores.layers[metric].tolist()
