@@ -22,7 +22,6 @@ runs, so adding seeds or scales trains only the new ones; modelopt's log: <out>/
 """
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -153,8 +152,8 @@ def print_quality(preset: dict, args, r: dict) -> None:
           f"the standard error of the per-window differences (positive: distilled is better)")
     print(format_table(r["quality"], r["lr_scale"], r["peak_lr"]))
     if "sweep" in r:
-        print(f"\nlearning-rate sweep: distilled and pruned + LM-only at compress.lr_scale x optim.lr, same "
-              f"steps, seeds and windows")
+        print("\nlearning-rate sweep: distilled and pruned + LM-only at compress.lr_scale x optim.lr, same "
+              "steps, seeds and windows")
         print(format_sweep(r["sweep"]))
 
 
@@ -196,7 +195,8 @@ def main() -> None:
         results = {p: bench_precision(preset, data, parent, p, args, args.out, world.device, p == preset["precisions"][0])
                    for p in preset["precisions"]}
     (args.out / "bench_compress.json").write_text(json.dumps({"runs": results}, indent=2))
-    print(f"\n{preset['model']} parent {parent}, student at {args.target_fraction:.0%} of its parameters, "
+    budget = "the worked example's budget" if args.tiny else f"{args.target_fraction:.0%} of its parameters"
+    print(f"\n{preset['model']} parent {parent}, student searched at {budget}, "
           f"{args.iters} distillation steps of {preset['global']} x {preset['seq']} tokens")
     print(f"{'precision':<16}{'score s':>9}{'  student':<28}{'params':>13}{'loss before':>13}{'after':>8}"
           f"{'teacher':>9}{'KD tok/s':>11}{'plain tok/s':>13}{'overhead':>10}")

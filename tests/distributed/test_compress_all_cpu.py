@@ -3,7 +3,6 @@ fp32 (like the dev run), `importance` prints what it scored, distillation runs a
 optim's rates, and each later step's `timing` record counts that step's start-up, not the process age.
 """
 
-import json
 import sys
 
 import pytest
