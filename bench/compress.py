@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 GPU = {"model": "bench_125m", "precisions": ["bf16", "fp8_tensorwise"], "seq": 2048, "micro": 4, "global": 32,
-       "parent_iters": 300, "iters": 100, "calibration": 256, "layer_calibration": 32, "eval_iters": 2,
+       "parent_iters": 300, "iters": 100, "calibration": 256, "layer_calibration": 32, "eval_iters": 4,
        "seeds": [1234, 1, 2], "optim": ["optim.lr=1e-3", "optim.min_lr=1e-4"], "student_optim": [], "search": []}
 CPU = {"model": "tiny", "precisions": ["fp32"], "seq": 128, "micro": 4, "global": 8,
        "parent_iters": 100, "iters": 40, "calibration": 16, "layer_calibration": 8, "eval_iters": 16,
@@ -111,6 +111,8 @@ def bench_precision(preset: dict, data: Path, parent: Path, precision: str, args
     seeds = args.seeds if first else args.seeds[:1]
     scale = run.compress.lr_scale
     rows = table(cmp, seeds, args.iters, args.parent_iters, scale) if first else None
+    for kind in ("distilled", "lm_only"):  # the throughput pair (the table trained it at the first precision)
+        cmp.per_seed(kind, seeds[:1], args.iters, scale)
     kd_dir, lm_dir = (cmp.run_dir(kind, seeds[0], args.iters, scale) for kind in ("distilled", "lm_only"))
     row = {
         "score_s": score_s, "student_params": best.params, "label": best.candidate.label(parent_model),
