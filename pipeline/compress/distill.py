@@ -67,6 +67,12 @@ def kept_hidden_channels(student_dir: Path) -> list[int] | None:
     return json.loads(plan.read_text())["hidden"] if plan.is_file() else None
 
 
+def distillation_optim(run: RunConfig) -> OptimConfig:
+    """The optimizer settings of a distillation: optim with its rates scaled by compress.lr_scale."""
+    scale = run.compress.lr_scale
+    return dataclasses.replace(run.optim, lr=run.optim.lr * scale, min_lr=run.optim.min_lr * scale)
+
+
 @dataclass(frozen=True)
 class Teacher:
     """The frozen parent of a distillation, checked against its student."""
@@ -77,8 +83,9 @@ class Teacher:
 
 
 def check_pair(run: RunConfig, teacher_dir: Path, student_dir: Path) -> tuple[RunConfig, Teacher]:
-    """The student's run config (its model, initialised from `student_dir`) and the teacher, or a
-    one-line error for a pair that cannot be distilled at this layout (before any work)."""
+    """The student's run config (its model, initialised from `student_dir`, the optimizer at
+    `distillation_optim`) and the teacher, or a one-line error for a pair that cannot be distilled
+    at this layout (before any work)."""
     teacher_model, student_model = model_of(teacher_dir), model_of(student_dir)
     for name in ("vocab_size", "padded_vocab_size"):
         t, s = getattr(teacher_model, name), getattr(student_model, name)
@@ -88,7 +95,8 @@ def check_pair(run: RunConfig, teacher_dir: Path, student_dir: Path) -> tuple[Ru
                 f"pruned from this parent (same tokenizer and vocabulary)"
             )
     student_run = dataclasses.replace(
-        run, model=student_model, checkpoint=dataclasses.replace(run.checkpoint, init_from=str(student_dir))
+        run, model=student_model, checkpoint=dataclasses.replace(run.checkpoint, init_from=str(student_dir)),
+        optim=distillation_optim(run),
     )
     dataclasses.replace(run, model=teacher_model)  # RunConfig validation: the teacher fits this layout
     if virtual_stages(teacher_model, run.parallel) != virtual_stages(student_model, run.parallel):
@@ -214,12 +222,6 @@ def build_teacher(teacher: Teacher, run: RunConfig, device: torch.device) -> lis
     return chunks
 
 
-def distillation_optim(run: RunConfig) -> OptimConfig:
-    """The optimizer settings of a distillation: optim with its rates scaled by compress.lr_scale."""
-    scale = run.compress.lr_scale
-    return dataclasses.replace(run.optim, lr=run.optim.lr * scale, min_lr=run.optim.min_lr * scale)
-
-
 def objective_factory(teacher: Teacher, compress_cfg):
     """`train(..., objective=...)`'s builder: the teacher in this process, then the objective."""
 
@@ -244,5 +246,4 @@ def distill(run: RunConfig, student: str | Path | None = None):
     teacher_dir = resolve_parent(run)
     student_dir = ckpt.resolve_checkpoint(student) if student else resolve_student(run)
     student_run, teacher = check_pair(run, teacher_dir, student_dir)
-    student_run = dataclasses.replace(student_run, optim=distillation_optim(run))
     return train(student_run, objective=objective_factory(teacher, run.compress))
