@@ -46,14 +46,36 @@ def step_throughput(model: ModelConfig, seq_length: int, global_batch: int, worl
     return record
 
 
-class StartupTiming:
-    """Start-up (process start to the first step) and first step time, then the steady step time
-    (median of steps 2..STEADY_AFTER), logged as `timing` records: the first step pays for kernel
-    autotuning (kernel_cache) and CUDA graph capture."""
+_origin: float | None = None
+"""When the work now starting began (`start_clock`); None = when the process started."""
 
-    def __init__(self, log):
+
+def start_clock() -> None:
+    """Count the next run's start-up from now: a later step of a multi-step command (`compress all`)."""
+    global _origin
+    _origin = time.time()
+
+
+class StartupTiming:
+    """Start-up (the start of the run to its first step) and first step time, then the steady step time
+    (median of steps 2..STEADY_AFTER), logged as `timing` records: the first step pays for kernel
+    autotuning (kernel_cache) and CUDA graph capture.
+
+    The start of a run is the process start for the first run of a process (imports included), the
+    last `start_clock()` when one came later (`compress all` marks each step), and `entered` (when
+    `train` was called) for any later run of the same process (`rank`'s candidates, `distill`)."""
+
+    _runs = 0
+    """Runs timed in this process so far."""
+
+    def __init__(self, log, entered: float):
         self._log = log
-        self._startup = time.time() - psutil.Process().create_time()
+        if StartupTiming._runs:
+            origin = entered
+        else:
+            origin = _origin if _origin is not None else psutil.Process().create_time()
+        StartupTiming._runs += 1
+        self._startup = time.time() - origin
         self._steps: list[float] = []
 
     def step_done(self, seconds: float, step: int) -> int:

@@ -10,7 +10,8 @@
 Each step reads what the earlier ones wrote under <run_dir>/compress/ (scores, candidates, the rank
 table and its pick), so the steps can run one at a time; `all` runs compress.steps in order.
 `distill` is the pretraining loop: re-running it with the same run_dir resumes. A bad request exits
-with status 2 and one line `error: <message>` before any work. SIGTERM, SIGUSR1 or Ctrl-C stop any
+with status 2 and one line `error: <message>` before any work. Without a GPU the steps run in fp32
+unless precision= is given (like the dev run, launch/local.sh). SIGTERM, SIGUSR1 or Ctrl-C stop any
 step at its next safe point, keeping only complete results (exit status 0); the same command started
 again skips the steps already complete and resumes the one it stopped in (pipeline/compress/progress.py).
 Every step owns run_dir while it runs (pipeline/training/run_lock.py): a second command there is refused.
@@ -78,11 +79,16 @@ def _compress(step: str, overrides: list[str], stop) -> None:
     from pipeline.config import load_run_config
     from pipeline.distributed import distributed, resolve_device
     from pipeline.model.build import virtual_stages
+    from pipeline.throughput import start_clock
     from pipeline.training.prepare import check_machine
     from pipeline.training.run_lock import run_dir_owner
     from pipeline.training.stop import Stopped
 
     run = load_run_config(overrides)
+    if cpu_needs_fp32(run, overrides):
+        if os.environ.get("RANK", "0") == "0":
+            print("no GPU: compressing in fp32 (override with precision=...)", file=sys.stderr)
+        run = load_run_config([*overrides, "precision=fp32"])
     # Every step needs the parent: check it first. One process group for all steps (a second
     # init in the same processes would hang under torchrun); steps nest inside it.
     parent = parent_run(run)
@@ -101,7 +107,17 @@ def _compress(step: str, overrides: list[str], stop) -> None:
         for name in steps:
             if stop.agreed(world.device):
                 raise Stopped(f"before {name}", stop)
+            start_clock()  # each step's `timing` record counts its own start-up
             _run_step(name, run, progress, world.rank)
+
+
+def cpu_needs_fp32(run, overrides: list[str]) -> bool:
+    """True on CPU when no precision= was given: bf16 matmuls are slow on most CPUs, so compression
+    defaults to fp32 there, as the dev run does (launch/local.sh)."""
+    from pipeline.distributed import resolve_device
+
+    given = any(o.lstrip("+~").startswith("precision=") for o in overrides)
+    return not given and resolve_device(run.device).type == "cpu"
 
 
 def main(argv: list[str]) -> int:

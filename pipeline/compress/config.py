@@ -11,6 +11,8 @@ from typing import Optional
 from pipeline.errors import ConfigError
 
 STEPS = ("importance", "search", "rank", "distill")
+LR_SCALE = 0.3
+"""compress.lr_scale's default; measured in docs/compression.md ("Learning rate")."""
 
 
 @dataclass
@@ -76,6 +78,12 @@ class CompressConfig:
     teacher's hidden is sliced to the student's kept channels when hidden was pruned."""
     rank_iters: int = 400
     """Optimizer steps of the short distillation `rank` runs per candidate."""
+    lr_scale: float = LR_SCALE
+    """Distillation (`rank` and `distill`) runs optim's schedule with both rates scaled by this: peak
+    lr_scale x optim.lr, decaying to lr_scale x optim.min_lr (optim.warmup_iters unchanged). optim
+    holds the parent size's pretraining rates, so the student retrains at a fraction of them, as
+    Minitron does (1e-4 -> 1e-5 after pretraining at 3e-4): at the full rate the first steps undo
+    what pruning kept. The default comes from a sweep on the worked example (docs/compression.md)."""
 
     def __post_init__(self) -> None:
         for step in self.steps:
@@ -95,6 +103,9 @@ class CompressConfig:
             values = getattr(self, name)
             if values is not None and (not values or min(values) < 1):
                 raise ConfigError(f"compress.{name}={values} must list positive widths (or be null)")
+        if not self.lr_scale > 0:
+            raise ConfigError(f"compress.lr_scale={self.lr_scale} must be > 0 (distillation peaks at "
+                              f"lr_scale x optim.lr; 1 = the pretraining rate)")
         if not self.temperature > 0:
             raise ConfigError(f"compress.temperature={self.temperature} must be > 0")
         weights = {n: getattr(self, n) for n in ("kl_weight", "lm_weight", "hidden_weight")}

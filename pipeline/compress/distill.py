@@ -5,7 +5,8 @@
 
 The student starts from the weights of `compress.student` (a checkpoint written by pruning; default:
 the candidate `rank` picked) and its model config comes from that checkpoint; the teacher is
-`compress.parent`, built in the same processes at the same TP/PP layout, loaded, frozen. Everything
+`compress.parent`, built in the same processes at the same TP/PP layout, loaded, frozen. The
+optimizer runs optim's schedule at compress.lr_scale of its rates (`distillation_optim`). Everything
 else is `pipeline.training.loop.train`: checkpoints in run_dir, exact resume, SIGTERM/SIGUSR1 saves,
 packed documents, FP8, JSONL/W&B records carrying the student's loss, the teacher's loss and the KL.
 
@@ -31,6 +32,7 @@ from pipeline.errors import ConfigError
 from pipeline.model.build import build_model, virtual_stages
 from pipeline.model.config import ModelConfig
 from pipeline.training.batches import ModelInputs
+from pipeline.training.config import OptimConfig
 from pipeline.training.step import run_schedule
 
 def resolve_parent(run: RunConfig) -> Path:
@@ -65,6 +67,12 @@ def kept_hidden_channels(student_dir: Path) -> list[int] | None:
     return json.loads(plan.read_text())["hidden"] if plan.is_file() else None
 
 
+def distillation_optim(run: RunConfig) -> OptimConfig:
+    """The optimizer settings of a distillation: optim with its rates scaled by compress.lr_scale."""
+    scale = run.compress.lr_scale
+    return dataclasses.replace(run.optim, lr=run.optim.lr * scale, min_lr=run.optim.min_lr * scale)
+
+
 @dataclass(frozen=True)
 class Teacher:
     """The frozen parent of a distillation, checked against its student."""
@@ -75,8 +83,9 @@ class Teacher:
 
 
 def check_pair(run: RunConfig, teacher_dir: Path, student_dir: Path) -> tuple[RunConfig, Teacher]:
-    """The student's run config (its model, initialised from `student_dir`) and the teacher, or a
-    one-line error for a pair that cannot be distilled at this layout (before any work)."""
+    """The student's run config (its model, initialised from `student_dir`, the optimizer at
+    `distillation_optim`) and the teacher, or a one-line error for a pair that cannot be distilled
+    at this layout (before any work)."""
     teacher_model, student_model = model_of(teacher_dir), model_of(student_dir)
     for name in ("vocab_size", "padded_vocab_size"):
         t, s = getattr(teacher_model, name), getattr(student_model, name)
@@ -86,7 +95,8 @@ def check_pair(run: RunConfig, teacher_dir: Path, student_dir: Path) -> tuple[Ru
                 f"pruned from this parent (same tokenizer and vocabulary)"
             )
     student_run = dataclasses.replace(
-        run, model=student_model, checkpoint=dataclasses.replace(run.checkpoint, init_from=str(student_dir))
+        run, model=student_model, checkpoint=dataclasses.replace(run.checkpoint, init_from=str(student_dir)),
+        optim=distillation_optim(run),
     )
     dataclasses.replace(run, model=teacher_model)  # RunConfig validation: the teacher fits this layout
     if virtual_stages(teacher_model, run.parallel) != virtual_stages(student_model, run.parallel):

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.compress.scores import UNIT_KINDS, Scores, save_scores
+from pipeline.compress.scores import UNIT_KINDS, Scores, save_scores, summary
 from pipeline.model.config import ModelConfig
 from pipeline.model.pattern import ATTENTION, MAMBA, MLP
 
@@ -383,6 +383,8 @@ def score_importance(run) -> Path:
         )
         samples = math.ceil(run.compress.calibration_samples / per_step) * per_step
         if world.rank == 0:
-            save_scores(Scores(identity, hidden, units, layers, samples), out)
+            scores = Scores(identity, hidden, units, layers, samples)
+            save_scores(scores, out)
+            print(f"{summary(scores, run.compress.layer_metric)}\nscores -> {out}", flush=True)
         dist.barrier()
     return out

@@ -72,6 +72,35 @@ class Scores:
             )
 
 
+UNIT_NAMES = {"ffn": "FFN neurons", "query_heads": "query heads", "mamba_heads": "Mamba heads",
+              "mamba_channels": "Mamba head channels"}
+SHOWN_LAYERS = 8
+"""Layers `summary` lists (the least important: the first a search removes)."""
+
+
+def summary(scores: Scores, metric: str) -> str:
+    """What `importance` scored, in three lines: the parent and calibration size, the units per kind,
+    and the least important layers by `metric` with their type (pattern symbol) and score."""
+    lines = [f"importance of {scores.parent.describe()} on {scores.samples} calibration sequences"]
+    units = [f"hidden {scores.hidden.numel()} channels"]
+    for kind, per_layer in scores.units.items():
+        if per_layer:
+            widths = sorted({t.numel() for t in per_layer.values()})
+            layers = f"{len(per_layer)} layer{'s' if len(per_layer) > 1 else ''}"
+            units.append(f"{UNIT_NAMES[kind]} {layers} x {'/'.join(map(str, widths))}")
+    lines.append("  units: " + ", ".join(units))
+    if metric in scores.layers:
+        values = scores.layers[metric].tolist()
+        symbols = [c for c in scores.parent.model.get("pattern", "").split("/")[0] if c != "|"]
+        symbols = symbols if len(symbols) == len(values) else ["?"] * len(values)
+        order = sorted(range(len(values)), key=values.__getitem__)
+        shown = "  ".join(f"{i}{symbols[i]} {values[i]:.3g}" for i in order[:SHOWN_LAYERS])
+        more = f"  ... (most important: {order[-1]}{symbols[order[-1]]} {values[order[-1]]:.3g})" \
+            if len(order) > SHOWN_LAYERS else ""
+        lines.append(f"  {len(values)} layers by {metric}, least important first: {shown}{more}")
+    return "\n".join(lines)
+
+
 def save_scores(scores: Scores, path: str | Path) -> Path:
     """Write `scores` as directory `path` (built aside, swapped in whole)."""
     from safetensors.torch import save

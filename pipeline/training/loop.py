@@ -69,6 +69,7 @@ def train(run: RunConfig, objective=None) -> TrainResult:
     `objective(run, world, log, chunks)`, when given, builds a `step.Objective` replacing the LM loss
     (distillation: pipeline/compress/distill.py); its other keys are logged with the loss.
     """
+    entered = time.time()  # a later run of this process times its start-up from here (StartupTiming)
     if run.train.expandable_segments and torch.cuda.is_available():
         use_expandable_segments()
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
@@ -79,7 +80,7 @@ def train(run: RunConfig, objective=None) -> TrainResult:
             log = MetricsLogger(run.logging, run.run_dir, world.rank, Path(run.run_dir).name, asdict(run))
             try:
                 with stop_requests(announce=world.rank == 0) as stop, Saver(run, world, log) as saver:
-                    return _train(run, world, log, stop, saver, objective)
+                    return _train(run, world, log, stop, saver, objective, entered)
             finally:
                 if run.train.cuda_graphs:
                     release_cuda_graphs()
@@ -87,7 +88,7 @@ def train(run: RunConfig, objective=None) -> TrainResult:
 
 
 def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, saver: Saver,
-           make_objective=None) -> TrainResult:
+           make_objective, entered: float) -> TrainResult:
     from megatron.core import parallel_state
 
     run_dir = Path(run.run_dir)
@@ -144,7 +145,7 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
     exit_at = state.step + run.train.exit_after_steps if run.train.exit_after_steps else None
     if state.step == 0 and eval_batches:
         last_val = validate()
-    timing = StartupTiming(log)
+    timing = StartupTiming(log, entered)
     while state.step < run.train.iters:
         started = time.perf_counter()
         micro_batches = batches(train_data, state.step)

@@ -1,33 +1,78 @@
-"""bench/compress.py runs on CPU with the tiny model (its smoke test): one table row per precision
-with the time to score, the pruned student's loss before and after distillation and both
-throughputs; then the side by side with modelopt, whose "ours" row is evaluated on the very
-validation batches of the distillation (the same loss as its step-0 record) and whose modelopt
-row says why it did not run (no modelopt, or no GPU)."""
+"""bench/compress.py --tiny (the worked example of docs/compression.md, here shortened to a few steps):
+one table row per precision (time to score, loss before and after distillation, both throughputs);
+the quality side by side of pruned, distilled, pruned + LM-only, scratch and longer scratch at two
+seeds on the same validation windows, with paired differences; the learning-rate sweep; then the
+side by side with modelopt, whose "ours" row is evaluated on the very validation batches of the
+distillation and whose modelopt row says why it did not run (no modelopt, or no GPU)."""
 
 import json
 import sys
 
+import numpy as np
 import pytest
 
-from tests.distributed.compress_runs import run_cpu
+from tests.distributed.compress_runs import records, run_cpu
+
+SEEDS, ITERS, PARENT_ITERS = (1234, 7), 3, 4
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = run_cpu([sys.executable, "bench/compress.py", "--tiny", "--out", str(out)])
-    return proc, json.loads((out / "bench_compress.json").read_text())["runs"]["fp32"]
+    proc = run_cpu([sys.executable, "bench/compress.py", "--tiny", "--out", str(out), "--iters", str(ITERS),
+                    "--parent-iters", str(PARENT_ITERS), "--seeds", ",".join(map(str, SEEDS)), "--lr-scales", "1,0.1"],
+                   timeout=1200)
+    return proc, json.loads((out / "bench_compress.json").read_text())["runs"]["fp32"], out / "fp32" / "runs"
 
 
 def test_compress_benchmark_smoke_on_cpu(bench):
-    proc, row = bench
+    proc, row, _ = bench
     assert row["score_s"] > 0 and row["kd_tokens_per_s"] > 0 and row["plain_tokens_per_s"] > 0, row
     assert row["loss_after"] < row["loss_before"], row
-    assert "KD tok/s" in proc.stdout
+    assert "KD tok/s" in proc.stdout and "bench/compress.py took" in proc.stdout
+
+
+def test_quality_rows_share_the_loops_validation_windows(bench):
+    """At the base seed each run's own validation (the loop's) is the bench's per-window mean."""
+    _, row, runs = bench
+    quality = {r["model"]: r for r in row["quality"]}
+    assert list(quality) == ["parent", "pruned", "distilled", "lm_only", "scratch", "scratch_long"]
+    assert [quality[m]["steps"] for m in quality] == [PARENT_ITERS, 0, ITERS, ITERS, ITERS, PARENT_ITERS + ITERS]
+    kd = records(runs / f"distilled_x0.1_{ITERS}_s{SEEDS[0]}", "valid")
+    assert quality["pruned"]["loss"] == pytest.approx(kd[0]["student_loss"], rel=1e-5)
+    assert quality["parent"]["loss"] == pytest.approx(kd[0]["teacher_loss"], rel=1e-5)
+    assert quality["distilled"]["per_seed"][0] == pytest.approx(kd[-1]["student_loss"], rel=1e-5)
+    for model, run in (("lm_only", f"lm_only_x0.1_{ITERS}"), ("scratch", f"scratch_{ITERS}"),
+                       ("scratch_long", f"scratch_long_{PARENT_ITERS + ITERS}")):
+        own = records(runs / f"{run}_s{SEEDS[0]}", "valid")[-1]["loss"]
+        assert quality[model]["per_seed"][0] == pytest.approx(own, rel=1e-5), model
+
+
+def test_seeds_change_the_training_and_differences_are_paired(bench):
+    _, row, _ = bench
+    quality = {r["model"]: r for r in row["quality"]}
+    for model in ("distilled", "lm_only", "scratch"):
+        first, second = quality[model]["per_seed"]
+        assert first != second, f"{model}: seeds {SEEDS} trained the same model"
+        assert quality[model]["loss"] == pytest.approx(np.mean([first, second]))
+    for r in row["quality"]:
+        assert r["minus_distilled"] == pytest.approx(r["loss"] - quality["distilled"]["loss"], abs=1e-9)
+        assert (r["se"] > 0) == (r["model"] != "distilled"), r
+
+
+def test_sweep_reuses_the_tables_runs(bench):
+    proc, row, _ = bench
+    sweep = {r["lr_scale"]: r for r in row["sweep"]}
+    assert sorted(sweep) == [0.1, 1.0] and sweep[1.0]["peak_lr"] == pytest.approx(10 * sweep[0.1]["peak_lr"])
+    quality = {r["model"]: r for r in row["quality"]}
+    assert sweep[0.1]["distilled_per_seed"] == quality["distilled"]["per_seed"]
+    assert sweep[0.1]["lm_only_per_seed"] == quality["lm_only"]["per_seed"]
+    assert sweep[1.0]["distilled"] != sweep[0.1]["distilled"]
+    assert "learning-rate sweep" in proc.stdout and "pruned + LM-only (no teacher)" in proc.stdout
 
 
 def test_side_by_side_evaluates_ours_on_the_distillation_validation_batches(bench):
-    proc, row = bench
+    proc, row, _ = bench
     ours, modelopt = row["side_by_side"]["ours"], row["side_by_side"]["modelopt"]
     assert ours["val_loss"] == pytest.approx(row["loss_before"], rel=1e-6), (ours, row["loss_before"])
     assert ours["params"] == row["student_params"], "the student evaluated is not the one searched"

@@ -48,6 +48,7 @@ BAD_CONFIGS = {
     "pad without capacity": (["model=tiny_moe", "model.moe.pad_to_capacity=true"], ["model.moe.pad_to_capacity", "capacity_factor"]),
     "unknown dispatcher": (["model=tiny_moe", "model.moe.token_dispatcher=ring"], ["model.moe.token_dispatcher='ring'", "alltoall"]),
     "misspelled moe key": (["model=tiny_moe", "model.moe.num_expert=4"], ["model.moe.num_expert"]),
+    "distillation learning rate scale": (["compress.lr_scale=0"], ["compress.lr_scale=0", "optim.lr"]),
 }
 
 
