@@ -111,7 +111,8 @@ def measure(model: str, precision: str, out: Path, keep: bool, saves: int) -> di
                 shutil.rmtree(out / f"async-{i + 1}")
         return {"model": model, "precision": precision, "device": str(world.device), "gb": sync["gb"],
                 "sync_save_s": sync["stall_s"], "sync_write_s": sync["write_s"],
-                "async_stall_s": [b["stall_s"] for b in background], "async_write_s": [b["write_s"] for b in background],
+                "async_stall_s": [b["stall_s"] for b in background],
+                "async_write_s": [b["write_s"] for b in background],
                 "async_gb": background[0]["gb"], "copy_s": copy_s, "copy_gb": copied / 1e9}
 
 

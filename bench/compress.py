@@ -1,7 +1,7 @@
 """Benchmark of the compression stage: importance + prune + distillation of a parent, per precision,
 and the distilled student against the baselines, on the same validation windows and seeds.
 
-    python bench/compress.py                       # one GPU: bench_125m parent (trained here unless --parent), BF16 and FP8
+    python bench/compress.py   # one GPU: bench_125m parent (trained here unless --parent), BF16 and FP8
     python bench/compress.py --parent runs/125m --parent-iters 300 --iters 100 --out /tmp/bench_compress
     python bench/compress.py --tiny --lr-scales 1,0.3,0.1,0.03,0.01   # CPU: the worked example of docs/compression.md
 
@@ -92,7 +92,8 @@ def bench_precision(preset: dict, data: Path, parent: Path, precision: str, args
     run_dir = out / precision
     parent_step = resolve_checkpoint(parent)
     parent_model = model_of(parent_step)
-    budget = preset["search"] or [f"compress.target_params={int(param_counts(parent_model)['total'] * args.target_fraction)}"]
+    budget = preset["search"] or [
+        f"compress.target_params={int(param_counts(parent_model)['total'] * args.target_fraction)}"]
     run = load_run_config(base_overrides(preset, data, precision, run_dir) + preset["student_optim"] + budget + [
         f"compress.parent={parent}", "compress.top_k=1",
         f"compress.calibration_samples={preset['calibration']}",
@@ -194,8 +195,10 @@ def main() -> None:
     # One process group for every run (a second one in the same process would hang under torchrun).
     with distributed(outer.parallel, None, outer.device) as world:
         parent = (args.parent or train_parent(preset, data, args.out)).resolve()
-        results = {p: bench_precision(preset, data, parent, p, args, args.out, world.device, p == preset["precisions"][0])
-                   for p in preset["precisions"]}
+        results = {
+            p: bench_precision(preset, data, parent, p, args, args.out, world.device, p == preset["precisions"][0])
+            for p in preset["precisions"]
+        }
     (args.out / "bench_compress.json").write_text(json.dumps({"runs": results}, indent=2))
     budget = "the worked example's budget" if args.tiny else f"{args.target_fraction:.0%} of its parameters"
     print(f"\n{preset['model']} parent {parent}, student searched at {budget}, "
@@ -203,8 +206,8 @@ def main() -> None:
     print(f"{'precision':<16}{'score s':>9}{'  student':<28}{'params':>13}{'loss before':>13}{'after':>8}"
           f"{'teacher':>9}{'KD tok/s':>11}{'plain tok/s':>13}{'overhead':>10}")
     for name, r in results.items():
-        print(f"{name:<16}{r['score_s']:>9.1f}{'  ' + r['label']:<28}{r['student_params']:>13,}{r['loss_before']:>13.4f}"
-              f"{r['loss_after']:>8.4f}{r['teacher_loss']:>9.4f}{r['kd_tokens_per_s']:>11,.0f}"
+        print(f"{name:<16}{r['score_s']:>9.1f}{'  ' + r['label']:<28}{r['student_params']:>13,}"
+              f"{r['loss_before']:>13.4f}{r['loss_after']:>8.4f}{r['teacher_loss']:>9.4f}{r['kd_tokens_per_s']:>11,.0f}"
               f"{r['plain_tokens_per_s']:>13,.0f}{r['plain_tokens_per_s'] / r['kd_tokens_per_s']:>9.2f}x")
     first = preset["precisions"][0]
     print_quality(preset, args, results[first])

@@ -63,12 +63,14 @@ class Windows:
         chunks = build_model(model, run.parallel, run.precision, run.train.seed, device)
         ckpt.load_model(step_dir, chunks)
         return np.array([
-            eval_step(chunks, [to_model_inputs(collate(self.dataset, [i]), self.eod, self.packed, device)], device)["lm loss"]
+            eval_step(chunks, [to_model_inputs(collate(self.dataset, [i]), self.eod, self.packed, device)],
+                      device)["lm loss"]
             for i in range(self.count)
         ])
 
 
-def _train(kind: str, run, student_model, student_step: Path, seed: int, iters: int, scale: float, run_dir: Path) -> Path:
+def _train(kind: str, run, student_model, student_step: Path, seed: int, iters: int, scale: float,
+           run_dir: Path) -> Path:
     """One training run of `kind` at `seed`; returns its final checkpoint step directory."""
     from pipeline.checkpoint import resolve_checkpoint
     from pipeline.compress.distill import distill, distillation_optim
@@ -165,7 +167,8 @@ def format_table(rows: list[dict], scale: float, peak_lr: float) -> str:
 
 
 def format_sweep(rows: list[dict]) -> str:
-    lines = [f"{'lr_scale':>9}{'peak lr':>9}{'distilled':>11}{'LM-only':>10}{'KD - LM':>10}{'SE':>8}  distilled per seed"]
+    lines = [f"{'lr_scale':>9}{'peak lr':>9}{'distilled':>11}{'LM-only':>10}{'KD - LM':>10}{'SE':>8}"
+             "  distilled per seed"]
     for r in rows:
         seeds = " ".join(f"{x:.4f}" for x in r["distilled_per_seed"])
         lines.append(f"{r['lr_scale']:>9g}{r['peak_lr']:>9.0e}{r['distilled']:>11.4f}{r['lm_only']:>10.4f}"

@@ -161,7 +161,8 @@ def main() -> None:
 
     if args.parallel:
         started = time.time()
-        procs = {name: start_run(name, data, args.iters, gb, args.out, gpus[i % len(gpus)]) for i, name in enumerate(names)}
+        procs = {name: start_run(name, data, args.iters, gb, args.out, gpus[i % len(gpus)])
+                 for i, name in enumerate(names)}
         try:
             for name, proc in procs.items():
                 report(name, finish_run(name, proc, args.out, started, gb))
@@ -176,7 +177,8 @@ def main() -> None:
     bare = {} if args.no_bare else {p: bare_forward_backward_ms(p, gb) for p in ("bf16", "fp8_tensorwise")}
     (args.out / "bench_train.json").write_text(json.dumps({"runs": results, "bare_fwd_bwd_ms": bare}, indent=2))
     print(f"\n{torch.cuda.get_device_name()} | bench_125m, seq {SEQ}, micro {MICRO}, global {gb}, {args.iters} steps")
-    print(f"{'run':<16}{'final loss':>11}{'val loss':>10}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'step ms':>9}{'bare fwd+bwd ms':>17}")
+    print(f"{'run':<16}{'final loss':>11}{'val loss':>10}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'step ms':>9}"
+          f"{'bare fwd+bwd ms':>17}")
     for name, r in results.items():
         b = bare.get("fp8_tensorwise" if "fp8" in name else "bf16", float("nan"))
         print(f"{name:<16}{r['final_loss']:>11.4f}{r['val_loss']:>10.4f}{r['tokens_per_s']:>11,.0f}"

@@ -187,7 +187,8 @@ def timed(argv: list[str], env: dict) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     lines = [line.strip() for line in stderr.splitlines() if line.strip()] or ["(no output)"]
-    failed = next((line for line in reversed(lines) if "Error" in line), lines[-1])[:300] if process.returncode else None
+    failed = (next((line for line in reversed(lines) if "Error" in line), lines[-1])[:300]
+              if process.returncode else None)
     return {"wall": wall, "cpu": cpu, "peak_rss": peak[0], "error": failed}
 
 

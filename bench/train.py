@@ -309,7 +309,8 @@ def main() -> None:
         cold_s, warm_s = cold["startup_s"] + cold["first_step_s"], warm["startup_s"] + warm["first_step_s"]
         print(f"\ntime to first step, {preset} {run_name}: cold {cold_s:.1f} s (start-up {cold['startup_s']:.1f} + "
               f"first step {cold['first_step_s']:.1f}), restart with the kernel cache {warm_s:.1f} s "
-              f"(start-up {warm['startup_s']:.1f} + first step {warm['first_step_s']:.1f}): {cold_s / warm_s:.1f}x faster")
+              f"(start-up {warm['startup_s']:.1f} + first step {warm['first_step_s']:.1f}): "
+              f"{cold_s / warm_s:.1f}x faster")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,10 @@ def validate_run(run: RunConfig) -> None:
     m, p = run.model, run.parallel
     layers = m.parsed_pattern().layers
     tp = p.tp
-    split_by_tp = {MAMBA: ("mamba_num_heads", "mamba_num_groups"), ATTENTION: ("num_attention_heads", "num_query_groups")}
+    split_by_tp = {
+        MAMBA: ("mamba_num_heads", "mamba_num_groups"),
+        ATTENTION: ("num_attention_heads", "num_query_groups"),
+    }
     for name in (name for kind, names in split_by_tp.items() if kind in layers for name in names):
         if getattr(m, name) % tp:
             raise ConfigError(

@@ -30,8 +30,8 @@ from pipeline.cli import CONF_PATH, exit_on_user_error, launch, run_config_of  #
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.model import scaling, sizes  # noqa: E402
-from pipeline.model.sizes import format_count, format_flops  # noqa: E402
 from pipeline.model.pattern import split_stages  # noqa: E402
+from pipeline.model.sizes import format_count, format_flops  # noqa: E402
 
 GIB = 2**30
 

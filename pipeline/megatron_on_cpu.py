@@ -89,7 +89,8 @@ def _backwards_on_cpu() -> dict:
 
     originals = {}
     for function in vars(mappings).values():
-        if isinstance(function, type) and issubclass(function, torch.autograd.Function) and "backward" in vars(function):
+        if (isinstance(function, type) and issubclass(function, torch.autograd.Function)
+                and "backward" in vars(function)):
             originals[function] = vars(function)["backward"]
 
             def backward(ctx, *grads, _original=function.backward):

@@ -17,9 +17,27 @@ import importlib
 
 from pipeline.checkpoint.config import CheckpointConfig
 from pipeline.checkpoint.layout import (
-    COMPLETE, DCP_METADATA, FORMAT, LATEST, META, PREFIX, RUN_CONFIG, SHAPE_FIELDS, TMP_PREFIX, CheckpointMeta,
-    check_compatible, find_resumable, fingerprint, latest_checkpoint, read_meta, remove_stale_temporaries,
-    resolve_checkpoint, run_dir_of, step_dir_name, step_dirs, verify_checkpoint,
+    COMPLETE,
+    DCP_METADATA,
+    FORMAT,
+    LATEST,
+    META,
+    PREFIX,
+    RUN_CONFIG,
+    SHAPE_FIELDS,
+    TMP_PREFIX,
+    CheckpointMeta,
+    check_compatible,
+    find_resumable,
+    fingerprint,
+    latest_checkpoint,
+    read_meta,
+    remove_stale_temporaries,
+    resolve_checkpoint,
+    run_dir_of,
+    step_dir_name,
+    step_dirs,
+    verify_checkpoint,
 )
 
 _LAZY = {

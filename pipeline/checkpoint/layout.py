@@ -80,14 +80,20 @@ class CheckpointMeta:
         try:
             fields = json.loads(path.read_text())
         except FileNotFoundError:
-            raise CheckpointError(f"{path} is missing; the checkpoint is damaged or was not written by this pipeline") from None
+            raise CheckpointError(
+                f"{path} is missing; the checkpoint is damaged or was not written by this pipeline"
+            ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}); the checkpoint is damaged") from None
+            raise CheckpointError(
+                f"{path} is unreadable ({type(e).__name__}: {e}); the checkpoint is damaged"
+            ) from None
         names = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(fields, dict) or not {"step", "model"} <= fields.keys():
             raise CheckpointError(f"{path} lacks step/model; the checkpoint is damaged")
         if fields.get("format", 1) > FORMAT:
-            raise CheckpointError(f"{path} has format {fields['format']}, newer than this pipeline's {FORMAT}; update the pipeline")
+            raise CheckpointError(
+                f"{path} has format {fields['format']}, newer than this pipeline's {FORMAT}; update the pipeline"
+            )
         return cls(**{k: v for k, v in fields.items() if k in names})
 
 

@@ -31,7 +31,8 @@ def drop_missing_extra_state(sharded_state: dict, keys: set[str]) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     def keep(value) -> bool:
-        return not (isinstance(value, ShardedObject) and value.key.endswith("_extra_state") and value.unique_key not in keys and value.key not in keys)
+        return not (isinstance(value, ShardedObject) and value.key.endswith("_extra_state")
+                    and value.unique_key not in keys and value.key not in keys)
 
     def walk(node):
         if isinstance(node, dict):

@@ -64,7 +64,9 @@ def fully_reshardable_state(optimizer, model_sharded_state: dict) -> dict[int, d
             flat = _gather_to_host(optimizer, buffer, bucket_maps, keys)
         for model_param in buffer.param_index_map:
             if model_param not in metadata_of:
-                raise ValueError(f"model parameter of shape {tuple(model_param.shape)} is not in the model's sharded state")
+                raise ValueError(
+                    f"model parameter of shape {tuple(model_param.shape)} is not in the model's sharded state"
+                )
             meta = metadata_of[model_param]
             tensors = {}
             for key in keys:
@@ -91,7 +93,8 @@ def _gather_to_host(optimizer, buffer, bucket_maps, keys) -> dict:
     group = optimizer.data_parallel_group
     size = group.size()
     spans = {p: (start, end) for p, (start, end, _) in buffer.param_index_map.items()}
-    flat = {p: {key: torch.empty(end - start, dtype=torch.float32) for key in keys} for p, (start, end) in spans.items()}
+    flat = {p: {key: torch.empty(end - start, dtype=torch.float32) for key in keys}
+            for p, (start, end) in spans.items()}
     offset = 0
     for bucket, bucket_map in zip(buffer.buckets, bucket_maps):
         world_numel, unpadded = bucket.grad_data.numel(), bucket.numel_unpadded

@@ -50,7 +50,9 @@ class _AllowListUnpickler(pickle.Unpickler):
         self._source = source
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in _METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         raise UnsafeCheckpointError(
             f"{self._source} references {module}.{name}, which is not on the checkpoint allow-list; refusing to "
@@ -69,7 +71,9 @@ def _safe_read_metadata(self, *args, **kwargs):
         except UnsafeCheckpointError:
             raise
         except Exception as e:
-            raise UnsafeCheckpointError(f"{path} is not a torch checkpoint metadata file ({type(e).__name__}: {e})") from None
+            raise UnsafeCheckpointError(
+                f"{path} is not a torch checkpoint metadata file ({type(e).__name__}: {e})"
+            ) from None
     for info in (getattr(metadata, "storage_data", None) or {}).values():
         inside(self.path, info.relative_path, str(path))
     if getattr(metadata, "storage_meta", None) is None:

@@ -37,8 +37,17 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.checkpoint.layout import (
-    COMPLETE, FORMAT, LATEST, META, RUN_CONFIG, TMP_PREFIX, CheckpointMeta, fingerprint, latest_checkpoint,
-    step_dir_name, step_dirs,
+    COMPLETE,
+    FORMAT,
+    LATEST,
+    META,
+    RUN_CONFIG,
+    TMP_PREFIX,
+    CheckpointMeta,
+    fingerprint,
+    latest_checkpoint,
+    step_dir_name,
+    step_dirs,
 )
 from pipeline.errors import CheckpointError, StorageError, find_cause
 from pipeline.fs import atomic_write_text, fsync_dir, storage_error
@@ -46,7 +55,8 @@ from pipeline.processes import die_with_parent
 
 
 def _record_files(ckpt_dir: Path) -> dict[str, list[int]]:
-    return {p.name: fingerprint(p) for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name not in (META, COMPLETE)}
+    return {p.name: fingerprint(p) for p in sorted(ckpt_dir.iterdir())
+            if p.is_file() and p.name not in (META, COMPLETE)}
 
 
 def _mark_complete(tmp: Path) -> None:

@@ -35,6 +35,7 @@ from pipeline.training.batches import ModelInputs
 from pipeline.training.config import OptimConfig
 from pipeline.training.step import run_schedule
 
+
 def resolve_parent(run: RunConfig) -> Path:
     """The parent's checkpoint directory, checked complete (every tensor of its model stored)."""
     from pipeline.compress.parent import parent_run

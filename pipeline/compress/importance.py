@@ -40,7 +40,6 @@ from pipeline.model.config import ModelConfig
 from pipeline.model.pattern import ATTENTION, MAMBA, MLP
 
 
-
 def _output(value) -> torch.Tensor:
     """A module's main output: TE and megatron linears and attention layers return tuples."""
     return value[0] if isinstance(value, tuple) else value

@@ -13,6 +13,7 @@ from pipeline.errors import CheckpointError, ConfigError
 from pipeline.model import params
 from pipeline.model.config import ModelConfig
 
+
 def parent_identity(step_dir: Path, meta: ckpt.CheckpointMeta) -> ParentIdentity:
     """The identity scores and plans record for a parent checkpoint step directory."""
     return ParentIdentity(checkpoint=str(Path(step_dir).resolve()), step=int(meta.step), model=meta.model)

@@ -287,12 +287,12 @@ def prune_checkpoint(parent_dir, plan: KeepPlan, out_dir, parallel=None, precisi
     from pipeline import checkpoint as ckpt
     from pipeline.config import RunConfig
     from pipeline.distributed import ParallelConfig, distributed
-    from pipeline.model.precision import PrecisionConfig
-    from pipeline.training.config import TrainConfig
     from pipeline.fs import replace_dir, temporary_sibling
     from pipeline.model.build import build_model, virtual_stages
     from pipeline.model.config import write_model_option
     from pipeline.model.init import load_full_tensors
+    from pipeline.model.precision import PrecisionConfig
+    from pipeline.training.config import TrainConfig
 
     step_dir, meta, parent, tensors = open_parent(parent_dir)
     if dataclasses.asdict(parent) != dataclasses.asdict(plan.parent):
@@ -331,7 +331,8 @@ def prune_checkpoint(parent_dir, plan: KeepPlan, out_dir, parallel=None, precisi
                 student_meta(plan, step_dir, meta, layout), OmegaConf.to_yaml(OmegaConf.structured(run)),
             )
             if rank == 0:
-                write_model_option(plan.student, Path(tmp[0]), "Pruned by pipeline/compress/prune.py; every size explicit.")
+                write_model_option(plan.student, Path(tmp[0]),
+                                   "Pruned by pipeline/compress/prune.py; every size explicit.")
                 (Path(tmp[0]) / PLAN_FILE).write_text(json.dumps(plan_record(plan), indent=1))
                 replace_dir(tmp[0], out_dir)
         except BaseException:

@@ -31,6 +31,7 @@ from pipeline.distributed import distributed
 from pipeline.fs import atomic_write_text
 from pipeline.model.build import virtual_stages
 
+
 def _short_run(run: RunConfig, run_dir: Path) -> RunConfig:
     """The candidate's distillation: rank_iters steps, validated at the start and the end; a stopped
     one resumes from its checkpoint."""
@@ -87,7 +88,8 @@ def rank(run: RunConfig, resume: bool = False) -> dict:
                 raise Stopped(f"in rank, before candidate c{i}", stop)
             name = f"c{i}"
             run_dir = files.rank_run_dir(name)
-            student_dir = ckpt.latest_checkpoint(files.candidate_dir(name) / "checkpoints")  # pruned whole or not at all
+            # pruned whole or not at all
+            student_dir = ckpt.latest_checkpoint(files.candidate_dir(name) / "checkpoints")
             if student_dir is None:
                 plan = keep_plan(parent, scores, cand.candidate, name=f"{parent.name}_{name}")
                 student_dir = prune_checkpoint(parent_dir, plan, files.candidate_dir(name))

@@ -34,8 +34,8 @@ import torch.distributed as dist
 
 from pipeline.errors import ConfigError
 from pipeline.model import sizes
-from pipeline.model.params import layer_param_count
 from pipeline.model.config import ModelConfig
+from pipeline.model.params import layer_param_count
 from pipeline.model.pattern import ATTENTION, MAMBA, MLP, PIPE, SYMBOL_NAMES
 
 BYTES = 2  # bf16 weights, KV cache and Mamba state
@@ -419,11 +419,13 @@ def format_table(found: list[Found], parent: ModelConfig, cfg, seq_length: int) 
     """The top-K table, with the parent first for reference and the memory formula under it."""
     rows = [("", "candidate", "params", "memory GiB", "FLOPs/token", "kept", "pattern")]
     pm = memory_bytes(parent, cfg.memory_context, cfg.memory_batch)
-    rows.append(("parent", parent.name, sizes.format_count(sizes.param_counts(parent)["total"]), f"{pm['total'] / GIB:.3f}",
-                 sizes.format_flops(sizes.flops_per_token(parent, seq_length)), "1.000", parent.pattern))
+    rows.append(("parent", parent.name, sizes.format_count(sizes.param_counts(parent)["total"]),
+                 f"{pm['total'] / GIB:.3f}", sizes.format_flops(sizes.flops_per_token(parent, seq_length)), "1.000",
+                 parent.pattern))
     for i, f in enumerate(found):
-        rows.append((f"#{i + 1}", f.candidate.label(parent), sizes.format_count(f.params), f"{f.memory['total'] / GIB:.3f}",
-                     sizes.format_flops(f.flops_per_token), f"{f.kept_importance:.3f}", f.student.pattern))
+        rows.append((f"#{i + 1}", f.candidate.label(parent), sizes.format_count(f.params),
+                     f"{f.memory['total'] / GIB:.3f}", sizes.format_flops(f.flops_per_token),
+                     f"{f.kept_importance:.3f}", f.student.pattern))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(f"{MEMORY_FORMULA}; s={cfg.memory_context}, b={cfg.memory_batch}")

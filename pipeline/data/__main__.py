@@ -12,7 +12,6 @@ and one line `error: ...` on stderr.
 
 import argparse
 import json
-import sys
 import time
 from typing import Optional
 

@@ -103,8 +103,8 @@ def build(out_dir: str = "data/build", force: bool = False, max_files: int = 0,
     """Build (or find up to date) the corpus, tokenizer and dataset under `out_dir`; return the
     build record. `max_files` > 0 uses only the first files (for tests)."""
     from pipeline.data.preprocess import PreprocessOptions, preprocess
-    from pipeline.data.sources import iter_texts
     from pipeline.data.sentencepiece_training import train_sentencepiece_bpe
+    from pipeline.data.sources import iter_texts
 
     stamp = os.path.join(out_dir, "corpus_build.json")
     key = {"recipe": RECIPE, "python": sys.version.split()[0], "max_files": max_files,

@@ -29,9 +29,9 @@ from typing import Iterator
 
 import torch
 
+from pipeline.checkpoint import CheckpointTensors
 from pipeline.errors import CheckpointError, ConversionError
 from pipeline.fs import overlaps, replace_dir, temporary_sibling
-from pipeline.checkpoint import CheckpointTensors
 from pipeline.hf.config import hf_config
 from pipeline.hf.mapping import Conversion, conversions, hf_shapes
 from pipeline.hf.safetensors_io import ShardWriter, plan_shards, shard_file_names, write_index

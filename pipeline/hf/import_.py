@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import ConversionError, PipelineError
-from pipeline.hf.config import TIME_STEP_MIN, hf_dtype, model_config_from_hf, time_step_clamp
 from pipeline.fs import replace_dir, temporary_sibling
+from pipeline.hf.config import TIME_STEP_MIN, hf_dtype, model_config_from_hf, time_step_clamp
 from pipeline.hf.export import check_out_dir
 from pipeline.hf.mapping import conversions, hf_shapes
 from pipeline.hf.safetensors_io import HFTensors
@@ -139,7 +139,9 @@ def load_hf_into_chunks(chunks, model: ModelConfig, tensors: CanonicalHFTensors)
         # One HF tensor can hold several checkpoint tensors (QKV): convert each group once.
         if key not in converted:
             c = by_key[key]
-            converted.update(zip((k for k, _ in c.megatron), c.to_megatron([tensors.get(n) for n, _ in c.hf]), strict=True))
+            converted.update(
+                zip((k for k, _ in c.megatron), c.to_megatron([tensors.get(n) for n, _ in c.hf]), strict=True)
+            )
         return converted.pop(key)
 
     load_full_tensors(chunks, full_tensor)

@@ -163,7 +163,8 @@ def open_safetensors(path: Path):
         return safe_open(str(path), "pt")
     except SafetensorError as e:
         raise ConversionError(
-            f"{path} is not a readable safetensors file ({str(e).strip()}); it is truncated or damaged: download it again"
+            f"{path} is not a readable safetensors file ({str(e).strip()}); "
+            "it is truncated or damaged: download it again"
         ) from None
 
 

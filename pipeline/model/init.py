@@ -80,7 +80,8 @@ def _tp_of(name: str) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _copy_full_values(chunks: list[torch.nn.Module], full_value: Callable[[str, torch.Tensor, int], torch.Tensor]) -> None:
+def _copy_full_values(chunks: list[torch.nn.Module],
+                      full_value: Callable[[str, torch.Tensor, int], torch.Tensor]) -> None:
     """Copy this rank's slice of `full_value(global name, param, tp_size)` into every parameter."""
     for chunk in chunks:
         for name, param in global_param_names(getattr(chunk, "module", chunk)).items():

@@ -1,9 +1,10 @@
 """Hybrid layer patterns: one character per layer, `|` between pipeline segments.
 
 `M` Mamba-2 mixer, `*` self-attention, `-` FFN, `E` mixture-of-experts FFN (Nemotron 3; its
-sizes are `model.moe`). megatron-core also knows `G D +`, which this pipeline does not build. `M-M*-|M-M*-` is two pipeline segments of five layers each; with
-`parallel.pp=2` each stage gets one segment, with `pp=1` and two segments the single stage runs
-both as virtual stages (megatron-core: segments / PP = virtual stages per rank).
+sizes are `model.moe`). megatron-core also knows `G D +`, which this pipeline does not build.
+`M-M*-|M-M*-` is two pipeline segments of five layers each; with `parallel.pp=2` each stage gets
+one segment, with `pp=1` and two segments the single stage runs both as virtual stages
+(megatron-core: segments / PP = virtual stages per rank).
 """
 
 from collections import Counter

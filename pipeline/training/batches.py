@@ -87,7 +87,8 @@ def micro_batch_indices(step: int, global_batch: int, micro_batch: int, dp_rank:
 def collate(dataset, indices: list[int]) -> dict[str, torch.Tensor]:
     """Stack GPTDataset samples into [B, L] tensors."""
     samples = [dataset[i] for i in indices]
-    return {key: torch.stack([torch.as_tensor(np.asarray(s[key])) for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+    return {key: torch.stack([torch.as_tensor(np.asarray(s[key])) for s in samples])
+            for key in ("tokens", "labels", "loss_mask")}
 
 
 def to_model_inputs(batch: dict, eod: int, packed_documents: bool, device: torch.device,

@@ -5,16 +5,16 @@
 
 Two commands on one run_dir (a double-submitted job, a requeue racing a manual restart, two
 `compress all`) would overwrite each other's checkpoints, metrics and compression results. Every
-command that writes a run_dir (training, each compression step) owns it this way. Rank 0 takes an exclusive lock on run_dir/.lock
-before anything else is written and writes its host, pid and start time into it; a second trainer
-is refused at once with RunDirLockedError naming that holder. Ownership nests: a command that
-already owns run_dir (`compress all`) keeps it through the trainer it runs there. The lock is a POSIX record lock
-(`fcntl.lockf`), owned by the process: the kernel drops it when the process exits in any way
-(kill -9 included), so there is never a stale lock to clean up. (An `flock` would be shared with
-forked children, e.g. megatron-core's checkpoint writers, and outlive the trainer while they
-linger.) The other ranks of the same job learn the outcome from rank 0 (a broadcast), so they share
-its ownership. On network file systems the lock needs lock support (NFS: lockd or v4; Lustre: the
-flock or localflock mount option).
+command that writes a run_dir (training, each compression step) owns it this way. Rank 0 takes an
+exclusive lock on run_dir/.lock before anything else is written and writes its host, pid and start
+time into it; a second trainer is refused at once with RunDirLockedError naming that holder.
+Ownership nests: a command that already owns run_dir (`compress all`) keeps it through the trainer
+it runs there. The lock is a POSIX record lock (`fcntl.lockf`), owned by the process: the kernel
+drops it when the process exits in any way (kill -9 included), so there is never a stale lock to
+clean up. (An `flock` would be shared with forked children, e.g. megatron-core's checkpoint writers,
+and outlive the trainer while they linger.) The other ranks of the same job learn the outcome from
+rank 0 (a broadcast), so they share its ownership. On network file systems the lock needs lock
+support (NFS: lockd or v4; Lustre: the flock or localflock mount option).
 """
 
 import errno

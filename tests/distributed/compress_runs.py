@@ -38,8 +38,8 @@ def make_parent(run_dir: Path, *overrides: str) -> Path:
 def make_student(parent_dir: Path, out_dir: Path, **keep) -> Path:
     """The parent pruned by explicit unit indices (pipeline/compress/prune.py's make_plan); returns
     the student's step directory."""
-    from pipeline.compress.prune import make_plan, prune_checkpoint
     from pipeline.compress.parent import open_parent
+    from pipeline.compress.prune import make_plan, prune_checkpoint
 
     _, _, model, tensors = open_parent(parent_dir)
     tensors.close()

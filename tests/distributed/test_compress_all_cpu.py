@@ -40,7 +40,7 @@ def test_importance_prints_what_it_scored(compressed):
     assert "importance of " in proc.stdout and "on 4 calibration sequences" in proc.stdout, proc.stdout
     assert "units: hidden 128 channels, FFN neurons 3 layers x 512" in proc.stdout, proc.stdout
     # tiny is M-M*-M-: seven layers, each listed with its symbol by the configured layer metric
-    line = next(l for l in proc.stdout.splitlines() if "layers by logit_mse_increase" in l)
+    line = next(ln for ln in proc.stdout.splitlines() if "layers by logit_mse_increase" in ln)
     listed = line.split("least important first: ")[1].split("  ")
     assert len(listed) == 7 and {entry.split()[0] for entry in listed} == {f"{i}{c}" for i, c in enumerate("M-M*-M-")}
     assert f"scores -> {run_dir / 'compress' / 'scores'}" in proc.stdout
@@ -58,7 +58,8 @@ def test_later_steps_time_their_own_start_up(compressed):
     files = run_dir / "compress"
     # The run began when its step did: after what the step before it wrote (process age would put
     # the start before importance).
-    for step_dir, written_before in ((files / "rank" / "c0", files / "candidates.json"), (run_dir, files / "best.json")):
+    for step_dir, written_before in ((files / "rank" / "c0", files / "candidates.json"),
+                                     (run_dir, files / "best.json")):
         (timing,) = [r for r in records(step_dir, "timing") if "startup_s" in r]
         began = timing["time"] - timing["first_step_s"] - timing["startup_s"]
         assert began >= written_before.stat().st_mtime, (step_dir, began, written_before.stat().st_mtime)

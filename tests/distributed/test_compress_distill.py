@@ -59,7 +59,8 @@ def test_distillation_resumes_bit_exactly(pair, straight, tmp_path):
     assert not (tmp_path / "DONE").exists()
     assert _distill(pair, tmp_path) == 0
     assert (tmp_path / "DONE").exists()
-    resumed = {r["step"]: (r["loss"], r["student_loss"], r["teacher_loss"], r["kl"]) for r in records(tmp_path, "train")}
+    resumed = {r["step"]: (r["loss"], r["student_loss"], r["teacher_loss"], r["kl"])
+               for r in records(tmp_path, "train")}
     reference = {r["step"]: (r["loss"], r["student_loss"], r["teacher_loss"], r["kl"])
                  for r in records(straight["run_dir"], "train")}
     assert resumed == reference, f"{ITERS // 2} steps + resume + {ITERS // 2} differs from {ITERS} straight"

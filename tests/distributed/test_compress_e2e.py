@@ -55,8 +55,8 @@ def test_distilled_student_beats_pruned_and_scratch(e2e):
 
 
 def test_student_has_about_half_the_parameters(e2e):
-    from pipeline.compress.distill import model_of
     from pipeline.checkpoint import resolve_checkpoint
+    from pipeline.compress.distill import model_of
     from pipeline.model.sizes import param_counts
 
     parent = param_counts(model_of(resolve_checkpoint(e2e / "parent")))["total"]

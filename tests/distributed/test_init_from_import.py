@@ -30,8 +30,9 @@ def model_option(root):
 
 def test_training_continues_from_the_imported_weights(imported):
     run_dir = imported / "run"
-    proc = Trainer(run_dir, imported / "train", *model_option(imported), f"checkpoint.init_from={imported / 'imported'}",
-                   f"train.iters={STEPS}", f"optim.lr={LR}", "optim.warmup_iters=0").wait()
+    proc = Trainer(run_dir, imported / "train", *model_option(imported),
+                   f"checkpoint.init_from={imported / 'imported'}", f"train.iters={STEPS}", f"optim.lr={LR}",
+                   "optim.warmup_iters=0").wait()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"initialised weights from {imported / 'imported' / 'checkpoints' / 'step_0000000'}" in proc.stdout
     trained = CheckpointTensors(run_dir / "checkpoints" / f"step_{STEPS:07d}").get(EMBEDDING)

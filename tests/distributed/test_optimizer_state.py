@@ -25,7 +25,9 @@ def staged(tmp_path_factory):
 @pytest.mark.parametrize("dp", [1, 2])
 def test_every_state_tensor_equals_megatrons(staged, dp):
     for run in staged[dp]:
-        assert run["tensors"] == 3 * run["params"] > 0, f"DP={dp} {run}: expected param, exp_avg, exp_avg_sq per parameter"
+        assert run["tensors"] == 3 * run["params"] > 0, (
+            f"DP={dp} {run}: expected param, exp_avg, exp_avg_sq per parameter"
+        )
 
 
 @pytest.mark.parametrize("dp", [1, 2])

@@ -33,7 +33,8 @@ def train(run_dir: Path, nproc: int, *overrides: str, env: dict | None = None, c
     return run_cpu(cmd, env=env, check=check, timeout=timeout)
 
 
-def run_cpu(cmd: list[str], env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cpu(cmd: list[str], env: dict | None = None, check: bool = True,
+            timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `cmd` in the repository on CPU (one thread per process); with `check`, fail with its output."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     full_env.update(env or {})
@@ -84,7 +85,8 @@ class Trainer:
                  command: tuple[str, ...] = ("-m", "pipeline.train", *BASE)):
         cmd = [sys.executable, *command, f"run_dir={run_dir}", *overrides]
         # A world of its own: not the one a test process may have set up in-process (pipeline.distributed).
-        inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        inherited = {k: v for k, v in os.environ.items()
+                     if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
         full_env = dict(inherited, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
         full_env.update(env or {})
         self.run_dir, self._out, self._err = Path(run_dir), logs.with_suffix(".out"), logs.with_suffix(".err")
@@ -106,7 +108,8 @@ class Trainer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 done = self.wait()
-                raise AssertionError(f"trainer exited {done.returncode} before step {step}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+                raise AssertionError(f"trainer exited {done.returncode} before step {step}\n"
+                                     f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
             try:
                 if (self.run_dir / "metrics.jsonl").exists() and max(losses(self.run_dir), default=0) >= step:
                     return

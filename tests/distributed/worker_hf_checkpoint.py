@@ -1,6 +1,7 @@
 """Worker (and helpers) for the Hugging Face conversion tests: build a small model at a given layout
-from a seed, save it with the pipeline's `save_checkpoint` (pipeline/checkpoint/writer.py) under RUN_DIR/checkpoints, and save the
-pipeline's own logits on fixed tokens, computed at that same layout, to RUN_DIR/reference.pt.
+from a seed, save it with the pipeline's `save_checkpoint` (pipeline/checkpoint/writer.py) under
+RUN_DIR/checkpoints, and save the pipeline's own logits on fixed tokens, computed at that same
+layout, to RUN_DIR/reference.pt.
 
     torchrun --nproc_per_node=4 tests/distributed/worker_hf_checkpoint.py RUN_DIR TOKENIZER parallel.tp=2 parallel.pp=2
 
@@ -152,8 +153,7 @@ def write_checkpoint(run_dir: Path, tokenizer: Path, overrides: list[str], refer
     run_dir/reference.pt."""
     from omegaconf import OmegaConf
 
-    from pipeline.checkpoint import CheckpointMeta, model_sharded_state
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.checkpoint import CheckpointMeta, model_sharded_state, save_checkpoint
     from pipeline.config import load_run_config
     from pipeline.distributed import distributed
     from pipeline.model.build import build_model, virtual_stages

@@ -13,9 +13,9 @@ import sys
 import torch
 
 from pipeline import checkpoint as ckpt
+from pipeline.checkpoint import fast_optimizer_state_saving
 from pipeline.config import load_run_config
 from pipeline.distributed import distributed
-from pipeline.checkpoint import fast_optimizer_state_saving
 from pipeline.model.build import build_model, virtual_stages
 from pipeline.training.optim import build_optimizer
 
@@ -62,8 +62,12 @@ def compare(ours: dict, theirs: dict) -> int:
             for field in dataclasses.fields(want):
                 a, b = getattr(got, field.name), getattr(want, field.name)
                 if isinstance(b, torch.Tensor):
-                    assert a.dtype == b.dtype and a.shape == b.shape, f"{want.key}: {a.dtype} {a.shape} vs {b.dtype} {b.shape}"
-                    assert torch.equal(a, b), f"{want.key}: values differ from megatron's (max |diff| {(a - b).abs().max()})"
+                    assert a.dtype == b.dtype and a.shape == b.shape, (
+                        f"{want.key}: {a.dtype} {a.shape} vs {b.dtype} {b.shape}"
+                    )
+                    assert torch.equal(a, b), (
+                        f"{want.key}: values differ from megatron's (max |diff| {(a - b).abs().max()})"
+                    )
                 else:
                     assert a == b, f"{want.key}: {field.name} {a} != megatron's {b}"
             count += 1

@@ -131,7 +131,8 @@ def _sharded_shapes(model) -> dict[str, tuple[int, ...]]:
 def test_moe_layers_match_te_grouped_gemm(world):
     """`E` layers: the portable grouped linears have TE's parameter names and checkpoint keys, and
     the same seed gives the same logits (fp32, so no top-k choice flips on rounding)."""
-    te_model, portable = _build(world, "te", "fp32", model="tiny_moe"), _build(world, "portable", "fp32", model="tiny_moe")
+    te_model = _build(world, "te", "fp32", model="tiny_moe")
+    portable = _build(world, "portable", "fp32", model="tiny_moe")
     assert dict((n, p.shape) for n, p in portable.named_parameters()) == dict(
         (n, p.shape) for n, p in te_model.named_parameters())
     assert _sharded_shapes(portable) == _sharded_shapes(te_model)
@@ -151,7 +152,8 @@ def test_moe_state_dict_moves_between_backends(world, src, dst):
     before = _rel(_logits(target, tokens, pos), _logits(source, tokens, pos))
     _load_across_backends(target, source.state_dict())
     err = _rel(_logits(target, tokens, pos), _logits(source, tokens, pos))
-    print(f"\ntiny_moe {src} -> {dst}: logits relative error {err:.2e} (different weights before loading: {before:.2e})")
+    print(f"\ntiny_moe {src} -> {dst}: logits relative error {err:.2e} "
+          f"(different weights before loading: {before:.2e})")
     assert before > 0.1, "the two models started equal; the test would prove nothing"
     # Kernel differences only (H200, 2026-12-06: 3.8e-3 after loading against 1.4 before); the
     # same-seed comparison above, without a load, measured 1.3e-3.

@@ -29,8 +29,7 @@ def _scores(world, backend: str):
 
 
 def test_te_backend_scores_match_the_portable_backend():
-    from pipeline.distributed import ParallelConfig
-    from pipeline.distributed import distributed
+    from pipeline.distributed import ParallelConfig, distributed
 
     with distributed(ParallelConfig(), None, "cuda") as world:
         (te_hidden, te_units, te_layers), (hidden, units, layers) = _scores(world, "te"), _scores(world, "portable")

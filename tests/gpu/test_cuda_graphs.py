@@ -93,7 +93,8 @@ def test_graph_replay_resets_state_at_document_boundaries():
         (eager,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         # Graph capture of the backward writes into the grad buffers of megatron-core's DDP, as in training.
         (graphed,) = build_training_chunks(run.model, dataclasses.replace(run.parallel, distributed_optimizer=True),
-                                           run.precision, dataclasses.replace(run.train, cuda_graphs=True), world.device)
+                                           run.precision, dataclasses.replace(run.train, cuda_graphs=True),
+                                           world.device)
         try:
             first = _packed_inputs(_documents(0), 8)
             # One eager step records every layer; create_cudagraphs() captures them (the schedule

@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointMeta, find_resumable
-from pipeline.checkpoint import save_checkpoint
-from pipeline.distributed import ParallelConfig
-from pipeline.distributed import distributed
+from pipeline.checkpoint import CheckpointMeta, find_resumable, save_checkpoint
+from pipeline.distributed import ParallelConfig, distributed
 from pipeline.errors import CheckpointError
 
 

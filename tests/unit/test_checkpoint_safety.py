@@ -14,10 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointMeta, fingerprint, load_checkpoint
-from pipeline.checkpoint import save_checkpoint
-from pipeline.distributed import ParallelConfig
-from pipeline.distributed import distributed
+from pipeline.checkpoint import CheckpointMeta, fingerprint, load_checkpoint, save_checkpoint
+from pipeline.distributed import ParallelConfig, distributed
 from pipeline.errors import UnsafeCheckpointError
 from pipeline.training.state import rng_state, set_rng_state
 from tests.distributed.worker_hf_checkpoint import make_tokenizer, write_checkpoint
@@ -71,7 +69,8 @@ def test_a_stored_object_that_would_run_code_is_refused(tmp_path):
         state = {"w": ShardedTensor.from_rank_offsets("w", torch.ones(4)),
                  "obj": ShardedObject("obj", RunsCommand(marker), (1,), (0,))}
         step = save_checkpoint(tmp_path, 1, state, meta, "")
-        template = {"w": ShardedTensor.from_rank_offsets("w", torch.zeros(4)), "obj": ShardedObject("obj", None, (1,), (0,))}
+        template = {"w": ShardedTensor.from_rank_offsets("w", torch.zeros(4)),
+                    "obj": ShardedObject("obj", None, (1,), (0,))}
         with pytest.raises(UnsafeCheckpointError, match="stored object obj"):
             load_checkpoint(step, template)
     assert not marker.exists(), "the pickled command ran"

@@ -21,7 +21,8 @@ def run(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.Complete
 def test_help_lists_config_groups_and_their_presets(tmp_path):
     proc = run("-m", "pipeline.train", "--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    groups = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if line.startswith(("model: ", "precision: ")))
+    groups = dict(line.split(": ", 1) for line in proc.stdout.splitlines()
+                  if line.startswith(("model: ", "precision: ")))
     assert {"tiny", "nemotron_h_8b", "nemotron_nano2_9b"} <= set(groups["model"].split(", ")), proc.stdout
     assert "fp8_tensorwise" in groups["precision"].split(", "), proc.stdout
     assert "python -m pipeline.train" in proc.stdout

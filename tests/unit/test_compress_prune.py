@@ -15,19 +15,21 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ckpt
-from pipeline.checkpoint import save_checkpoint
+from pipeline.checkpoint import CheckpointTensors, save_checkpoint
 from pipeline.compress.prune import (
-    keep_plan, make_plan, prune_checkpoint, prune_tensor, prune_tensors,
+    keep_plan,
+    make_plan,
+    prune_checkpoint,
+    prune_tensor,
+    prune_tensors,
 )
 from pipeline.compress.search import Candidate
 from pipeline.config import load_run_config
 from pipeline.distributed import distributed
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.checkpoint import CheckpointTensors
-from pipeline.model.init import load_full_tensors
 from pipeline.model import params
 from pipeline.model.build import build_model
-from pipeline.model.init import global_param_names
+from pipeline.model.init import global_param_names, load_full_tensors
 from pipeline.model.sizes import param_counts
 from tests.unit.compress_scores import random_scores
 
@@ -231,10 +233,12 @@ def test_mamba_heads_stay_in_their_groups_and_per_head_tensors_use_the_same_head
     get = parent["reader"].get
     heads = list(plan.mamba_heads[0])
     for key in ("mixer.A_log", "mixer.D", "mixer.dt_bias", "mixer.in_proj.weight.dt"):
-        assert torch.equal(prune_tensor(get, plan, f"decoder.layers.0.{key}"), get(f"decoder.layers.0.{key}")[heads]), key
+        assert torch.equal(prune_tensor(get, plan, f"decoder.layers.0.{key}"),
+                           get(f"decoder.layers.0.{key}")[heads]), key
     rows = [h * 8 + c for h in heads for c in range(8)]
     for key in ("mixer.in_proj.weight.x", "mixer.in_proj.weight.z", "mixer.conv1d.weight.x", "mixer.conv1d.bias.x"):
-        assert torch.equal(prune_tensor(get, plan, f"decoder.layers.0.{key}"), get(f"decoder.layers.0.{key}")[rows]), key
+        assert torch.equal(prune_tensor(get, plan, f"decoder.layers.0.{key}"),
+                           get(f"decoder.layers.0.{key}")[rows]), key
     for key in ("mixer.in_proj.weight.B", "mixer.in_proj.weight.C", "mixer.conv1d.weight.B", "mixer.conv1d.bias.C"):
         assert torch.equal(prune_tensor(get, plan, f"decoder.layers.0.{key}"), get(f"decoder.layers.0.{key}")), key
     assert plan.student.mamba_num_heads == 2 and plan.student.mamba_num_groups == 2

@@ -45,8 +45,10 @@ def _memory(m, s, b):
     counts = m.parsed_pattern().counts()
     params = sum(p.numel() for p in _built(m).parameters())
     kv = 2 * b * s * m.num_query_groups * m.kv_channels * counts["attention"]
-    state = counts["mamba"] * b * ((m.mamba_num_heads * m.mamba_head_dim + 2 * m.mamba_num_groups * m.mamba_state_dim)
-                                   * (m.mamba_conv_kernel - 1) + m.mamba_num_heads * m.mamba_head_dim * m.mamba_state_dim)
+    state = counts["mamba"] * b * (
+        (m.mamba_num_heads * m.mamba_head_dim + 2 * m.mamba_num_groups * m.mamba_state_dim) * (m.mamba_conv_kernel - 1)
+        + m.mamba_num_heads * m.mamba_head_dim * m.mamba_state_dim
+    )
     return 2 * (params + kv + state), params
 
 
@@ -131,7 +133,8 @@ def test_bad_requests_fail_before_any_work_with_one_line(overrides, message):
 def test_search_step_prints_the_table_and_its_top_candidate_prunes_to_a_loadable_student(tmp_path, capsys):
     parent_run = _run()
     with distributed(parent_run.parallel, None, "cpu") as world:
-        (chunk,) = build_model(parent_run.model, parent_run.parallel, parent_run.precision, parent_run.train.seed, world.device)
+        (chunk,) = build_model(parent_run.model, parent_run.parallel, parent_run.precision, parent_run.train.seed,
+                               world.device)
         meta = ckpt.CheckpointMeta(step=2, model=dataclasses.asdict(parent_run.model))
         step = save_checkpoint(tmp_path / "parent" / "checkpoints", 2, ckpt.model_sharded_state([chunk]),
                                     meta, "")
@@ -152,6 +155,7 @@ def test_search_step_prints_the_table_and_its_top_candidate_prunes_to_a_loadable
     out = prune_checkpoint(tmp_path / "parent", plan, tmp_path / "student")
     student_run = dataclasses.replace(run, model=best.student)
     with distributed(student_run.parallel, None, "cpu") as world:
-        (chunk,) = build_model(student_run.model, student_run.parallel, student_run.precision, student_run.train.seed, world.device)
+        (chunk,) = build_model(student_run.model, student_run.parallel, student_run.precision,
+                               student_run.train.seed, world.device)
         ckpt.load_model(out, [chunk])
     assert sum(p.numel() for p in chunk.parameters()) == best.params <= 2e5

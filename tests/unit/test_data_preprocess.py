@@ -74,7 +74,8 @@ def output_bytes(prefix, summary):
 def test_tokens_are_the_tokenizer_output_plus_eod(reference, tokenizer, docs):
     prefix, summary = reference
     tok = load_tokenizer(tokenizer)
-    stream = np.concatenate([np.fromfile(prefix.parent / f"{s['prefix']}.bin", dtype=np.uint16) for s in summary["shards"]])
+    stream = np.concatenate([np.fromfile(prefix.parent / f"{s['prefix']}.bin", dtype=np.uint16)
+                             for s in summary["shards"]])
     expected = [i for ids in tok.encode(docs) for i in ids + [tok.eod]]
     assert stream.tolist() == expected
     assert summary["documents"] == len(docs) and summary["tokens"] == len(expected)
