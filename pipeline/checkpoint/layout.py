@@ -42,6 +42,9 @@ SHAPE_FIELDS = (
     "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_num_groups", "mamba_state_dim",
     "mamba_conv_kernel", "vocab_size", "make_vocab_size_divisible_by",
 )
+MOE_SHAPE_FIELDS = ("num_experts", "ffn_hidden_size", "shared_ffn_hidden_size", "latent_size", "expert_bias")
+"""model.moe fields the weights of `E` layers depend on (compared only for patterns with `E`: a dense
+checkpoint's meta may have no `moe` at all); router options such as the aux-loss coefficient may change."""
 SAMPLE_BYTES = 1 << 20
 """Bytes read at the start, middle and end of each file for its checksum: a few MiB per checkpoint
 file whatever its size, so verifying a 100 GB checkpoint costs seconds, and still catches truncation
@@ -244,13 +247,16 @@ def read_meta(ckpt_dir: str | Path) -> CheckpointMeta:
 def check_compatible(meta: CheckpointMeta, model_fields: dict, ckpt_dir: Path) -> None:
     """Refuse to resume when the model shape differs from the checkpoint's."""
     saved = meta.model
-    diff = [f for f in SHAPE_FIELDS if saved.get(f) != model_fields.get(f)]
-    if diff:
-        f = diff[0]
-        raise CheckpointError(
-            f"model.{f}={model_fields.get(f)!r} but checkpoint {ckpt_dir} was trained with "
-            f"{saved.get(f)!r}; use model.{f}={saved.get(f)!r} or a new run_dir"
-        )
+    pairs = [(f, saved.get(f), model_fields.get(f)) for f in SHAPE_FIELDS]
+    if "E" in str(saved.get("pattern")):
+        saved_moe, moe = saved.get("moe") or {}, model_fields.get("moe") or {}
+        pairs += [(f"moe.{f}", saved_moe.get(f), moe.get(f)) for f in MOE_SHAPE_FIELDS]
+    for f, was, now in pairs:
+        if was != now:
+            raise CheckpointError(
+                f"model.{f}={now!r} but checkpoint {ckpt_dir} was trained with {was!r}; "
+                f"use model.{f}={was!r} or a new run_dir"
+            )
 
 
 def remove_stale_temporaries(checkpoints_dir: str | Path) -> None:
