@@ -37,6 +37,7 @@ from pipeline.hf.mapping import Conversion, conversions, hf_shapes
 from pipeline.hf.safetensors_io import ShardWriter, plan_shards, shard_file_names, write_index
 from pipeline.model.config import ModelConfig
 from pipeline.model.params import EMBEDDING, checkpoint_shapes
+from pipeline.model.pattern import MOE
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -259,6 +260,11 @@ def export_checkpoint(
     meta = reader.meta
     out_dir = check_out_dir(Path(out_dir), overwrite, Path(checkpoint))
     model = model_config_from_meta(meta.model)
+    if MOE in model.parsed_pattern().layers:
+        raise ConversionError(
+            f"checkpoint {ckpt_dir} has MoE ('E') layers, which the Hugging Face export does not convert yet; "
+            f"only Mamba, attention and FFN models export"
+        )
     check_shapes(model, reader.shapes, ckpt_dir)
     if dtype is None:
         dtype = "bf16" if reader.dtypes[EMBEDDING] == torch.bfloat16 else "fp32"

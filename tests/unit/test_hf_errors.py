@@ -230,3 +230,21 @@ def test_export_writes_through_a_symlinked_output_dir(capsys, sources, tmp_path,
     assert not (target / "old.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "storage"]
     assert sorted(p.name for p in target.parent.iterdir()) == ["out"]
+
+
+def test_export_refuses_moe_layers(capsys, tmp_path):
+    import dataclasses
+
+    from pipeline import checkpoint as ckpt
+    from pipeline.config import load_run_config
+    from pipeline.distributed import distributed
+    from pipeline.model.build import build_model
+
+    run = load_run_config(["model=tiny_moe", "precision=fp32", "device=cpu"])
+    with distributed(run.parallel, None, "cpu") as world:
+        (chunk,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
+        meta = ckpt.CheckpointMeta(step=1, model=dataclasses.asdict(run.model))
+        step = ckpt.save_checkpoint(tmp_path / "moe" / "checkpoints", 1, ckpt.model_sharded_state([chunk]), meta, "")
+    err = refused(capsys, ["export", str(step), str(tmp_path / "out")])
+    assert "MoE ('E') layers" in err and "does not convert" in err, err
+    nothing_written(tmp_path, "out")
