@@ -11,17 +11,20 @@ import sys
 import numpy as np
 import pytest
 
+from pipeline.compress.config import CompressConfig
 from tests.distributed.compress_runs import records, run_cpu
 
 SEEDS, ITERS, PARENT_ITERS = (1234, 7), 3, 4
+SCALE = CompressConfig().lr_scale
+"""The table's runs are at the default compress.lr_scale; the sweep adds the full rate."""
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = run_cpu([sys.executable, "bench/compress.py", "--tiny", "--out", str(out), "--iters", str(ITERS),
-                    "--parent-iters", str(PARENT_ITERS), "--seeds", ",".join(map(str, SEEDS)), "--lr-scales", "1,0.1"],
-                   timeout=1200)
+                    "--parent-iters", str(PARENT_ITERS), "--seeds", ",".join(map(str, SEEDS)),
+                    "--lr-scales", f"1,{SCALE:g}"], timeout=1200)
     return proc, json.loads((out / "bench_compress.json").read_text())["runs"]["fp32"], out / "fp32" / "runs"
 
 
@@ -38,11 +41,11 @@ def test_quality_rows_share_the_loops_validation_windows(bench):
     quality = {r["model"]: r for r in row["quality"]}
     assert list(quality) == ["parent", "pruned", "distilled", "lm_only", "scratch", "scratch_long"]
     assert [quality[m]["steps"] for m in quality] == [PARENT_ITERS, 0, ITERS, ITERS, ITERS, PARENT_ITERS + ITERS]
-    kd = records(runs / f"distilled_x0.1_{ITERS}_s{SEEDS[0]}", "valid")
+    kd = records(runs / f"distilled_x{SCALE:g}_{ITERS}_s{SEEDS[0]}", "valid")
     assert quality["pruned"]["loss"] == pytest.approx(kd[0]["student_loss"], rel=1e-5)
     assert quality["parent"]["loss"] == pytest.approx(kd[0]["teacher_loss"], rel=1e-5)
     assert quality["distilled"]["per_seed"][0] == pytest.approx(kd[-1]["student_loss"], rel=1e-5)
-    for model, run in (("lm_only", f"lm_only_x0.1_{ITERS}"), ("scratch", f"scratch_{ITERS}"),
+    for model, run in (("lm_only", f"lm_only_x{SCALE:g}_{ITERS}"), ("scratch", f"scratch_{ITERS}"),
                        ("scratch_long", f"scratch_long_{PARENT_ITERS + ITERS}")):
         own = records(runs / f"{run}_s{SEEDS[0]}", "valid")[-1]["loss"]
         assert quality[model]["per_seed"][0] == pytest.approx(own, rel=1e-5), model
@@ -63,11 +66,11 @@ def test_seeds_change_the_training_and_differences_are_paired(bench):
 def test_sweep_reuses_the_tables_runs(bench):
     proc, row, _ = bench
     sweep = {r["lr_scale"]: r for r in row["sweep"]}
-    assert sorted(sweep) == [0.1, 1.0] and sweep[1.0]["peak_lr"] == pytest.approx(10 * sweep[0.1]["peak_lr"])
+    assert sorted(sweep) == [SCALE, 1.0] and sweep[1.0]["peak_lr"] == pytest.approx(sweep[SCALE]["peak_lr"] / SCALE)
     quality = {r["model"]: r for r in row["quality"]}
-    assert sweep[0.1]["distilled_per_seed"] == quality["distilled"]["per_seed"]
-    assert sweep[0.1]["lm_only_per_seed"] == quality["lm_only"]["per_seed"]
-    assert sweep[1.0]["distilled"] != sweep[0.1]["distilled"]
+    assert sweep[SCALE]["distilled_per_seed"] == quality["distilled"]["per_seed"]
+    assert sweep[SCALE]["lm_only_per_seed"] == quality["lm_only"]["per_seed"]
+    assert sweep[1.0]["distilled"] != sweep[SCALE]["distilled"]
     assert "learning-rate sweep" in proc.stdout and "pruned + LM-only (no teacher)" in proc.stdout
 
 
