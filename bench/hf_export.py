@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     root.mkdir(parents=True)
     try:
         start = time.perf_counter()
-        step = write_random_checkpoint(model, root / "checkpoints", write_small_tokenizer(root / "tokenizer"))
+        # The run beside the export, not around it: an output inside its source is refused.
+        run = root / "run"
+        step = write_random_checkpoint(model, run / "checkpoints", write_small_tokenizer(run / "tokenizer"))
         os.sync()
         print(
             f"wrote {dir_bytes(step) / 2**30:.2f} GiB random {model.name} checkpoint "
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         dtype = ["--dtype", args.dtype] if args.dtype else []
         export_s, err = timed(
-            [sys.executable, "-c", PEAK_RSS_PROBE, "export", str(root), str(root / "hf"), *dtype], env
+            [sys.executable, "-c", PEAK_RSS_PROBE, "export", str(run), str(root / "hf"), *dtype], env
         )
         rss = int(err.split("peak_rss_kib")[-1]) * 1024
         written = dir_bytes(root / "hf")

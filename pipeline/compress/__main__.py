@@ -81,7 +81,7 @@ def _compress(step: str, overrides: list[str], stop) -> None:
     from pipeline.model.build import virtual_stages
     from pipeline.throughput import start_clock
     from pipeline.training.prepare import check_machine
-    from pipeline.training.run_lock import run_dir_owner
+    from pipeline.training.run_lock import check_not_in_use, run_dir_owner
     from pipeline.training.stop import Stopped
 
     run = load_run_config(overrides)
@@ -100,6 +100,7 @@ def _compress(step: str, overrides: list[str], stop) -> None:
 
         # An impossible budget or width list fails now, not after the importance step's forwards.
         check_search_request(parent.run.model, run.compress, run.parallel, run.precision)
+    check_not_in_use(run.run_dir)
     _check_inputs(steps[0], run, parent)
     with (distributed(run.parallel, virtual_stages(parent.run.model, run.parallel), run.device) as world,
           run_dir_owner(run.run_dir, world.rank)):

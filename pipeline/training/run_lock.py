@@ -37,6 +37,33 @@ _owned: set[Path] = set()
 descriptor of its file is closed, so a nested owner must not open the file again."""
 
 
+def _refusal(run_dir: Path, holder: str) -> RunDirLockedError:
+    return RunDirLockedError(
+        f"run_dir {run_dir} is in use by another run ({holder or 'a process that is starting'}); wait for it "
+        f"to end or stop it, or choose another run_dir"
+    )
+
+
+def check_not_in_use(run_dir: str | Path) -> None:
+    """RunDirLockedError naming the holder if another process owns run_dir now; writes nothing (a
+    command checks this before its other inputs: what another run is still writing may be missing)."""
+    run_dir = Path(run_dir)
+    if run_dir.resolve() in _owned:
+        return
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        raise _refusal(run_dir, os.pread(fd, 1000, 0).decode(errors="replace").strip()) from None
+    finally:
+        os.close(fd)  # closing drops the probe's own lock, if it got one
+
+
 def _take(run_dir: Path) -> int:
     """The descriptor holding the lock on run_dir/.lock; RunDirLockedError naming the holder if taken."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -47,12 +74,9 @@ def _take(run_dir: Path) -> int:
         if e.errno not in (errno.EACCES, errno.EAGAIN):
             os.close(fd)
             raise
-        holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "a process that is starting"
+        holder = os.pread(fd, 1000, 0).decode(errors="replace").strip()
         os.close(fd)
-        raise RunDirLockedError(
-            f"run_dir {run_dir} is in use by another run ({holder}); wait for it to end or stop it, "
-            f"or choose another run_dir"
-        ) from None
+        raise _refusal(run_dir, holder) from None
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} started {started}\n".encode(), 0)
