@@ -13,7 +13,7 @@ from pipeline.distributed import ParallelConfig
 from pipeline.errors import ConfigError
 from pipeline.model.config import ModelConfig
 from pipeline.model.init import initialize_weights
-from pipeline.model.pattern import MOE, megatron_pattern, split_stages
+from pipeline.model.pattern import ATTENTION, MAMBA, MOE, megatron_pattern, split_stages
 from pipeline.model.precision import PrecisionConfig
 from pipeline.model.spec import stack_spec
 
@@ -69,12 +69,22 @@ def check_moe_supported(model: ModelConfig, device: torch.device, backend: str) 
                           f"projections as TELinear; this run is on {device.type}); set model.moe.latent_size=null")
 
 
-def moe_config(model: ModelConfig, parallel: ParallelConfig) -> dict:
+def moe_config(model: ModelConfig, parallel: ParallelConfig, on_gpu: bool, fp8: bool) -> dict:
     """megatron-core's TransformerConfig `moe_*` fields for the `E` layers (none without them)."""
     if MOE not in model.parsed_pattern().layers:
         return {}
     moe = model.moe
+    fused = {}
+    if on_gpu:
+        # Transformer Engine's fused top-k/score/aux-loss kernels and token permutation: the unfused
+        # router and permute are chains of small ops that cost several % of a bench_moe step.
+        fused = dict(moe_permute_fusion=True, moe_router_fusion=True)
+        if fp8 and moe.token_dispatcher == "alltoall":
+            # Route a multiple of 16 tokens to each expert, as FP8 GEMMs need, in the routing map
+            # instead of padding and unpadding every expert's input inside the grouped MLP.
+            fused["moe_router_padding_for_quantization"] = True
     return dict(
+        **fused,
         num_moe_experts=moe.num_experts,
         moe_ffn_hidden_size=moe.ffn_hidden_size,
         moe_shared_expert_intermediate_size=moe.shared_ffn_hidden_size or None,
@@ -100,6 +110,25 @@ def moe_config(model: ModelConfig, parallel: ParallelConfig) -> dict:
     )
 
 
+def graphed_modules(model: ModelConfig, precision: PrecisionConfig) -> list[str]:
+    """What `train.cuda_graphs` captures: whole layers, or, with `E` layers, every static part.
+
+    A dropless MoE layer's expert computation has a data-dependent shape, so megatron-core graphs
+    only the router there (and the dispatcher's preprocessing unless FP8 padding syncs with the host
+    in it); Mamba and attention layers are captured whole. Dense FFN (`-`) layers beside `E` layers
+    stay eager: megatron-core 0.19 refuses the "mlp" scope when `moe_layer_freq` is 1, which it always
+    is for hybrid models (the pattern places the MoE layers).
+    """
+    layers = model.parsed_pattern().layers
+    if MOE not in layers:
+        return []
+    modules = [name for symbol, name in ((MAMBA, "mamba"), (ATTENTION, "attn")) if symbol in layers]
+    modules.append("moe_router")
+    if not (precision.fp8 and model.moe.token_dispatcher == "alltoall"):
+        modules.append("moe_preprocess")
+    return modules
+
+
 def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, device: torch.device, vp: int | None,
     cuda_graphs: bool = False, fused_cross_entropy: bool = False,
@@ -116,7 +145,8 @@ def transformer_config(
         # "local": megatron-core's own per-layer graphs, the implementation whose graph inputs may be a
         # PackedSeqParams (Transformer Engine's make_graphed_callables path takes no packed sequences).
         # An empty module list graphs whole layers. The RNG tracker must be graph-safe (build_model).
-        graphs.update(cuda_graph_impl="local", cuda_graph_modules=[], use_te_rng_tracker=True)
+        graphs.update(cuda_graph_impl="local", cuda_graph_modules=graphed_modules(model, precision),
+                      use_te_rng_tracker=True)
     fp8 = {}
     if precision.fp8:
         fp8 = dict(
@@ -170,7 +200,7 @@ def transformer_config(
         # previous and next rank are the same process and batched sends in both directions can be
         # received swapped. The unbatched path puts the two directions on different groups.
         batch_p2p_comm=on_gpu,
-        **moe_config(model, parallel),
+        **moe_config(model, parallel, on_gpu, bool(precision.fp8)),
         **fp8,
         **graphs,
     )
