@@ -6,7 +6,8 @@ tests/distributed/test_import_megatron.py as the source to import.
     python tests/distributed/worker_megatron_lm.py OUT_DIR [megatron flags...]          # TP1/PP1
     torchrun --nproc_per_node=4 tests/distributed/worker_megatron_lm.py OUT_DIR --tensor-model-parallel-size 2 ...
 
-Writes OUT_DIR/ckpt (the Megatron-LM save dir) and OUT_DIR/reference.pt (rank 0): the batch that
+Writes OUT_DIR/ckpt (the Megatron-LM save dir), the same weights as NeMo 2 stores them (NEMO_DIR/weights)
+and OUT_DIR/reference.pt (rank 0): the batch that
 follows the saved iteration and the loss megatron's forward gives on it at the saved weights, and the
 loss after one more step on it (the optimizer continuing).
 
@@ -36,13 +37,14 @@ TINY_FLAGS = [
     "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "10",
     "--lr", "1e-3", "--min-lr", "1e-3", "--lr-decay-style", "constant", "--weight-decay", "0.1",
     "--clip-grad", "1.0", "--init-method-std", "0.02",
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", "1000",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "4095",
     "--ckpt-format", "torch_dist", "--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable",
     "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
     "--no-bias-dropout-fusion", "--use-cpu-initialization",
     "--transformer-impl", "local", "--seed", "1234", "--save-interval", "2",
 ]
 STEPS = 2
+NEMO_DIR = f"nemo/tiny--val_loss=7.0-step={STEPS}-consumed_samples=8"
 MICRO = 2
 """Optimizer steps before the save (the Adam moments are then not trivial)."""
 
@@ -83,7 +85,7 @@ def main(out: Path, flags: list[str]) -> None:
             mamba_num_heads=args.mamba_num_heads, mamba_head_dim=args.mamba_head_dim,
             mamba_num_groups=args.mamba_num_groups, mamba_state_dim=args.mamba_state_dim,
             vocab_size=args.padded_vocab_size, make_vocab_size_divisible_by=args.padded_vocab_size,
-            seq_length=args.seq_length, mamba_chunk_size=16,
+            seq_length=args.seq_length, mamba_chunk_size=128,
         )
         chunks = build_model(model, parallel, PrecisionConfig(name="fp32", params_dtype="fp32"), args.seed,
                              torch.device("cpu"))
@@ -103,6 +105,7 @@ def main(out: Path, flags: list[str]) -> None:
             if step < STEPS:
                 scheduler.step(args.global_batch_size)
         save_checkpoint(STEPS, ddp, optimizer, scheduler, 0)
+        save_nemo_weights(chunks[0], out / NEMO_DIR / "weights")
         # The loss on the next batch at the saved weights, then after one more step on it.
         next_loss = loss
         train_step(ddp, optimizer, batch(STEPS, args, dp_rank), update=True)
@@ -110,6 +113,19 @@ def main(out: Path, flags: list[str]) -> None:
         if torch.distributed.get_rank() == 0:
             torch.save({"loss": next_loss, "loss_after_step": after, "step": STEPS,
                         "batches": [batch(s, args, 0) for s in (STEPS, STEPS + 1)]}, out / "reference.pt")
+
+
+def save_nemo_weights(model, weights: Path) -> None:
+    """The same weights as NeMo 2 stores them: torch_dist, every key prefixed `module.` (no optimizer:
+    NeMo 2 recipes save it in the fully_sharded_model_space format)."""
+    from megatron.core import dist_checkpointing
+
+    from pipeline.migrate.import_ import with_prefix
+
+    if torch.distributed.get_rank() == 0:
+        weights.mkdir(parents=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(with_prefix({"model": model.sharded_state_dict()}, "module."), str(weights))
 
 
 def train_step(ddp, optimizer, tokens_labels, update: bool) -> float | None:
@@ -150,7 +166,61 @@ def train_step(ddp, optimizer, tokens_labels, update: bool) -> float | None:
     return loss if module is not None else None
 
 
+def check(imported: Path, reference: Path, result: Path, overrides: list[str]) -> None:
+    """Resume the import as `run_dir=` does (pipeline.training.state) at the layout of `overrides`, run
+    the pipeline's own train step on the reference batch and evaluate the next one; write both losses
+    (rank 0) to `result` as JSON."""
+    import json
+
+    from megatron.core import parallel_state
+
+    from pipeline.config import load_run_config
+    from pipeline.distributed import distributed
+    from pipeline.model.build import virtual_stages
+    from pipeline.training.batches import ModelInputs
+    from pipeline.training.optim import build_optimizer, build_scheduler
+    from pipeline.training.prepare import build_training_chunks
+    from pipeline.training.state import pick_checkpoint, resume
+    from pipeline.training.step import eval_step, train_step
+
+    ref = torch.load(reference)
+    name = next((imported / "model").glob("*.yaml")).stem
+    run = load_run_config([f"hydra.searchpath=[file://{imported}]", f"model={name}", f"run_dir={imported}",
+                           "precision=fp32", *RESUME_OPTIM, *overrides])
+
+    class Log:
+        def info(self, message):
+            print(message, flush=True)
+
+    with distributed(run.parallel, virtual_stages(run.model, run.parallel), "cpu") as world:
+        chunks = build_training_chunks(run.model, run.parallel, run.precision, run.train, world.device)
+        optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
+        scheduler = build_scheduler(optimizer, run.optim, run.train.iters)
+        state = resume(run, pick_checkpoint(run, world), chunks, optimizer, scheduler, world, Log())
+        dp, dp_rank = world.dp, parallel_state.get_data_parallel_rank()
+
+        def inputs(tokens, labels):
+            mine = zip(tokens.chunk(dp)[dp_rank].split(MICRO), labels.chunk(dp)[dp_rank].split(MICRO), strict=True)
+            return [ModelInputs(t, torch.arange(t.shape[1]).expand_as(t), lab, torch.ones_like(lab, dtype=torch.float),
+                                None) for t, lab in mine]
+
+        first = train_step(chunks, optimizer, scheduler, inputs(*ref["batches"][0]), world.device)
+        after = eval_step(chunks, inputs(*ref["batches"][1]), world.device)["lm loss"]
+        if world.rank == 0:
+            result.write_text(json.dumps({"step": state.step, "loss": first.loss, "loss_after_step": after}))
+
+
+RESUME_OPTIM = ["optim.lr=1e-3", "optim.min_lr=1e-3", "optim.schedule=constant", "optim.warmup_iters=0",
+                "optim.weight_decay=0.1", "optim.clip_grad=1.0", "optim.beta1=0.9", "optim.beta2=0.999",
+                "optim.eps=1e-8", "train.global_batch_size=4", f"train.micro_batch_size={MICRO}", "train.iters=10",
+                "train.seq_length=64"]
+"""The fixture's optimizer settings (TINY_FLAGS), for the step after the import."""
+
+
 if __name__ == "__main__":
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("RANK", "0")
-    main(Path(sys.argv[1]), sys.argv[2:])
+    if sys.argv[1] == "check":
+        check(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5:])
+    else:
+        main(Path(sys.argv[1]), sys.argv[2:])
