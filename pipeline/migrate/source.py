@@ -343,8 +343,10 @@ def open_source(path: str | Path, kind: str | None = None, name: str = "imported
     if kind not in KINDS:
         raise ConversionError(f"--source-kind={kind!r}; use one of {', '.join(KINDS)}")
     if kind == "nemo2":
-        ckpt_dir, iteration = path / "weights", 0
-        prefix, config_file = "module.", path / "context" / "model.yaml"
+        ckpt_dir, prefix, config_file = path / "weights", "module.", path / "context" / "model.yaml"
+        if not ckpt_dir.is_dir():
+            raise ConversionError(f"{path} has no weights/: not a NeMo 2 checkpoint (--source-kind {kind})")
+        # NeMo 2 names its checkpoints ...-step=N-consumed_samples=M; the weights do not record N.
         step = re.search(r"step=(\d+)", path.name)
         iteration = int(step.group(1)) if step else 0
     else:
