@@ -19,7 +19,7 @@ WORKER = str(REPO / "tests" / "distributed" / "worker_megatron_lm.py")
 def megatron_tp1(tmp_path_factory):
     """A Megatron-LM save dir at TP1/PP1 after 2 steps, and megatron's losses on the next batches."""
     root = tmp_path_factory.mktemp("megatron_tp1")
-    run_cpu([sys.executable, WORKER, str(root)])
+    run_cpu([sys.executable, WORKER, str(root), "--dist-ckpt-optim-fully-reshardable"])
     return root
 
 
@@ -77,3 +77,25 @@ def source_tensor(ckpt_dir, key: str, like: torch.Tensor) -> torch.Tensor:
     with safe_checkpoint_loading():
         dcp.load({key: buffer}, checkpoint_id=str(ckpt_dir), no_dist=True)
     return buffer
+
+
+@pytest.fixture(scope="module")
+def megatron_tp2pp2(tmp_path_factory):
+    """A Megatron-LM save dir at TP2/PP2, with Megatron-LM's default optimizer format (dp_reshardable)."""
+    root = tmp_path_factory.mktemp("megatron_tp2pp2")
+    run_cpu([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", WORKER, str(root),
+             "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+             "--hybrid-layer-pattern", "M-M*|-M-"])
+    return root
+
+
+def test_tp2pp2_weights_start_a_tp1_run(megatron_tp2pp2, tmp_path):
+    proc = import_cli(megatron_tp2pp2 / "ckpt", tmp_path / "imported")
+    # dp_reshardable optimizer state loads only at the layout that wrote it.
+    assert "dp_reshardable format, which loads only at its own layout" in proc.stdout, proc.stdout
+    assert f"checkpoint.init_from={tmp_path / 'imported'}" in proc.stdout, proc.stdout
+    meta = CheckpointMeta.read(tmp_path / "imported" / "checkpoints" / "step_0000002")
+    assert meta.weights_only and meta.model["pattern"] == "M-M*-M-"
+    ref = torch.load(megatron_tp2pp2 / "reference.pt")
+    got = step_after_import(tmp_path / "imported", megatron_tp2pp2 / "reference.pt", tmp_path / "r.json", 1)
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6, abs=0)

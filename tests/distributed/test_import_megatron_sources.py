@@ -34,7 +34,7 @@ MODEL_CONFIG = {  # the fixture's model as megatron TransformerConfig fields (Ne
 def fixture(tmp_path_factory):
     """The genuine Megatron-LM save dir, its weights NeMo-2-style, and a Bridge-shaped copy."""
     root = tmp_path_factory.mktemp("sources")
-    run_cpu([sys.executable, WORKER, str(root)])
+    run_cpu([sys.executable, WORKER, str(root), "--dist-ckpt-optim-fully-reshardable"])
     nemo = root / NEMO_DIR
     (nemo / "context").mkdir()
     (nemo / "context" / "model.yaml").write_text(yaml.safe_dump(

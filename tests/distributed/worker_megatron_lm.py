@@ -4,7 +4,9 @@ of a run: a tiny hybrid model, a few AdamW steps on fixed batches, then the save
 tests/distributed/test_import_megatron.py as the source to import.
 
     python tests/distributed/worker_megatron_lm.py OUT_DIR [megatron flags...]          # TP1/PP1
-    torchrun --nproc_per_node=4 tests/distributed/worker_megatron_lm.py OUT_DIR --tensor-model-parallel-size 2 ...
+    torchrun --nproc_per_node=4 tests/distributed/worker_megatron_lm.py OUT_DIR --tensor-model-parallel-size 2 \
+        --pipeline-model-parallel-size 2 --hybrid-layer-pattern "M-M*|-M-"
+    python tests/distributed/worker_megatron_lm.py check IMPORTED REFERENCE RESULT [overrides...]
 
 Writes OUT_DIR/ckpt (the Megatron-LM save dir), the same weights as NeMo 2 stores them (NEMO_DIR/weights)
 and OUT_DIR/reference.pt (rank 0): the batch that
@@ -14,7 +16,7 @@ loss after one more step on it (the optimizer continuing).
 The model is the pipeline's portable HybridModel (same parameter names and checkpoint keys as
 megatron's TE spec), built at the layout the flags name. megatron/training assumes a GPU in two
 places the save passes: `torch.cuda.get_rng_state` (the RNG state it stores; a CPU stand-in here) and
-the CUDA RNG tracker's states (empty on CPU).
+the CUDA RNG tracker's states (empty on CPU); and validate_args asks the GPU's architecture when tp > 1.
 """
 
 import os
@@ -38,7 +40,7 @@ TINY_FLAGS = [
     "--lr", "1e-3", "--min-lr", "1e-3", "--lr-decay-style", "constant", "--weight-decay", "0.1",
     "--clip-grad", "1.0", "--init-method-std", "0.02",
     "--tokenizer-type", "NullTokenizer", "--vocab-size", "4095",
-    "--ckpt-format", "torch_dist", "--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable",
+    "--ckpt-format", "torch_dist", "--use-distributed-optimizer",
     "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
     "--no-bias-dropout-fusion", "--use-cpu-initialization",
     "--transformer-impl", "local", "--seed", "1234", "--save-interval", "2",
@@ -62,6 +64,7 @@ def main(out: Path, flags: list[str]) -> None:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.training import arguments
     from megatron.training.arguments import parse_args, validate_args
     from megatron.training.checkpointing import save_checkpoint
     from megatron.training.global_vars import set_global_variables
@@ -72,6 +75,8 @@ def main(out: Path, flags: list[str]) -> None:
     from pipeline.model.precision import PrecisionConfig
 
     sys.argv = ["pretrain_hybrid.py", *TINY_FLAGS, "--save", str(out / "ckpt"), *flags]
+    # validate_args asks the GPU's architecture with tp > 1 (only to choose what to warn about).
+    arguments.get_device_arch_version = lambda: 9
     args = parse_args()
     validate_args(args, {})
     set_global_variables(args, build_tokenizer=True)  # pads the vocabulary as Megatron-LM does (128 * TP)
@@ -110,7 +115,9 @@ def main(out: Path, flags: list[str]) -> None:
         next_loss = loss
         train_step(ddp, optimizer, batch(STEPS, args, dp_rank), update=True)
         after = train_step(ddp, optimizer, batch(STEPS + 1, args, dp_rank), update=False)
-        if torch.distributed.get_rank() == 0:
+        writer = (parallel_state.is_pipeline_last_stage(ignore_virtual=True) and dp_rank == 0
+                  and parallel_state.get_tensor_model_parallel_rank() == 0)
+        if writer:  # the losses are known on the last stage
             torch.save({"loss": next_loss, "loss_after_step": after, "step": STEPS,
                         "batches": [batch(s, args, 0) for s in (STEPS, STEPS + 1)]}, out / "reference.pt")
 
@@ -167,13 +174,15 @@ def train_step(ddp, optimizer, tokens_labels, update: bool) -> float | None:
 
 
 def check(imported: Path, reference: Path, result: Path, overrides: list[str]) -> None:
-    """Resume the import as `run_dir=` does (pipeline.training.state) at the layout of `overrides`, run
+    """Resume the import as `run_dir=` does (pipeline.training.state; a weights-only import: start from it
+    as `checkpoint.init_from=` does) at the layout of `overrides`, run
     the pipeline's own train step on the reference batch and evaluate the next one; write both losses
     (rank 0) to `result` as JSON."""
     import json
 
     from megatron.core import parallel_state
 
+    from pipeline.checkpoint import latest_checkpoint, read_meta
     from pipeline.config import load_run_config
     from pipeline.distributed import distributed
     from pipeline.model.build import virtual_stages
@@ -185,7 +194,11 @@ def check(imported: Path, reference: Path, result: Path, overrides: list[str]) -
 
     ref = torch.load(reference)
     name = next((imported / "model").glob("*.yaml")).stem
-    run = load_run_config([f"hydra.searchpath=[file://{imported}]", f"model={name}", f"run_dir={imported}",
+    # A weights-only import is started from (checkpoint.init_from), a full one resumed (run_dir).
+    weights_only = read_meta(latest_checkpoint(imported / "checkpoints")).weights_only
+    start = [f"run_dir={result.parent / 'run'}", f"checkpoint.init_from={imported}"] if weights_only else [
+        f"run_dir={imported}"]
+    run = load_run_config([f"hydra.searchpath=[file://{imported}]", f"model={name}", *start,
                            "precision=fp32", *RESUME_OPTIM, *overrides])
 
     class Log:
@@ -220,6 +233,7 @@ RESUME_OPTIM = ["optim.lr=1e-3", "optim.min_lr=1e-3", "optim.schedule=constant",
 if __name__ == "__main__":
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # what Megatron-LM's launch scripts set for tp > 1
     if sys.argv[1] == "check":
         check(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5:])
     else:
