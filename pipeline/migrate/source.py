@@ -150,6 +150,10 @@ def _check_format(ckpt_dir: Path) -> None:
             f"{ckpt_dir} holds legacy per-rank files ({legacy[0]}/: ckpt_format=torch); convert it to torch_dist "
             f"with Megatron-LM (--ckpt-convert-format torch_dist) and import that"
         )
+    if (ckpt_dir / "modelopt_state").exists():
+        # ModelOpt saves its quantizer / distillation state beside the weights (modelopt_state/).
+        raise ConversionError(f"{ckpt_dir} has modelopt_state/: a quantized (or otherwise ModelOpt-converted) "
+                              f"model; import the checkpoint from before ModelOpt")
     meta = ckpt_dir / "metadata.json"
     if not meta.is_file():
         # megatron's dist_checkpointing writes metadata.json; plain torch DCP (torch_dcp, fsdp_dtensor) does not.

@@ -148,6 +148,8 @@ def common_state(ckpt_dir):
     ("zarr", "zarr"),
     ("fsdp_dtensor", "fsdp_dtensor"),
     ("extra_tensor", "decoder.layers.1.mlp.linear_fc1.bias"),
+    ("fp8_tensor", "quantized"),
+    ("modelopt", "modelopt_state"),
 ])
 def test_megatron_lm_checkpoint_it_cannot_represent_is_refused(fixture, tmp_path, capsys, change, field):
     ckpt = megatron_copy(fixture, tmp_path)
@@ -167,6 +169,8 @@ def test_megatron_lm_checkpoint_it_cannot_represent_is_refused(fixture, tmp_path
         (iter_dir / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr", "sharded_backend_version": 1}))
     elif change == "fsdp_dtensor":
         (iter_dir / "metadata.json").unlink()
+    elif change == "modelopt":
+        (iter_dir / "modelopt_state").mkdir()
     else:
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -174,7 +178,10 @@ def test_megatron_lm_checkpoint_it_cannot_represent_is_refused(fixture, tmp_path
         metadata = FileSystemReader(str(iter_dir)).read_metadata()
         norm = metadata.state_dict_metadata["decoder.layers.1.mlp.linear_fc1.layer_norm_weight"]
         assert isinstance(norm, TensorStorageMetadata)
-        metadata.state_dict_metadata[field] = norm
+        if change == "fp8_tensor":
+            norm.properties.dtype = torch.float8_e4m3fn
+        else:
+            metadata.state_dict_metadata[field] = norm
         with open(iter_dir / ".metadata", "wb") as f:
             pickle.dump(metadata, f)
     error = refused(capsys, ckpt, tmp_path / "out")
