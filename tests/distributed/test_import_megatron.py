@@ -50,8 +50,15 @@ def test_same_layout_continues_bit_equal(megatron_tp1, tmp_path):
     # Same layout, same kernels, same fp32 arithmetic: the forward and the AdamW step are megatron's.
     assert got["loss"] == ref["loss"], (got, ref["loss"])
     assert got["loss_after_step"] == ref["loss_after_step"], (got, ref["loss_after_step"])
+    # The command the import prints, as a user runs it: training resumes at the source's iteration.
+    proc = run_cpu([sys.executable, "-m", "pipeline.train", f"hydra.searchpath=[file://{tmp_path / 'imported'}]",
+                    "model=from_megatron", f"run_dir={tmp_path / 'imported'}", "train.iters=3", "train.seq_length=64",
+                    "train.eval_interval=0", "precision=fp32", "checkpoint.save_at_end=false"])
+    assert f"resumed from {step} at step 2" in proc.stdout, proc.stdout[-2000:]
+    assert "[train 3] loss" in proc.stdout, proc.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_tp2_import_continues_the_megatron_run(megatron_tp1, tmp_path):
     import_cli(megatron_tp1 / "ckpt", tmp_path / "imported", "parallel.tp=2")
     step = tmp_path / "imported" / "checkpoints" / "step_0000002"
@@ -89,6 +96,7 @@ def megatron_tp2pp2(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_tp2pp2_weights_start_a_tp1_run(megatron_tp2pp2, tmp_path):
     proc = import_cli(megatron_tp2pp2 / "ckpt", tmp_path / "imported")
     # dp_reshardable optimizer state loads only at the layout that wrote it.
