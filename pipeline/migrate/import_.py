@@ -5,6 +5,8 @@
 writes
     OUT_DIR/checkpoints/step_N/   N = the source's iteration; meta.json records the source
     OUT_DIR/model/NAME.yaml       the model config, a Hydra `model` option
+    OUT_DIR/tokenizer/            the tokenizer files a Bridge (tokenizer/) or NeMo 2 (context/nemo_tokenizer/)
+                                  checkpoint carries
 
 With the optimizer state (a `fully_reshardable` distributed-optimizer state, and no --weights-only)
 OUT_DIR is a run directory that training resumes like one of its own, at any layout:
@@ -112,9 +114,9 @@ def load_source(source: Source, sharded_state: dict) -> dict:
         raise CheckpointError(f"cannot load {source.ckpt_dir}: {type(exc).__name__}: {first}") from exc
 
 
-def save_imported(run, source: Source, tmp_root: Path, with_optimizer: bool) -> None:
+def save_imported(run, source: Source, tmp_root: Path, with_optimizer: bool, tokenizer: str | None) -> None:
     """All ranks: build the model (and optimizer) at run.parallel, load the source into them and save
-    checkpoint step_<iteration> under tmp_root/checkpoints."""
+    checkpoint step_<iteration> under tmp_root/checkpoints (its meta.json names `tokenizer`)."""
     from omegaconf import OmegaConf
 
     from pipeline import checkpoint as ckpt
@@ -128,8 +130,8 @@ def save_imported(run, source: Source, tmp_root: Path, with_optimizer: bool) -> 
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
         state = TrainState(step=source.iteration)
         meta = dataclasses.replace(
-            # The source's tokenizer is not the pipeline's default: training names one (data.tokenizer).
-            checkpoint_meta(run, state, world), tokenizer=None, weights_only=not with_optimizer,
+            # The source's tokenizer, if it carries one; never the pipeline's default data.tokenizer.
+            checkpoint_meta(run, state, world), tokenizer=tokenizer, weights_only=not with_optimizer,
             source=str(source.path.resolve()), imported_from=source.record(),
         )
         if not with_optimizer:
@@ -180,7 +182,7 @@ def import_megatron(
     """Import SRC into OUT_DIR (module docstring). Every check runs before anything is written; on
     failure OUT_DIR is untouched."""
     from pipeline.hf.export import check_out_dir
-    from pipeline.hf.import_ import default_name
+    from pipeline.hf.import_ import copy_tokenizer, default_name
 
     src = Path(src)
     source = open_source(src, source_kind, name or default_name(src if src.name != "weights" else src.parent))
@@ -194,12 +196,19 @@ def import_megatron(
         notes.append(f"{src} has {what}: imported the weights only; start from them with checkpoint.init_from")
     tmp = temporary_sibling(out_dir)
     try:
+        tokenizer = None
+        if source.tokenizer_dir is not None:
+            usable, tok_notes = copy_tokenizer(source.tokenizer_dir, tmp / "tokenizer", source.model)
+            tokenizer, notes = (str(out_dir / "tokenizer") if usable else None), notes + tok_notes
+        else:
+            notes.append(f"{src} carries no tokenizer files; give the run's tokenizer at training time "
+                         f"(data.tokenizer)")
         nproc = run.parallel.tp * run.parallel.pp
         if nproc == 1:
-            save_imported(run, source, tmp, with_optimizer)
+            save_imported(run, source, tmp, with_optimizer, tokenizer)
         else:
             _launch_workers(nproc, [str(src), str(tmp), str(out_dir), source.kind, source.model.name,
-                                    "1" if with_optimizer else "0", *overrides])
+                                    "1" if with_optimizer else "0", tokenizer or "-", *overrides])
         write_model_option(source.model, tmp, f"Imported from {source.kind} checkpoint {source.path.resolve()} "
                                               f"(iteration {source.iteration}) by pipeline/convert.py import-megatron.")
         replace_dir(tmp, out_dir)
@@ -213,12 +222,13 @@ def import_megatron(
 
 
 def main(argv: list[str]) -> None:
-    """torchrun worker: SRC TMP_ROOT FINAL_ROOT KIND NAME WITH_OPTIMIZER [overrides...] (from `import_megatron`)."""
-    src, tmp_root, final_root, kind, name, with_optimizer, *overrides = argv
+    """torchrun worker: SRC TMP_ROOT FINAL_ROOT KIND NAME WITH_OPTIMIZER TOKENIZER|- [overrides...] (from
+    `import_megatron`)."""
+    src, tmp_root, final_root, kind, name, with_optimizer, tokenizer, *overrides = argv
     try:
         source = open_source(Path(src), kind, name)
         run = import_run_config(source, overrides, Path(final_root))
-        save_imported(run, source, Path(tmp_root), with_optimizer == "1")
+        save_imported(run, source, Path(tmp_root), with_optimizer == "1", None if tokenizer == "-" else tokenizer)
     except PipelineError as error:  # one line for `_launch_workers` to pass on
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)

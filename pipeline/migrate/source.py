@@ -104,6 +104,8 @@ class Source:
     global_batch_size: int | None = None
     consumed_samples: int = 0
     notes: list[str] = field(default_factory=list)
+    tokenizer_dir: Path | None = None
+    """The tokenizer files the checkpoint carries (Bridge `tokenizer/`, NeMo 2 `context/nemo_tokenizer/`)."""
     renamed: dict[str, str] = field(default_factory=dict)
     """The pipeline's sharded key -> the source's, where the source names a tensor differently (ALIASES)."""
 
@@ -413,7 +415,9 @@ def open_source(path: str | Path, kind: str | None = None, name: str = "imported
     model = model_from_fields(fields, shapes[embedding][0][0], name, where)
     renamed = check_weights(model, shapes, prefix, ckpt_dir)
     precision = "bf16" if fields.get("bf16") else "fp32"
+    tokenizers = [ckpt_dir / "tokenizer", path / "context" / "nemo_tokenizer"]
     return Source(
+        tokenizer_dir=next((d for d in tokenizers if d.is_dir()), None),
         kind=kind, path=path, ckpt_dir=ckpt_dir, iteration=int(iteration), model=model, precision=precision,
         prefix=prefix, optimizer_format=_optimizer_format(common),
         global_batch_size=fields.get("global_batch_size"),

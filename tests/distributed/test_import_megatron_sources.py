@@ -44,6 +44,7 @@ def fixture(tmp_path_factory):
     bridge = root / "bridge"
     shutil.copytree(root / "ckpt", bridge)
     write_run_config(bridge / ITER, MODEL_CONFIG)
+    shutil.copytree(REPO / "data" / "build" / "tokenizer", bridge / ITER / "tokenizer")  # the test corpus's
     return root
 
 
@@ -72,12 +73,14 @@ def test_nemo2_and_bridge_shapes_import_the_same_weights(fixture, tmp_path, caps
     out = capsys.readouterr().out
     assert "has no optimizer state: imported the weights only" in out, out
     cli(fixture / "bridge", tmp_path / "bridge")
+    assert (tmp_path / "bridge" / "tokenizer" / "tokenizer.json").is_file()
     reference = CheckpointTensors(tmp_path / "megatron" / "checkpoints" / f"step_{2:07d}")
     assert reference.meta.weights_only and reference.meta.imported_from["kind"] == "megatron-lm"
     for kind, resumable in (("nemo", False), ("bridge", True)):
         imported = CheckpointTensors(tmp_path / kind / "checkpoints" / f"step_{2:07d}")
         assert imported.meta.imported_from["kind"] == {"nemo": "nemo2", "bridge": "bridge"}[kind]
         assert imported.meta.weights_only is not resumable and imported.meta.step == 2
+        assert imported.meta.tokenizer == (str(tmp_path / "bridge" / "tokenizer") if resumable else None)
         for key in reference.shapes:
             assert torch.equal(imported.get(key), reference.get(key)), (kind, key)
 
