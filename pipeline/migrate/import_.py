@@ -99,9 +99,9 @@ def load_source(source: Source, sharded_state: dict) -> dict:
 
     from pipeline.checkpoint import safe_checkpoint_loading
     from pipeline.checkpoint.load import drop_missing_extra_state
-    from pipeline.migrate.source import _tensor_shapes
+    from pipeline.migrate.source import tensor_shapes
 
-    keys = set(_tensor_shapes(source.ckpt_dir))
+    keys = set(tensor_shapes(source.ckpt_dir))
     sharded_state = drop_missing_extra_state(source_keys(sharded_state, source.prefix, source.renamed), keys)
     try:
         with safe_checkpoint_loading():
@@ -194,6 +194,11 @@ def import_megatron(
         what = ("no optimizer state" if source.optimizer_format is None else
                 f"optimizer state in the {source.optimizer_format} format, which loads only at its own layout")
         notes.append(f"{src} has {what}: imported the weights only; start from them with checkpoint.init_from")
+    if with_optimizer and source.training:
+        # The import saves with the pipeline's defaults; the resumed run takes optim.* and train.* from
+        # its own command line, so say what continues the source's optimisation.
+        notes.append("the source trained with " + " ".join(f"{k}={v}" for k, v in source.training.items())
+                     + "; give the same overrides to continue its optimisation")
     tmp = temporary_sibling(out_dir)
     try:
         tokenizer = None

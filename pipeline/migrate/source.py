@@ -104,6 +104,8 @@ class Source:
     global_batch_size: int | None = None
     consumed_samples: int = 0
     notes: list[str] = field(default_factory=list)
+    training: dict = field(default_factory=dict)
+    """The source's optimizer and batch settings as pipeline overrides (`optim.lr`: ...), where known."""
     tokenizer_dir: Path | None = None
     """The tokenizer files the checkpoint carries (Bridge `tokenizer/`, NeMo 2 `context/nemo_tokenizer/`)."""
     renamed: dict[str, str] = field(default_factory=dict)
@@ -221,7 +223,7 @@ def check_weights(model: ModelConfig, shapes: dict, prefix: str, ckpt_dir: Path)
     return renamed
 
 
-def _tensor_shapes(ckpt_dir: Path) -> dict[str, tuple[tuple[int, ...], object]]:
+def tensor_shapes(ckpt_dir: Path) -> dict[str, tuple[tuple[int, ...], object]]:
     """{key: (shape, dtype)} of every tensor in the checkpoint, from `.metadata` (allow-listed unpickler)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -359,6 +361,12 @@ def model_from_fields(f: dict, padded_vocab: int, name: str, where: str) -> Mode
     )
 
 
+# Megatron-LM args -> the pipeline override that continues the same optimisation.
+TRAINING_ARGS = {"lr": "optim.lr", "min_lr": "optim.min_lr", "adam_beta1": "optim.beta1", "adam_beta2": "optim.beta2",
+                 "adam_eps": "optim.eps", "weight_decay": "optim.weight_decay", "clip_grad": "optim.clip_grad",
+                 "global_batch_size": "train.global_batch_size", "train_iters": "train.iters"}
+
+
 def _optimizer_format(common: dict) -> str | None:
     """The distributed optimizer's sharding type recorded in the common state (None: no optimizer)."""
     optimizer = common.get("optimizer")
@@ -390,13 +398,15 @@ def open_source(path: str | Path, kind: str | None = None, name: str = "imported
             iteration, ckpt_dir = _iteration_dir(path)
         prefix, config_file = "", ckpt_dir / "run_config.yaml"
     _check_format(ckpt_dir)
-    shapes = _tensor_shapes(ckpt_dir)
+    shapes = tensor_shapes(ckpt_dir)
     common = read_common_state(ckpt_dir)
+    training = {}
     if kind == "megatron-lm":
         if common.get("args") is None:
             raise ConversionError(f"{ckpt_dir} stores no args; it was not written by Megatron-LM (try --source-kind)")
         fields, where = fields_from_args(common["args"]), f"{ckpt_dir} args"
         iteration = common.get("iteration", iteration)
+        training = {o: fields[a] for a, o in TRAINING_ARGS.items() if fields.get(a) is not None}
     elif kind == "bridge":
         fields, where = fields_from_config(_yaml(config_file, "model"), config_file), str(config_file)
         iteration = common.get("iteration", iteration)
@@ -421,5 +431,5 @@ def open_source(path: str | Path, kind: str | None = None, name: str = "imported
         kind=kind, path=path, ckpt_dir=ckpt_dir, iteration=int(iteration), model=model, precision=precision,
         prefix=prefix, optimizer_format=_optimizer_format(common),
         global_batch_size=fields.get("global_batch_size"),
-        consumed_samples=int(fields.get("consumed_train_samples") or 0), renamed=renamed,
+        consumed_samples=int(fields.get("consumed_train_samples") or 0), renamed=renamed, training=training,
     )

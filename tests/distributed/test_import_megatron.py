@@ -39,6 +39,8 @@ def test_same_layout_continues_bit_equal(megatron_tp1, tmp_path):
     proc = import_cli(megatron_tp1 / "ckpt", tmp_path / "imported", "--name", "from_megatron")
     assert "(weights and optimizer state)" in proc.stdout, proc.stdout
     assert f"run_dir={tmp_path / 'imported'}" in proc.stdout, proc.stdout
+    assert "the source trained with optim.lr=0.001 optim.min_lr=0.001 optim.beta1=0.9 optim.beta2=0.999" \
+        in proc.stdout, proc.stdout
     step = tmp_path / "imported" / "checkpoints" / "step_0000002"
     meta = CheckpointMeta.read(step)
     assert not meta.weights_only and meta.step == 2
