@@ -74,15 +74,11 @@ def moe_config(model: ModelConfig, parallel: ParallelConfig, on_gpu: bool, fp8: 
     if MOE not in model.parsed_pattern().layers:
         return {}
     moe = model.moe
-    fused = {}
-    if on_gpu:
-        # Transformer Engine's fused top-k/score/aux-loss kernels and token permutation: the unfused
-        # router and permute are chains of small ops that cost several % of a bench_moe step.
-        fused = dict(moe_permute_fusion=True, moe_router_fusion=True)
-        if fp8 and moe.token_dispatcher == "alltoall":
-            # Route a multiple of 16 tokens to each expert, as FP8 GEMMs need, in the routing map
-            # instead of padding and unpadding every expert's input inside the grouped MLP.
-            fused["moe_router_padding_for_quantization"] = True
+    # Transformer Engine's fused token permutation on GPU: the unfused permute is a chain of small
+    # ops that costs several % of a bench_moe step. The fused router and FP8 routing-map padding
+    # stay off, as in Megatron-Bridge's H100 Nemotron 3 Nano recipe: with FP8 they failed the
+    # backward on an H100 (an in-place write to the routing map autograd still needed).
+    fused = dict(moe_permute_fusion=True) if on_gpu else {}
     return dict(
         **fused,
         num_moe_experts=moe.num_experts,
@@ -110,21 +106,21 @@ def moe_config(model: ModelConfig, parallel: ParallelConfig, on_gpu: bool, fp8: 
     )
 
 
-def graphed_modules(model: ModelConfig, precision: PrecisionConfig) -> list[str]:
+def graphed_modules(model: ModelConfig) -> list[str]:
     """What `train.cuda_graphs` captures: whole layers, or, with `E` layers, every static part.
 
     A dropless MoE layer's expert computation has a data-dependent shape, so megatron-core graphs
-    only the router there (and the dispatcher's preprocessing unless FP8 padding syncs with the host
-    in it); Mamba and attention layers are captured whole. Dense FFN (`-`) layers beside `E` layers
-    stay eager: megatron-core 0.19 refuses the "mlp" scope when `moe_layer_freq` is 1, which it always
-    is for hybrid models (the pattern places the MoE layers).
+    only the router there (and the dispatcher's preprocessing unless a capacity factor makes it sync
+    with the host before the permutation); Mamba and attention layers are captured whole. Dense FFN
+    (`-`) layers beside `E` layers stay eager: megatron-core 0.19 refuses the "mlp" scope when
+    `moe_layer_freq` is 1, which it always is for hybrid models (the pattern places the MoE layers).
     """
     layers = model.parsed_pattern().layers
     if MOE not in layers:
         return []
     modules = [name for symbol, name in ((MAMBA, "mamba"), (ATTENTION, "attn")) if symbol in layers]
     modules.append("moe_router")
-    if not (precision.fp8 and model.moe.token_dispatcher == "alltoall"):
+    if model.moe.capacity_factor is None:
         modules.append("moe_preprocess")
     return modules
 
@@ -145,7 +141,7 @@ def transformer_config(
         # "local": megatron-core's own per-layer graphs, the implementation whose graph inputs may be a
         # PackedSeqParams (Transformer Engine's make_graphed_callables path takes no packed sequences).
         # An empty module list graphs whole layers. The RNG tracker must be graph-safe (build_model).
-        graphs.update(cuda_graph_impl="local", cuda_graph_modules=graphed_modules(model, precision),
+        graphs.update(cuda_graph_impl="local", cuda_graph_modules=graphed_modules(model),
                       use_te_rng_tracker=True)
     fp8 = {}
     if precision.fp8:

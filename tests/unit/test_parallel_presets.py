@@ -22,9 +22,6 @@ PUBLISHED = {
     "nemotron_h_8b_8gpu": ("nemotron_h_8b", "fp8_tensorwise", 8),
     "nemotron_nano2_12b_4gpu": ("nemotron_nano2_12b", "fp8_tensorwise", 4),
 }
-# describe's estimate keeps every activation of a micro-batch (no recomputation) and overstates the
-# 8B's: 101 GiB at TP1, micro-batch 1 x 8192, where the published run fits 80 GB (issue 27).
-ESTIMATE_OVER_80GB = {"nemotron_h_8b_8gpu"}
 
 
 @pytest.fixture(autouse=True)
@@ -55,10 +52,7 @@ def test_layout_divides_and_fits(preset):
     estimate = sizes.memory_estimate(run.model, run.parallel, run.train, run.precision, dp)
     report = format_report(run, gpus, "test")
     print(f"{preset}: {estimate.total / 2**30:.1f} GiB per GPU\n{report}")
-    if preset in ESTIMATE_OVER_80GB:
-        assert estimate.total > H100_BYTES, f"{preset} fits now: move it out of ESTIMATE_OVER_80GB"
-    else:
-        assert estimate.total <= H100_BYTES, f"{preset}: {estimate.total / 1e9:.1f} GB per GPU"
+    assert estimate.total <= H100_BYTES, f"{preset}: {estimate.total / 1e9:.1f} GB per GPU"
 
 
 def test_56b_global_batch_is_three_per_gpu():
