@@ -256,10 +256,29 @@ def build_model(
         )
         chunks.append(chunk.to(device))
     initialize_weights(chunks, model, seed)
+    _mark_routed_experts_expert_parallel(chunks)
     # Like megatron's Float16Module: every parameter in the compute dtype (Mamba's A_log and D are
     # created in fp32), the optimizer keeps fp32 main copies. One dtype also keeps the distributed
     # optimizer to a single grad buffer per chunk.
     return [chunk.to(config.params_dtype) for chunk in chunks]
+
+
+def _mark_routed_experts_expert_parallel(chunks: list) -> None:
+    """Put the routed experts' parameters in megatron's expert groups (`allreduce=False`) at every layout.
+
+    megatron-core does so only with EP > 1 or ETP != TP; otherwise the experts join the dense
+    parameters, the distributed optimizer becomes one optimizer instead of a dense + expert pair, and
+    its checkpointed state no longer matches one saved at another EP (so EP2 could not resume at EP1).
+    At EP1 with ETP = TP the expert groups hold the same ranks as the dense ones, so gradients, their
+    reduction and the norm are unchanged; only the bookkeeping is the same at every layout.
+    """
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, MoELayer):
+                for param in module.experts.parameters():
+                    param.allreduce = False
 
 
 def release_cuda_graphs() -> None:
