@@ -2,7 +2,7 @@
 
     python -m pipeline.data preprocess --input 'dumps/*.jsonl.zst' --tokenizer data/build/tokenizer \\
         --output data/build/web_text_document
-    python -m pipeline.data corpus [--force]
+    python -m pipeline.data corpus [--force] [--phases]
     python -m pipeline.data tokenizer train --input corpus.jsonl --vocab-size 4096 --out data/build/tokenizer
     python -m pipeline.data tokenizer info data/build/tokenizer [--text "some text"]
 
@@ -16,7 +16,7 @@ import time
 from typing import Optional
 
 from pipeline.cli import exit_on_user_error
-from pipeline.data import corpus, preprocess
+from pipeline.data import corpus, corpus_phases, preprocess
 
 TOKENIZER_DOC = """Train a sentencepiece BPE tokenizer, or inspect any tokenizer the pipeline loads.
 
@@ -52,6 +52,10 @@ def _corpus(args: argparse.Namespace) -> None:
     print(f"{args.out}: {record['documents']:,} documents, {record['tokens']:,} tokens, corpus "
           f"{record['corpus_bytes'] / 1e6:.1f} MB (built in {record['elapsed_s']} s; this call "
           f"{time.perf_counter() - start:.1f} s)")
+    if args.phases:
+        extra = corpus_phases.build(args.out, force=args.force, workers=args.workers, progress=args.progress)
+        for name in (corpus_phases.DOCUMENTED, corpus_phases.MODULES):
+            print(f"{args.out}/{name}: {extra[name]['documents']:,} documents, {extra[name]['tokens']:,} tokens")
 
 
 def _tokenizer_train(args: argparse.Namespace) -> None:
@@ -108,6 +112,8 @@ def _add_corpus(commands) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     parser.add_argument("--workers", type=int, default=0, help="preprocessing processes (0: all cores)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--phases", action="store_true",
+                        help="also build the phased recipe's components (pipeline/data/corpus_phases.py)")
     parser.set_defaults(run=_corpus)
 
 
