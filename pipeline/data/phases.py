@@ -13,8 +13,10 @@ of it (G = global batch), so the data order inside a phase depends only on that 
 resume lands on the right sample. An empty `data.phases` is one implicit phase over data.paths /
 data.weights at train.seq_length (the run as without phases).
 
-A resumed run refuses a changed started phase (start_step < the checkpoint's step: its name, start,
-blend or sequence length) and accepts any change to the phases not yet started.
+A resumed run refuses a changed started phase (start_step < the checkpoint's step: its start, blend or
+sequence length) and accepts any change to the phases not yet started. Moving the end of the running
+phase (the next start_step, or train.iters for the last) is accepted but, as changing train.iters in a
+run without phases, may reorder its remaining samples (megatron sizes a dataset's shuffle by its length).
 """
 
 from dataclasses import dataclass, field
@@ -158,25 +160,32 @@ def wsd_decay_iters(phases: list[Phase], iters: int) -> int:
     return next((iters - phase.start for phase in phases if phase.lr_decay), 0)
 
 
+COMPARED = ("start_step", "paths", "weights", "seq_length")
+"""What must stay the same in a started phase: what decides its samples."""
+
+
 def check_started_phases_unchanged(saved: list[dict], phases: list[Phase], step: int) -> Optional[str]:
     """Why a resume at checkpoint `step` cannot go on with `phases` (None when it can): the phases that
-    had started (start_step < step) by the checkpoint must be the same in both, name, start, blend and
-    sequence length; the others may change."""
+    had started (start_step < step) by the checkpoint must be the same in both (COMPARED: a name may
+    change, so a run without phases can go on as the first of several); the others may change."""
     before = [record for record in saved if record["start_step"] < step]
-    now = [phase.record() for phase in phases if phase.start < step]
-    for i in range(max(len(before), len(now))):
-        old = before[i] if i < len(before) else None
-        new = now[i] if i < len(now) else None
-        if old == new:
-            continue
-        if new is None or old is None:
-            which = f"data.phases[{i}] ({(new or old)['name'] or 'data.paths'})"
-            change = (f"starts at step {new['start_step']}, before the checkpoint" if new
-                      else f"was removed, but had started at step {old['start_step']}")
-        else:
-            which = f"data.phases[{i}] ({new['name'] or old['name'] or 'data.paths'})"
-            change = "; ".join(f"{key} {old[key]} -> {new[key]}" for key in old if old[key] != new[key])
-        return (f"{which} {change}: a phase the checkpoint at step {step} has started must stay as it was; "
-                f"restore it (change only phases starting after step {step}) or train the change in a new "
-                f"run_dir with checkpoint.init_from")
+    now = [phase.record() for phase in phases]
+    problem = None
+    for i, old in enumerate(before):
+        if i >= len(now):
+            problem = f"data.phases[{i}] ({old['name'] or 'data.paths'}) was removed, but had started at step " \
+                      f"{old['start_step']}"
+        elif any(now[i][key] != old[key] for key in COMPARED):
+            change = "; ".join(f"{key} {old[key]} -> {now[i][key]}" for key in COMPARED if old[key] != now[i][key])
+            problem = f"data.phases[{i}] ({now[i]['name'] or old['name'] or 'data.paths'}) {change}"
+        if problem:
+            break
+    if problem is None and len(now) > len(before) and now[len(before)]["start_step"] < step:
+        new = now[len(before)]
+        problem = (f"data.phases[{len(before)}] ({new['name']}) starts at step {new['start_step']}, before the "
+                   f"checkpoint")
+    if problem:
+        return (f"{problem}: a phase the checkpoint at step {step} has started must stay as it was; restore it "
+                f"(change only phases starting after step {step}) or train the change in a new run_dir with "
+                f"checkpoint.init_from")
     return None
