@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.checkpoint import CheckpointConfig
 from pipeline.compress.config import CompressConfig
 from pipeline.data.config import DataConfig
+from pipeline.data.phases import check_phases_fit
 from pipeline.distributed import ParallelConfig
 from pipeline.errors import ConfigError
 from pipeline.metrics import LoggingConfig
@@ -90,6 +91,7 @@ def validate_run(run: RunConfig) -> None:
             f"train.seq_length={run.train.seq_length} exceeds model.seq_length={m.seq_length}; "
             f"lower train.seq_length or raise model.seq_length"
         )
+    check_phases_fit(run)
     if run.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={run.device!r}; use auto, cpu or cuda")
 
