@@ -1,8 +1,11 @@
-"""Convert between the pipeline's checkpoints and Hugging Face NemotronH directories.
+"""Convert between the pipeline's checkpoints and Hugging Face NemotronH directories; import
+Megatron-LM, NeMo 2 and Megatron-Bridge checkpoints.
 
 Usage (CPU is enough; either spelling works):
     python pipeline/convert.py export CHECKPOINT OUT_DIR [--dtype bf16|fp32] [--overwrite] [--tokenizer PATH]
     python -m pipeline.convert import HF_DIR OUT_DIR [--name NAME] [--overwrite] [parallel.tp=2 parallel.pp=2 ...]
+    python pipeline/convert.py import-megatron SRC OUT_DIR [--source-kind megatron-lm|nemo2|bridge]
+        [--weights-only] [--name NAME] [--overwrite] [parallel.tp=2 parallel.pp=2 ...]
 
 export: CHECKPOINT is a run dir, its checkpoints/ dir or one step dir (the newest complete checkpoint
 is used); any TP/PP/DP layout. OUT_DIR loads offline with
@@ -10,6 +13,11 @@ is used); any TP/PP/DP layout. OUT_DIR loads offline with
 import: writes OUT_DIR/checkpoints/step_0000000 (weights only), OUT_DIR/model/NAME.yaml and
 OUT_DIR/tokenizer; the overrides choose the layout it is written at (torchrun processes for tp*pp>1)
 and the precision (default: the HF weights' dtype).
+import-megatron: SRC is a Megatron-LM or Megatron-Bridge save directory (or one iter_NNNNNNN/ in it)
+or a NeMo 2 checkpoint (weights/ + context/); writes OUT_DIR/checkpoints/step_N (N: the source's
+iteration) and OUT_DIR/model/NAME.yaml. With a fully_reshardable optimizer state (and no
+--weights-only) training resumes OUT_DIR as its run_dir; otherwise start from it with
+checkpoint.init_from. What the pipeline's model cannot represent is refused naming the field.
 
 A bad input (or command line) exits with status 2 and one line `error: <message>`; nothing is
 written (docs/cli.md).
@@ -57,6 +65,23 @@ def _import(args: argparse.Namespace) -> None:
     )
 
 
+def _import_megatron(args: argparse.Namespace) -> None:
+    from pipeline.migrate.import_ import import_megatron
+
+    result = import_megatron(args.src, args.out_dir, args.overrides, source_kind=args.source_kind,
+                             weights_only=args.weights_only, overwrite=args.overwrite, name=args.name)
+    for note in result.notes:
+        print(f"note: {note}")
+    what = "weights and optimizer state" if result.with_optimizer else "weights only"
+    print(f"imported {result.source.kind} {args.src} (iteration {result.source.iteration}) -> {result.checkpoint} "
+          f"({what})")
+    option = f"python -m pipeline.train hydra.searchpath=[file://{result.out_dir}] model={result.model.name}"
+    if result.with_optimizer:
+        print(f"use: {option} run_dir={result.out_dir}")
+    else:
+        print(f"use: {option} checkpoint.init_from={result.out_dir}")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the pipeline's exit convention: a usage error is one `error:` line, status 2."""
 
@@ -86,6 +111,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     imp.add_argument("--name", help="model name (default: from HF_DIR's name)")
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     imp.set_defaults(run=_import)
+    meg = commands.add_parser("import-megatron", help="Megatron-LM / NeMo 2 / Megatron-Bridge checkpoint -> pipeline")
+    meg.add_argument("src", help="Megatron-LM or Bridge save dir (or its iter_NNNNNNN/), or a NeMo 2 checkpoint dir")
+    meg.add_argument("out_dir", help="output directory (checkpoints/, model/NAME.yaml)")
+    meg.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.tp=2 parallel.pp=2 precision=fp32")
+    meg.add_argument("--source-kind", choices=("megatron-lm", "nemo2", "bridge"), help="default: detected")
+    meg.add_argument("--weights-only", action="store_true", help="leave the optimizer state behind")
+    meg.add_argument("--name", help="model name (default: from SRC's name)")
+    meg.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    meg.set_defaults(run=_import_megatron)
     return parser.parse_args(argv)
 
 

@@ -69,6 +69,9 @@ class CheckpointMeta:
     """Where the weights came from (an HF directory for imports, the parent for a pruned student)."""
     pruned_from: dict | None = None
     """A pruned student's parent: its checkpoint, step and model config."""
+    imported_from: dict | None = None
+    """A checkpoint imported from Megatron-LM, NeMo 2 or Megatron-Bridge: kind, path, iteration and
+    the optimizer format found (`pipeline/migrate`)."""
     files: dict[str, list[int]] | None = None
     """File name -> [size in bytes, sampled CRC32], recorded at save; None in format-1 checkpoints."""
     phases: list[dict] | None = None
