@@ -38,6 +38,8 @@ def _export(args: argparse.Namespace) -> None:
         tokenizer=args.tokenizer,
         max_shard_bytes=int(args.max_shard_gb * 2**30),
     )
+    for note in result.notes:
+        print(f"note: {note}")
     print(
         f"exported {result.checkpoint} -> {result.out_dir}: {result.tensors} tensors, "
         f"{result.weight_bytes / 2**30:.2f} GiB of {result.dtype} weights, {result.seconds:.1f} s"

@@ -32,9 +32,11 @@ from pipeline.errors import ConversionError, PipelineError
 from pipeline.fs import replace_dir, temporary_sibling
 from pipeline.hf.config import TIME_STEP_MIN, hf_dtype, model_config_from_hf, time_step_clamp
 from pipeline.hf.export import check_out_dir
-from pipeline.hf.mapping import conversions, hf_shapes
+from pipeline.hf.mapping import EXPERT_BIAS, PerExpert, conversions, hf_shapes
 from pipeline.hf.safetensors_io import HFTensors
 from pipeline.model.config import ModelConfig, write_model_option
+from pipeline.model.params import LAYER_PREFIX
+from pipeline.model.pattern import MOE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_FILES = (
@@ -89,6 +91,10 @@ class CanonicalHFTensors:
     def get(self, name: str) -> torch.Tensor:
         return self._tensors.get(self.names[name])
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype's safetensors code (F32, BF16, ...)."""
+        return self._tensors.dtype(self.names[name])
+
 
 def check_hf_tensors(model: ModelConfig, tensors: CanonicalHFTensors, hf_dir: Path) -> None:
     """The HF weights hold exactly the tensors `model` has, with the shapes its config implies."""
@@ -129,22 +135,35 @@ def import_run_config(model: ModelConfig, hf_config: dict, overrides: list[str],
 
 @torch.no_grad()
 def load_hf_into_chunks(chunks, model: ModelConfig, tensors: CanonicalHFTensors) -> None:
-    """Copy this rank's slice of every HF tensor into its model chunks' parameters."""
+    """Copy this rank's slice of every HF tensor into its model chunks' parameters, and the routers'
+    expert bias (a buffer) into each MoE layer."""
     from pipeline.model.init import load_full_tensors
 
     by_key = {key: c for c in conversions(model) for key, _ in c.megatron}
+    expert_keys = {key for key, c in by_key.items() if isinstance(c, PerExpert)}
     converted: dict[str, torch.Tensor] = {}
+    current_experts: list[str] = []
 
     def full_tensor(key: str) -> torch.Tensor:
-        # One HF tensor can hold several checkpoint tensors (QKV): convert each group once.
+        # One HF tensor can hold several checkpoint tensors (QKV): convert each group once. A routed
+        # experts' tensor serves each local expert's parameter in turn: keep the latest one only.
         if key not in converted:
+            if key in expert_keys:
+                for old in current_experts:
+                    converted.pop(old, None)
+                current_experts[:] = [key]
             c = by_key[key]
             converted.update(
                 zip((k for k, _ in c.megatron), c.to_megatron([tensors.get(n) for n, _ in c.hf]), strict=True)
             )
-        return converted.pop(key)
+        return converted[key] if key in expert_keys else converted.pop(key)
 
     load_full_tensors(chunks, full_tensor)
+    for chunk in chunks:
+        for layer in chunk.decoder.layers:
+            router = getattr(getattr(layer, "mlp", None), "router", None)
+            if router is not None and router.expert_bias is not None:
+                router.expert_bias.copy_(full_tensor(f"{LAYER_PREFIX}.{layer.layer_number - 1}.{EXPERT_BIAS}"))
 
 
 def save_imported(run, hf_dir: Path, tmp_root: Path, tokenizer: str | None) -> None:
@@ -232,6 +251,13 @@ def import_hf(
     out_dir = check_out_dir(out_dir, overwrite, hf_dir)
     run = import_run_config(model, hf_config, list(overrides), out_dir)
     notes = []
+    if MOE in model.pattern and run.precision.params_dtype == "bf16":
+        gates = [n for n in tensors.names if n.endswith(".mixer.gate.weight") and tensors.dtype(n) == "F32"]
+        if gates:
+            notes.append(
+                f"{len(gates)} router weight(s) (e.g. {gates[0]}) are stored in fp32 and are rounded to bf16, the "
+                f"pipeline's parameter dtype; import with precision=fp32 to keep them exact"
+            )
     clamp = time_step_clamp(hf_config)
     if clamp > TIME_STEP_MIN:
         notes.append(
