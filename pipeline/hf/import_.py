@@ -163,6 +163,9 @@ def load_hf_into_chunks(chunks, model: ModelConfig, tensors: CanonicalHFTensors)
         for layer in chunk.decoder.layers:
             router = getattr(getattr(layer, "mlp", None), "router", None)
             if router is not None and router.expert_bias is not None:
+                # A bf16 model's buffers were cast to bf16; megatron-core keeps this one in fp32 (it
+                # switches back before each forward and save), so switch first rather than round it.
+                router.expert_bias.data = router.expert_bias.data.float()
                 router.expert_bias.copy_(full_tensor(f"{LAYER_PREFIX}.{layer.layer_number - 1}.{EXPERT_BIAS}"))
 
 

@@ -105,19 +105,33 @@ HF_CONFIG = dict(
     max_position_embeddings=512,
 )
 """The same shapes as MODEL_OVERRIDES, as a transformers NemotronHConfig."""
+MOE_HF_CONFIG = dict(
+    hybrid_override_pattern="ME*EM-E",
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    moe_shared_expert_intermediate_size=48,
+    routed_scaling_factor=2.5,
+)
+"""HF_CONFIG with MoE layers (and one of each other type) for the MoE import tests."""
 
 
 @torch.no_grad()
 def make_hf_model(directory: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **config) -> Path:
     """A Hugging Face NemotronH directory made by transformers itself (save_pretrained), every
-    parameter random (norms, A_log, D and dt_bias too), with a tokenizer."""
+    parameter random (norms, A_log, D and dt_bias too) and so the MoE routers' expert bias, which
+    stays fp32 as transformers keeps it, with a tokenizer."""
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     torch.manual_seed(seed)
     model = NemotronHForCausalLM(NemotronHConfig(**{**HF_CONFIG, **config}))
     for param in model.parameters():
         param.normal_(0.0, 0.05)
-    model.to(dtype).save_pretrained(directory)
+    model.to(dtype)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.data = torch.randn(buffer.shape) * EXPERT_BIAS_STD
+    model.save_pretrained(directory)
     make_tokenizer(directory, model.config.vocab_size)
     return directory
 
