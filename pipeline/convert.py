@@ -5,7 +5,7 @@ Usage (CPU is enough; either spelling works):
     python -m pipeline.convert import HF_DIR OUT_DIR [--name NAME] [--overwrite] [parallel.tp=2 parallel.pp=2 ...]
 
 export: CHECKPOINT is a run dir, its checkpoints/ dir or one step dir (the newest complete checkpoint
-is used); any TP/PP/DP layout. OUT_DIR loads offline with
+is used); any TP/PP/DP/EP layout, MoE (`E`) layers included. OUT_DIR loads offline with
 `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`. --dtype defaults to the checkpoint's.
 import: writes OUT_DIR/checkpoints/step_0000000 (weights only), OUT_DIR/model/NAME.yaml and
 OUT_DIR/tokenizer; the overrides choose the layout it is written at (torchrun processes for tp*pp>1)

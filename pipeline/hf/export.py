@@ -1,10 +1,10 @@
-"""Export a pipeline checkpoint (any TP/PP/DP layout) to a Hugging Face NemotronH directory.
+"""Export a pipeline checkpoint (any TP/PP/DP/EP layout) to a Hugging Face NemotronH directory.
 
     python pipeline/convert.py export runs/tiny OUT_DIR [--dtype bf16|fp32] [--overwrite]
 
 Tensors are read straight from the torch_dist files (no process group, no model): the checkpoint
 stores global tensors (Mamba components separately) as chunks with global offsets, listed in the
-`torch.distributed.checkpoint` metadata, so any TP/PP/DP layout can be assembled
+`torch.distributed.checkpoint` metadata, so any TP/PP/DP/EP layout can be assembled
 (`pipeline.checkpoint.CheckpointTensors`). Every conversion only moves elements (`Conversion.pieces`),
 so when the dtype does not change and a tensor's chunks are plain blocks of rows, its HF bytes are
 copied file to file as byte ranges, as `cp` does (8B benchmark: 1.4-1.5x the time of `cp` when

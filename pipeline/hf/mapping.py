@@ -1,7 +1,7 @@
 """Tensor names and layouts: the pipeline's checkpoint keys (full, unsharded tensors) <-> HF NemotronH.
 
 The checkpoint side (keys, shapes, fused components) comes from the tensor table in
-`pipeline.model.params`; here are the HF names: one table of renames plus four named special cases:
+`pipeline.model.params`; here are the HF names: one table of renames plus six named special cases:
 - `Concat`: Mamba `in_proj.weight.{z,x,B,C,dt}` -> HF `in_proj.weight` (rows in that order), and
   `conv1d.{weight,bias}.{x,B,C}` -> HF `conv1d.{weight,bias}`. The checkpoint stores the components
   separately (each TP rank holds a slice of every component), so concatenating them here is right
