@@ -18,6 +18,7 @@ The precision defaults to the HF checkpoint's dtype (bf16 or fp32).
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -120,17 +121,27 @@ def check_hf_tensors(model: ModelConfig, tensors: CanonicalHFTensors, hf_dir: Pa
 
 def import_run_config(model: ModelConfig, hf_config: dict, overrides: list[str], out_dir: Path):
     """The RunConfig the import builds and saves with: `overrides` (parallel.*, precision, ...) with
-    the model from config.json and the precision of the HF weights unless overridden."""
-    from pipeline.config import load_run_config
+    the model from config.json and the precision of the HF weights unless overridden. The model is
+    put in before validation: layout checks (parallel.ep needs 'E' layers) are about this model."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from pipeline.config import CONF_DIR, register_configs, to_run_config
 
     if any(o.lstrip("+~").startswith("model") for o in overrides):
         raise ConversionError("model.* overrides are not allowed: the model comes from the HF config.json")
     precision = (
         [] if any(o.startswith("precision=") for o in overrides) else [f"precision={hf_dtype(hf_config) or 'bf16'}"]
     )
-    run = load_run_config([*precision, *overrides])
-    train = dataclasses.replace(run.train, seq_length=min(run.train.seq_length, model.seq_length))
-    return dataclasses.replace(run, model=model, train=train, run_dir=str(out_dir))
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=[*precision, *overrides])
+    cfg.model = OmegaConf.structured(model)
+    cfg.train.seq_length = min(cfg.train.seq_length, model.seq_length)
+    cfg.run_dir = str(out_dir)
+    return to_run_config(cfg)
 
 
 @torch.no_grad()
@@ -216,6 +227,13 @@ def copy_tokenizer(hf_dir: Path, target: Path, model: ModelConfig) -> tuple[str 
     return str(target), []
 
 
+def import_world_size(parallel) -> int:
+    """Processes the import runs on: tp x pp, times the data-parallel ranks that expert parallelism
+    needs (megatron-core lays ep x etp over the tp x dp ranks of a pipeline stage)."""
+    experts = parallel.ep * parallel.etp
+    return parallel.tp * parallel.pp * (experts // math.gcd(experts, parallel.tp))
+
+
 def _launch_workers(nproc: int, args: list[str]) -> None:
     """Run `main` on nproc local processes with torchrun; ConversionError with the log tail on failure."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
@@ -272,7 +290,7 @@ def import_hf(
     try:
         tokenizer, tok_notes = copy_tokenizer(hf_dir, tmp / "tokenizer", model)
         final_tokenizer = str(out_dir / "tokenizer") if tokenizer else None
-        nproc = run.parallel.tp * run.parallel.pp
+        nproc = import_world_size(run.parallel)
         if nproc == 1:
             save_imported(run, hf_dir, tmp, final_tokenizer)
         else:
