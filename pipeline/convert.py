@@ -8,8 +8,8 @@ export: CHECKPOINT is a run dir, its checkpoints/ dir or one step dir (the newes
 is used); any TP/PP/DP/EP layout, MoE (`E`) layers included. OUT_DIR loads offline with
 `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`. --dtype defaults to the checkpoint's.
 import: writes OUT_DIR/checkpoints/step_0000000 (weights only), OUT_DIR/model/NAME.yaml and
-OUT_DIR/tokenizer; the overrides choose the layout it is written at (torchrun processes for tp*pp>1)
-and the precision (default: the HF weights' dtype).
+OUT_DIR/tokenizer; the overrides choose the layout it is written at (torchrun processes for tp*pp>1
+or parallel.ep>1) and the precision (default: the HF weights' dtype).
 
 A bad input (or command line) exits with status 2 and one line `error: <message>`; nothing is
 written (docs/cli.md).

@@ -10,10 +10,11 @@ writes
 Use it to start training or as a teacher:
     python -m pipeline.train hydra.searchpath=[file://OUT_DIR] model=NAME checkpoint.init_from=OUT_DIR
 
-The model is built at the requested TP/PP (torchrun processes, or this process when tp*pp=1; this
-module's `main` is the worker), each rank copies its slice of every full tensor into its parameters
-(`sharding.local_slice`, component-aware for Mamba's fused tensors) and all ranks save together.
-The precision defaults to the HF checkpoint's dtype (bf16 or fp32).
+The model is built at the requested TP/PP/EP (torchrun processes, `import_world_size` of them, or
+this process when that is 1; this module's `main` is the worker), each rank copies its slice of every
+full tensor into its parameters (`sharding.local_slice`, component-aware for Mamba's fused tensors;
+its own routed experts by index) and the MoE routers' expert bias into its buffers, and all ranks
+save together. The precision defaults to the HF checkpoint's dtype (bf16 or fp32).
 """
 
 import dataclasses

@@ -255,6 +255,25 @@ def test_import_config_and_model_option(imported):
         8, 2, 2.5, "sigmoid", True)
 
 
+def test_bf16_import_of_fp32_router_weights_says_it_rounds_them(imported, tmp_path):
+    # transformers keeps gate.weight in fp32 (_keep_in_fp32_modules_strict): its own saves of a bf16
+    # model store it so; megatron-core's router weight has the model's dtype.
+    from safetensors.torch import load_file, save_file
+
+    source = copy_of(imported["root"] / "source", tmp_path / "hf")
+    tensors = load_file(source / "model.safetensors")
+    gates = [n for n in tensors if n.endswith("mixer.gate.weight")]
+    for name in gates:
+        tensors[name] = tensors[name].float() + 1e-4
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    result = import_hf(source, tmp_path / "imported")
+    assert any(f"{len(gates)} router weight(s)" in n and "precision=fp32" in n for n in result.notes), result.notes
+    ckpt = CheckpointTensors(result.checkpoint)
+    for name in gates:
+        key = name.replace("backbone.", "decoder.").replace("mixer.gate", "mlp.router")
+        assert torch.equal(ckpt.get(key), tensors[name].to(torch.bfloat16)), key
+
+
 # --- refusals: exit 2, one `error:` line naming the field, nothing written ---
 
 
