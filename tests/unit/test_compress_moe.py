@@ -291,3 +291,18 @@ def test_active_parameter_budget_counts_the_routed_experts_a_token_uses(parent):
     for f in by_total + by_active + narrower:  # the search's linear sums equal counts of the student
         assert f.params == param_counts(f.student)["total"] and f.active_params == active_param_count(f.student)
         assert f.memory == memory_bytes(f.student, 8192, 1)
+
+
+def test_a_model_of_another_depth_gets_a_fresh_moe_metrics_tracker():
+    """`compress rank` distils candidates of different depths in one process: megatron's tracker
+    must not keep the first one's per-layer sums (it indexed past them: IndexError)."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    from pipeline.training.expert_load import _tracker_for
+
+    get_moe_metrics_tracker().record("seq_load_balancing_loss", torch.ones(()), layer_number=5, num_layers=5)
+    _tracker_for(5)
+    assert get_moe_metrics_tracker().metrics["seq_load_balancing_loss"].values[4] == 1, "same depth: kept"
+    _tracker_for(7)
+    get_moe_metrics_tracker().record("seq_load_balancing_loss", torch.ones(()), layer_number=7, num_layers=7)
+    assert get_moe_metrics_tracker().metrics["seq_load_balancing_loss"].values.tolist() == [0] * 6 + [1]
