@@ -36,6 +36,17 @@ def _routers(chunks) -> dict[int, torch.nn.Module]:
     return out
 
 
+def _tracker_for(num_layers: int) -> None:
+    """Start megatron's MoE metrics tracker afresh when it holds per-layer sums of another model.
+    It is a process-wide singleton that sizes them by the first model that records (moe_logging.py):
+    a process training models of different depths (`compress rank`, one per candidate) would
+    otherwise index past the first model's layers."""
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker, get_moe_metrics_tracker
+
+    if any(entry.values.numel() != num_layers for entry in get_moe_metrics_tracker().metrics.values()):
+        destroy_moe_metrics_tracker()
+
+
 class ExpertLoad:
     """Counts the tokens each router sends to each expert while the step's schedule runs.
 
@@ -51,6 +62,7 @@ class ExpertLoad:
         self.counts_LE = None
         self.present_L = None
         if self.enabled:
+            _tracker_for(config.num_layers)
             device = next(getattr(chunks[0], "module", chunks[0]).parameters()).device
             self.counts_LE = torch.zeros(config.num_layers, config.num_moe_experts, device=device)
             self.present_L = torch.zeros(config.num_layers, device=device)
