@@ -24,7 +24,7 @@ from pipeline.metrics import LoggingConfig
 from pipeline.model.config import ModelConfig
 from pipeline.model.pattern import ATTENTION, MAMBA, MOE, split_stages
 from pipeline.model.precision import PrecisionConfig
-from pipeline.training.config import OptimConfig, TrainConfig
+from pipeline.training.config import OptimConfig, TrainConfig, validate_recompute
 
 
 @dataclass
@@ -90,6 +90,9 @@ def validate_run(run: RunConfig) -> None:
             f"train.seq_length={run.train.seq_length} exceeds model.seq_length={m.seq_length}; "
             f"lower train.seq_length or raise model.seq_length"
         )
+    chunks = [len(stage.symbols) for rank in split_stages(m.parsed_pattern(), p.pp) for stage in rank]
+    validate_recompute(run.train, layers, chunks, MOE in layers and m.moe.shared_ffn_hidden_size > 0,
+                       run.precision.fp8_recipe if run.precision.fp8 else None)
     if run.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={run.device!r}; use auto, cpu or cuda")
 
