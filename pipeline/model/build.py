@@ -70,6 +70,21 @@ def check_moe_supported(model: ModelConfig, device: torch.device, backend: str) 
                           f"projections as TELinear; this run is on {device.type}); set model.moe.latent_size=null")
 
 
+def check_context_parallel_supported(model: ModelConfig, parallel: ParallelConfig, backend: str) -> None:
+    """The portable attention splits heads over context-parallel ranks (an all-to-all), so its heads
+    and KV groups per tensor-parallel rank must divide among them; Transformer Engine's ring does not
+    need that."""
+    if parallel.cp == 1 or backend == "te" or ATTENTION not in model.parsed_pattern().layers:
+        return
+    heads, groups = model.num_attention_heads // parallel.tp, model.num_query_groups // parallel.tp
+    if heads % parallel.cp or (groups % parallel.cp and parallel.cp % groups):
+        raise ConfigError(
+            f"parallel.cp={parallel.cp} on the portable backend splits the {heads} attention heads and "
+            f"{groups} KV groups of a tensor-parallel rank over the cp ranks; use a parallel.cp that divides "
+            f"{heads} and divides or is a multiple of {groups}"
+        )
+
+
 def moe_config(model: ModelConfig, parallel: ParallelConfig, on_gpu: bool, fp8: bool) -> dict:
     """megatron-core's TransformerConfig `moe_*` fields for the `E` layers (none without them)."""
     if MOE not in model.parsed_pattern().layers:
@@ -202,6 +217,10 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=vp,
+        context_parallel_size=parallel.cp,
+        # Transformer Engine's ring exchange of K/V blocks: no condition on the heads (the portable
+        # attention exchanges heads instead; check_context_parallel_supported).
+        cp_comm_type="p2p" if parallel.cp > 1 else None,
         sequence_parallel=parallel.sequence_parallel,
         tp_comm_overlap=parallel.tp_comm_overlap,
         pipeline_dtype=dtype,
@@ -246,6 +265,7 @@ def build_model(
     backend = backend or default_backend(device)
     check_precision_supported(precision, device)
     check_moe_supported(model, device, backend)
+    check_context_parallel_supported(model, parallel, backend)
     check_gpu_only_options(device, cuda_graphs=cuda_graphs, fused_cross_entropy=fused_cross_entropy)
     vp = virtual_stages(model, parallel)
     config = transformer_config(model, parallel, precision, device, vp, cuda_graphs, fused_cross_entropy, recompute)
