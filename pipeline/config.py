@@ -25,7 +25,7 @@ from pipeline.metrics import LoggingConfig
 from pipeline.model.config import ModelConfig
 from pipeline.model.pattern import ATTENTION, MAMBA, MOE, split_stages
 from pipeline.model.precision import PrecisionConfig
-from pipeline.training.config import OptimConfig, TrainConfig
+from pipeline.training.config import OptimConfig, TrainConfig, validate_recompute
 
 
 @dataclass
@@ -66,6 +66,7 @@ def validate_run(run: RunConfig) -> None:
                 f"parallel.tp that divides {getattr(m, name)}"
             )
     _validate_experts(m, p)
+    _validate_context_parallel(run)
     if m.padded_vocab_size % tp:
         raise ConfigError(
             f"padded vocabulary {m.padded_vocab_size} not divisible by parallel.tp={tp}; raise "
@@ -92,8 +93,38 @@ def validate_run(run: RunConfig) -> None:
             f"lower train.seq_length or raise model.seq_length"
         )
     check_phases_fit(run)
+    chunks = [len(stage.symbols) for rank in split_stages(m.parsed_pattern(), p.pp) for stage in rank]
+    validate_recompute(run.train, layers, chunks, MOE in layers and m.moe.shared_ffn_hidden_size > 0,
+                       run.precision.fp8_recipe if run.precision.fp8 else None)
     if run.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={run.device!r}; use auto, cpu or cuda")
+
+
+def _validate_context_parallel(run: RunConfig) -> None:
+    """parallel.cp against the Mamba heads and groups (megatron-core's MambaContextParallel), the
+    sequence length and the options that need fixed sequence shapes."""
+    m, p, cp = run.model, run.parallel, run.parallel.cp
+    if cp == 1:
+        return
+    layers = m.parsed_pattern().layers
+    if MAMBA in layers:
+        heads, groups = m.mamba_num_heads // p.tp, m.mamba_num_groups // p.tp
+        if heads % cp:
+            raise ConfigError(f"model.mamba_num_heads={m.mamba_num_heads} not divisible by parallel.tp*parallel.cp="
+                              f"{p.tp * cp}; use a parallel.cp that divides {heads}")
+        if groups % cp and cp % groups:
+            raise ConfigError(f"parallel.cp={cp} must divide or be a multiple of the {groups} Mamba groups per "
+                              f"tensor-parallel rank (model.mamba_num_groups={m.mamba_num_groups})")
+    if run.train.seq_length % (2 * cp):
+        raise ConfigError(f"train.seq_length={run.train.seq_length} not divisible by 2*parallel.cp={2 * cp} (each "
+                          f"rank holds two of 2*cp chunks); use a multiple of {2 * cp}")
+    if run.train.cuda_graphs:
+        raise ConfigError("parallel.cp > 1 with train.cuda_graphs=true: graphs replay fixed shapes and context "
+                          "parallelism pads packed documents; set train.cuda_graphs=false")
+    if run.train.packed_documents and p.pp > 1:
+        raise ConfigError(f"parallel.cp={cp} with packed documents needs parallel.pp=1 (documents are padded to "
+                          f"multiples of 2*cp, so the sequence length varies); set parallel.pp=1 or "
+                          f"train.packed_documents=false")
 
 
 def _validate_experts(m: ModelConfig, p: ParallelConfig) -> None:

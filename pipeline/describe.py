@@ -30,8 +30,9 @@ from pipeline.cli import CONF_PATH, exit_on_user_error, launch, run_config_of  #
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.model import scaling, sizes  # noqa: E402
-from pipeline.model.pattern import split_stages  # noqa: E402
+from pipeline.model.pattern import MOE, split_stages  # noqa: E402
 from pipeline.model.sizes import format_count, format_flops  # noqa: E402
+from pipeline.training.config import recompute_modules  # noqa: E402
 
 GIB = 2**30
 
@@ -148,13 +149,26 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
             "activations",
             mem.activations,
             f"micro-batch {train.micro_batch_size} x {seq} tokens, "
-            f"{mem.micro_batches_in_flight:g} in flight, no recomputation",
+            f"{mem.micro_batches_in_flight:g} in flight, {recompute_note(run)}",
         ),
         ("total", mem.total, ""),
     ]
     for label, nbytes, note in rows:
         lines.append(f"  {label:<18}{nbytes / GIB:9.2f} GiB" + (f"  ({note})" if note else ""))
     return "\n".join(lines)
+
+
+def recompute_note(run: RunConfig) -> str:
+    """The activation recompute of `run` in a few words, for the memory table."""
+    train = run.train
+    if train.recompute == "full":
+        return (f"full recompute, {train.recompute_method} {train.recompute_num_layers} "
+                f"layer{'s' if train.recompute_num_layers > 1 else ''}")
+    if train.recompute == "selective":
+        layers = run.model.parsed_pattern().layers
+        modules = recompute_modules(train, layers, MOE in layers and run.model.moe.shared_ffn_hidden_size > 0)
+        return "selective recompute of " + ", ".join(modules)
+    return "no recomputation"
 
 
 SCALING_ARGS = {"--gpus": None, "--gpu": "h100"}

@@ -3,7 +3,7 @@
 megatron-core 0.19 hard-codes CUDA in code the CPU backend needs (DDP grad buffers, the optimizers'
 found-inf flags and dtype checks, grad clipping, the pipeline schedules' token counters, p2p
 shapes, checkpoint saving). Rather than copying those modules, `cpu_mode()` runs them unchanged
-with three narrow redirections, active only inside the context and only on CPU runs
+with narrow redirections, active only inside the context and only on CPU runs
 (`pipeline.distributed` enters it):
 
 1. A TorchFunctionMode that turns `device="cuda"` / `device=<int>` arguments into the CPU, and
@@ -18,6 +18,9 @@ with three narrow redirections, active only inside the context and only on CPU r
 4. For MoE layers with expert parallelism: the all-to-all dispatcher's side stream and its
    split sizes (moe/token_dispatcher.py), and the backward of the communication functions
    (tensor_parallel/mappings.py), which the TorchFunctionMode does not reach.
+5. Activation recompute (`train.recompute`, tensor_parallel/random.py): the CUDA RNG state the
+   checkpoints save and restore, the recomputation that runs inside the backward (outside the
+   mode), and `CheckpointWithoutOutput`'s FP8 flag (`_recompute_on_cpu`).
 
 Remove each redirection when megatron-core takes the device from its tensors instead of assuming
 CUDA at the places named (checked against 0.19.2); tests/distributed run every one of those paths.
@@ -101,6 +104,58 @@ def _backwards_on_cpu() -> dict:
     return originals
 
 
+def _no_cuda_rng_state(*args, **kwargs) -> None:
+    return None
+
+
+def _recompute_on_cpu() -> list[tuple[object, str, object]]:
+    """Make megatron-core's activation checkpoints (tensor_parallel/random.py) run on CPU; return
+    (owner, attribute, original) to restore.
+
+    - `_get_cuda_rng_state` / `_set_cuda_rng_state`: the checkpoints save the CUDA generator beside
+      the CPU one to replay dropout; there is none on CPU ("Found no NVIDIA driver").
+    - `CheckpointFunction.backward` and `CheckpointWithoutOutput._recompute` run the forward again
+      inside the backward, where the CUDA-to-CPU mode does not reach (the MoE router moves its
+      weight to `torch.cuda.current_device()` there).
+    - `CheckpointWithoutOutput.__init__`: 0.19.2 sets `self.fp8 = fp8 is not None`, true for its
+      default `fp8=False`, and its FP8 branch names Transformer Engine's FP8GlobalStateManager
+      (NameError without TE). CPU runs have no FP8.
+    Remove each when megatron-core takes the device from its tensors and fixes the flag.
+    """
+    from megatron.core.tensor_parallel import random as tp_random
+
+    saved = []
+
+    def patch(owner, name, value):
+        saved.append((owner, name, vars(owner)[name]))
+        setattr(owner, name, value)
+
+    patch(tp_random, "_get_cuda_rng_state", _no_cuda_rng_state)
+    patch(tp_random, "_set_cuda_rng_state", _no_cuda_rng_state)
+    original_backward = tp_random.CheckpointFunction.backward
+
+    def backward(ctx, *grads):
+        with _CudaToCpu():
+            return original_backward(ctx, *grads)
+
+    patch(tp_random.CheckpointFunction, "backward", staticmethod(backward))
+    original_recompute = tp_random.CheckpointWithoutOutput._recompute
+
+    def recompute(self, grad):
+        with _CudaToCpu():
+            return original_recompute(self, grad)
+
+    patch(tp_random.CheckpointWithoutOutput, "_recompute", recompute)
+    original_init = tp_random.CheckpointWithoutOutput.__init__
+
+    def init(self, fp8=False):
+        original_init(self, fp8)
+        self.fp8 = False
+
+    patch(tp_random.CheckpointWithoutOutput, "__init__", init)
+    return saved
+
+
 @contextmanager
 def cpu_mode():
     """Run megatron-core's CUDA-assuming code on CPU (see the module docstring)."""
@@ -116,6 +171,7 @@ def cpu_mode():
     to_host = token_dispatcher.maybe_move_tensor_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_to_host
     backwards = _backwards_on_cpu()
+    recompute = _recompute_on_cpu()
     # megatron-core wraps small activations (squared ReLU) in torch.compile; on CPU each process
     # would spend ~20 s building C++ kernels for a negligible gain.
     compile_disabled = torch._dynamo.config.disable
@@ -132,4 +188,6 @@ def cpu_mode():
         token_dispatcher.maybe_move_tensor_to_cpu = to_host
         for function, backward in backwards.items():
             function.backward = backward
+        for owner, name, original in reversed(recompute):
+            setattr(owner, name, original)
         torch._dynamo.config.disable = compile_disabled

@@ -16,6 +16,7 @@ from pipeline.model.init import initialize_weights
 from pipeline.model.pattern import ATTENTION, MAMBA, MOE, megatron_pattern, split_stages
 from pipeline.model.precision import PrecisionConfig
 from pipeline.model.spec import stack_spec
+from pipeline.training.config import TrainConfig, recompute_modules
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -67,6 +68,21 @@ def check_moe_supported(model: ModelConfig, device: torch.device, backend: str) 
     if model.moe.latent_size is not None:
         raise ConfigError(f"model.moe.latent_size needs Transformer Engine (megatron-core builds the latent "
                           f"projections as TELinear; this run is on {device.type}); set model.moe.latent_size=null")
+
+
+def check_context_parallel_supported(model: ModelConfig, parallel: ParallelConfig, backend: str) -> None:
+    """The portable attention splits heads over context-parallel ranks (an all-to-all), so its heads
+    and KV groups per tensor-parallel rank must divide among them; Transformer Engine's ring does not
+    need that."""
+    if parallel.cp == 1 or backend == "te" or ATTENTION not in model.parsed_pattern().layers:
+        return
+    heads, groups = model.num_attention_heads // parallel.tp, model.num_query_groups // parallel.tp
+    if heads % parallel.cp or (groups % parallel.cp and parallel.cp % groups):
+        raise ConfigError(
+            f"parallel.cp={parallel.cp} on the portable backend splits the {heads} attention heads and "
+            f"{groups} KV groups of a tensor-parallel rank over the cp ranks; use a parallel.cp that divides "
+            f"{heads} and divides or is a multiple of {groups}"
+        )
 
 
 def moe_config(model: ModelConfig, parallel: ParallelConfig, on_gpu: bool, fp8: bool) -> dict:
@@ -125,11 +141,24 @@ def graphed_modules(model: ModelConfig) -> list[str]:
     return modules
 
 
+def recompute_config(model: ModelConfig, train: TrainConfig | None) -> dict:
+    """megatron-core's TransformerConfig `recompute_*` fields for `train.recompute` (none without it)."""
+    if train is None or train.recompute == "none":
+        return {}
+    if train.recompute == "full":
+        return dict(recompute_granularity="full", recompute_method=train.recompute_method,
+                    recompute_num_layers=train.recompute_num_layers)
+    layers = model.parsed_pattern().layers
+    return dict(recompute_granularity="selective", recompute_modules=recompute_modules(
+        train, layers, MOE in layers and model.moe.shared_ffn_hidden_size > 0))
+
+
 def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, device: torch.device, vp: int | None,
-    cuda_graphs: bool = False, fused_cross_entropy: bool = False,
+    cuda_graphs: bool = False, fused_cross_entropy: bool = False, train: TrainConfig | None = None,
 ) -> TransformerConfig:
-    """megatron-core's TransformerConfig for this model, layout and precision."""
+    """megatron-core's TransformerConfig for this model, layout and precision; `train` gives the
+    activation recompute (`train.recompute`)."""
     dtype = DTYPES[precision.params_dtype]
     on_gpu = device.type == "cuda"
     graphs = {}
@@ -184,6 +213,10 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=vp,
+        context_parallel_size=parallel.cp,
+        # Transformer Engine's ring exchange of K/V blocks: no condition on the heads (the portable
+        # attention exchanges heads instead; check_context_parallel_supported).
+        cp_comm_type="p2p" if parallel.cp > 1 else None,
         sequence_parallel=parallel.sequence_parallel,
         tp_comm_overlap=parallel.tp_comm_overlap,
         pipeline_dtype=dtype,
@@ -199,6 +232,7 @@ def transformer_config(
         **moe_config(model, parallel, on_gpu, bool(precision.fp8)),
         **fp8,
         **graphs,
+        **recompute_config(model, train),
     )
 
 
@@ -211,12 +245,14 @@ def build_model(
     backend: str | None = None,
     cuda_graphs: bool = False,
     fused_cross_entropy: bool = False,
+    recompute: TrainConfig | None = None,
 ) -> list[HybridModel]:
     """This rank's model chunks (one per virtual pipeline stage), initialised from `seed`.
 
     `cuda_graphs` makes every layer a megatron-core CUDA graph module (captured by the schedule at
     the end of the first training step; `release_cuda_graphs` frees them); `fused_cross_entropy`
-    computes the loss with Transformer Engine's fused kernel. Both are GPU-only. Needs
+    computes the loss with Transformer Engine's fused kernel. Both are GPU-only. `recompute` (a
+    TrainConfig) sets the activation recompute of train.recompute. Needs
     `pipeline.distributed.distributed(...)` to be active.
     """
     from megatron.core import parallel_state
@@ -225,9 +261,10 @@ def build_model(
     backend = backend or default_backend(device)
     check_precision_supported(precision, device)
     check_moe_supported(model, device, backend)
+    check_context_parallel_supported(model, parallel, backend)
     check_gpu_only_options(device, cuda_graphs=cuda_graphs, fused_cross_entropy=fused_cross_entropy)
     vp = virtual_stages(model, parallel)
-    config = transformer_config(model, parallel, precision, device, vp, cuda_graphs, fused_cross_entropy)
+    config = transformer_config(model, parallel, precision, device, vp, cuda_graphs, fused_cross_entropy, recompute)
     pattern = megatron_pattern(model.parsed_pattern(), parallel.pp)
     spec = stack_spec(model, backend)
     pg = ProcessGroupCollection.use_mpu_process_groups()

@@ -124,7 +124,8 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
     def batches(dataset, step: int) -> list:
         return list(step_batches(
             dataset, step, run.train.global_batch_size, run.train.micro_batch_size, dp_rank, world.dp,
-            tokenizer.eod, run.train.packed_documents, world.device, documents_per_sequence))
+            tokenizer.eod, run.train.packed_documents, world.device, documents_per_sequence, world.cp,
+            world.cp_rank))
 
     def validate() -> dict:
         phase = phase_at(phases, max(state.step - 1, 0))  # the phase just trained (the first before step 1)
@@ -142,7 +143,7 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
         return record
 
     log.info(f"training {run.model.name} for {run.train.iters} steps from step {state.step} "
-             f"(tp={world.tp} pp={world.pp} dp={world.dp} vp={world.vp or 1}, {world.device.type})")
+             f"(tp={world.tp} pp={world.pp} cp={world.cp} dp={world.dp} vp={world.vp or 1}, {world.device.type})")
     last_loss, last_val = float("nan"), None
     exit_at = state.step + run.train.exit_after_steps if run.train.exit_after_steps else None
     if state.step == 0 and eval_batches:

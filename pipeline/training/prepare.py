@@ -45,7 +45,8 @@ def build_training_chunks(model: ModelConfig, parallel: ParallelConfig, precisio
     1. with `parallel.tp_comm_overlap`, Transformer Engine's userbuffers set up (before the layers
        that use them are built);
     2. built and initialised from `train.seed` (`build_model`: one chunk per virtual pipeline stage,
-       `train.cuda_graphs`, `train.fused_cross_entropy`, `parallel.fp8_param_gather` applied);
+       `train.cuda_graphs`, `train.fused_cross_entropy`, `train.recompute`, `parallel.fp8_param_gather`
+       applied);
     3. each wrapped in megatron-core's DistributedDataParallel: gradient buffers in
        `parallel.grad_reduce_dtype`, laid out for the distributed optimizer when
        `parallel.distributed_optimizer`; with `parallel.overlap_grad_reduce` reduced bucket by bucket
@@ -64,7 +65,8 @@ def build_training_chunks(model: ModelConfig, parallel: ParallelConfig, precisio
     if parallel.tp_comm_overlap:
         _initialize_tp_comm_overlap(model, precision, train, parallel.tp)
     chunks = build_model(model, parallel, precision, train.seed, device,
-                         cuda_graphs=train.cuda_graphs, fused_cross_entropy=train.fused_cross_entropy)
+                         cuda_graphs=train.cuda_graphs, fused_cross_entropy=train.fused_cross_entropy,
+                         recompute=train)
     config = chunks[0].config
     wrapped = [
         DistributedDataParallel(config=config, ddp_config=_ddp_config(parallel), module=c, disable_bucketing=i > 0)

@@ -107,7 +107,7 @@ def checkpoint_meta(run: RunConfig, state: TrainState, world: World) -> ckpt.Che
         step=state.step,
         consumed_samples=state.step * run.train.global_batch_size,
         model=asdict(run.model),
-        parallel={"tp": world.tp, "pp": world.pp, "dp": world.dp, "world_size": world.world_size},
+        parallel={"tp": world.tp, "pp": world.pp, "cp": world.cp, "dp": world.dp, "world_size": world.world_size},
         tokenizer=run.data.tokenizer,
         phases=[phase.record() for phase in phases_of(run)],
     )
