@@ -88,7 +88,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     imp.add_argument("--name", help="model name (default: from HF_DIR's name)")
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     imp.set_defaults(run=_import)
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills `overrides` before it meets `--name`/`--overwrite`: overrides after them (the
+    # order the usage shows) come back unrecognised.
+    if extra and args.command == "import" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
