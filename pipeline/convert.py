@@ -122,7 +122,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     meg.add_argument("--name", help="model name (default: from SRC's name)")
     meg.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     meg.set_defaults(run=_import_megatron)
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills `overrides` before it meets `--name`/`--overwrite`: overrides after them (the
+    # order the usage shows) come back unrecognised.
+    takes_overrides = args.command in ("import", "import-megatron")
+    if extra and takes_overrides and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

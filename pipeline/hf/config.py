@@ -282,7 +282,6 @@ def model_config_from_hf(config: dict, name: str) -> ModelConfig:
     d = ModelConfig()
     att, mamba, mlp = ATTENTION in pattern, MAMBA in pattern, MLP in pattern
     return ModelConfig(
-        moe=moe_config_from_hf(config) if MOE in pattern else MoEConfig(),
         name=name,
         pattern=pattern,
         hidden_size=_required(config, "hidden_size"),
@@ -300,6 +299,7 @@ def model_config_from_hf(config: dict, name: str) -> ModelConfig:
         seq_length=_optional(config, 4096, "max_position_embeddings"),
         layernorm_epsilon=_optional(config, 1e-5, "layer_norm_epsilon", "rms_norm_eps"),
         init_method_std=_optional(config, 0.02, "initializer_range"),
+        moe=moe_config_from_hf(config) if MOE in pattern else MoEConfig(),
     )
 
 

@@ -210,6 +210,7 @@ class ExpertBias(Conversion):
         return list(tensors) if self.megatron else []
 
     def pieces(self):
+        # Without an input there is nothing to copy (export computes the zeros).
         return [[(0, 0, self.hf[0][1][0])]] if self.megatron else [[]]
 
 
@@ -265,11 +266,6 @@ def conversions(model: ModelConfig) -> list[Conversion]:
 def hf_shapes(model: ModelConfig) -> dict[str, Shape]:
     """Shape of every tensor of the HF model, by name, in HF order."""
     return {name: shape for c in conversions(model) for name, shape in c.hf}
-
-
-def hf_dtypes(model: ModelConfig, dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """The dtype of every HF tensor of an export in `dtype` (the expert bias stays fp32)."""
-    return {name: c.dtype or dtype for c in conversions(model) for name, _ in c.hf}
 
 
 def megatron_shapes(model: ModelConfig) -> dict[str, Shape]:

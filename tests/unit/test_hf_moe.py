@@ -331,3 +331,11 @@ def test_import_refuses_routing_megatron_computes_differently(capsys, imported, 
     err = refused(capsys, ["import", str(hf), str(tmp_path / "out")])
     assert expected in err, f"{case}: {expected!r} missing from {err!r}"
     nothing_written(tmp_path, "out")
+
+
+def test_import_overrides_may_follow_the_options():
+    # The usage line puts them last: `import HF_DIR OUT_DIR [--name NAME] [--overwrite] [parallel.ep=2 ...]`.
+    from pipeline.convert import parse_args
+
+    args = parse_args(["import", "hf", "out", "--name", "x", "parallel.ep=2", "--overwrite", "precision=fp32"])
+    assert (args.name, args.overwrite, args.overrides) == ("x", True, ["parallel.ep=2", "precision=fp32"])
