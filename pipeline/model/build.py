@@ -268,13 +268,13 @@ def build_model(
     pattern = megatron_pattern(model.parsed_pattern(), parallel.pp)
     spec = stack_spec(model, backend)
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    if device.type == "cuda":
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-        # MambaMixer and TE layers draw (then we overwrite) weights under megatron's CUDA RNG tracker.
-        # Graphed layers need TE's graph-safe tracker; the reset replaces a tracker of the other kind
-        # that an earlier model in this process installed.
-        model_parallel_cuda_manual_seed(seed, te_rng_tracker=cuda_graphs, force_reset_rng=cuda_graphs)
+    # MambaMixer and TE layers draw (then we overwrite) weights under megatron's CUDA RNG tracker, and
+    # the embedding forks it under sequence parallel (on CPU too, where cpu_mode gives the tracker
+    # names without a generator). Graphed layers need TE's graph-safe tracker; the reset replaces a
+    # tracker of the other kind that an earlier model in this process installed.
+    model_parallel_cuda_manual_seed(seed, te_rng_tracker=cuda_graphs, force_reset_rng=cuda_graphs)
     chunks = []
     for stage in range(vp or 1):
         vp_stage = stage if vp else None
