@@ -192,11 +192,15 @@ def load_run_config(overrides: list[str] = (), config_name: str = "config") -> R
 
     For library callers and tests; the entry points get the same result through @hydra.main.
     """
+    return to_run_config(compose_config(overrides, config_name))
+
+
+def compose_config(overrides: list[str] = (), config_name: str = "config") -> DictConfig:
+    """conf/config.yaml with Hydra overrides, composed but not yet validated (`to_run_config`)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name=config_name, overrides=list(overrides))
-    return to_run_config(cfg)
+        return compose(config_name=config_name, overrides=list(overrides))

@@ -246,8 +246,12 @@ def build_model(
     cuda_graphs: bool = False,
     fused_cross_entropy: bool = False,
     recompute: TrainConfig | None = None,
+    spec=None,
 ) -> list[HybridModel]:
     """This rank's model chunks (one per virtual pipeline stage), initialised from `seed`.
+
+    `spec` builds that layer spec instead of the backend's (bench/compress_modelopt.py: modelopt
+    prunes MoE layers only with SequentialMLP experts).
 
     `cuda_graphs` makes every layer a megatron-core CUDA graph module (captured by the schedule at
     the end of the first training step; `release_cuda_graphs` frees them); `fused_cross_entropy`
@@ -266,7 +270,7 @@ def build_model(
     vp = virtual_stages(model, parallel)
     config = transformer_config(model, parallel, precision, device, vp, cuda_graphs, fused_cross_entropy, recompute)
     pattern = megatron_pattern(model.parsed_pattern(), parallel.pp)
-    spec = stack_spec(model, backend)
+    spec = spec or stack_spec(model, backend)
     pg = ProcessGroupCollection.use_mpu_process_groups()
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
