@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.checkpoint import CheckpointConfig
 from pipeline.compress.config import CompressConfig
 from pipeline.data.config import DataConfig
+from pipeline.data.phases import check_phases_fit
 from pipeline.distributed import ParallelConfig
 from pipeline.errors import ConfigError
 from pipeline.metrics import LoggingConfig
@@ -91,6 +92,7 @@ def validate_run(run: RunConfig) -> None:
             f"train.seq_length={run.train.seq_length} exceeds model.seq_length={m.seq_length}; "
             f"lower train.seq_length or raise model.seq_length"
         )
+    check_phases_fit(run)
     chunks = [len(stage.symbols) for rank in split_stages(m.parsed_pattern(), p.pp) for stage in rank]
     validate_recompute(run.train, layers, chunks, MOE in layers and m.moe.shared_ffn_hidden_size > 0,
                        run.precision.fp8_recipe if run.precision.fp8 else None)

@@ -4,6 +4,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from pipeline.data.phases import PhaseConfig, check_phase_list
 from pipeline.errors import ConfigError
 
 
@@ -24,6 +25,9 @@ class DataConfig:
     """Where megatron-core caches its sample indices; null means <run_dir>/data_cache."""
     eod_mask_loss: bool = False
     """Mask the loss where the input token is EOD (predicting the next document's first token)."""
+    phases: list[PhaseConfig] = field(default_factory=list)
+    """Training phases, each with its own blend (and sequence length) from a given step
+    (pipeline/data/phases.py, docs/data.md); empty: one blend, data.paths/weights, for the whole run."""
 
     def __post_init__(self) -> None:
         if not self.tokenizer:
@@ -48,3 +52,4 @@ class DataConfig:
             raise ConfigError(
                 f"data.split={self.split!r} leaves nothing to train on; make the first part > 0"
             )
+        check_phase_list(self.phases)

@@ -90,15 +90,11 @@ def moe_config(model: ModelConfig, parallel: ParallelConfig, on_gpu: bool, fp8: 
     if MOE not in model.parsed_pattern().layers:
         return {}
     moe = model.moe
-    fused = {}
-    if on_gpu:
-        # Transformer Engine's fused top-k/score/aux-loss kernels and token permutation: the unfused
-        # router and permute are chains of small ops that cost several % of a bench_moe step.
-        fused = dict(moe_permute_fusion=True, moe_router_fusion=True)
-        if fp8 and moe.token_dispatcher == "alltoall":
-            # Route a multiple of 16 tokens to each expert, as FP8 GEMMs need, in the routing map
-            # instead of padding and unpadding every expert's input inside the grouped MLP.
-            fused["moe_router_padding_for_quantization"] = True
+    # Transformer Engine's fused token permutation on GPU: the unfused permute is a chain of small
+    # ops that costs several % of a bench_moe step. The fused router and FP8 routing-map padding
+    # stay off, as in Megatron-Bridge's H100 Nemotron 3 Nano recipe: with FP8 they failed the
+    # backward on an H100 (an in-place write to the routing map autograd still needed).
+    fused = dict(moe_permute_fusion=True) if on_gpu else {}
     return dict(
         **fused,
         num_moe_experts=moe.num_experts,
@@ -126,21 +122,21 @@ def moe_config(model: ModelConfig, parallel: ParallelConfig, on_gpu: bool, fp8: 
     )
 
 
-def graphed_modules(model: ModelConfig, precision: PrecisionConfig) -> list[str]:
+def graphed_modules(model: ModelConfig) -> list[str]:
     """What `train.cuda_graphs` captures: whole layers, or, with `E` layers, every static part.
 
     A dropless MoE layer's expert computation has a data-dependent shape, so megatron-core graphs
-    only the router there (and the dispatcher's preprocessing unless FP8 padding syncs with the host
-    in it); Mamba and attention layers are captured whole. Dense FFN (`-`) layers beside `E` layers
-    stay eager: megatron-core 0.19 refuses the "mlp" scope when `moe_layer_freq` is 1, which it always
-    is for hybrid models (the pattern places the MoE layers).
+    only the router there (and the dispatcher's preprocessing unless a capacity factor makes it sync
+    with the host before the permutation); Mamba and attention layers are captured whole. Dense FFN
+    (`-`) layers beside `E` layers stay eager: megatron-core 0.19 refuses the "mlp" scope when
+    `moe_layer_freq` is 1, which it always is for hybrid models (the pattern places the MoE layers).
     """
     layers = model.parsed_pattern().layers
     if MOE not in layers:
         return []
     modules = [name for symbol, name in ((MAMBA, "mamba"), (ATTENTION, "attn")) if symbol in layers]
     modules.append("moe_router")
-    if not (precision.fp8 and model.moe.token_dispatcher == "alltoall"):
+    if model.moe.capacity_factor is None:
         modules.append("moe_preprocess")
     return modules
 
@@ -174,7 +170,7 @@ def transformer_config(
         # "local": megatron-core's own per-layer graphs, the implementation whose graph inputs may be a
         # PackedSeqParams (Transformer Engine's make_graphed_callables path takes no packed sequences).
         # An empty module list graphs whole layers. The RNG tracker must be graph-safe (build_model).
-        graphs.update(cuda_graph_impl="local", cuda_graph_modules=graphed_modules(model, precision),
+        graphs.update(cuda_graph_impl="local", cuda_graph_modules=graphed_modules(model),
                       use_te_rng_tracker=True)
     fp8 = {}
     if precision.fp8:
@@ -297,10 +293,29 @@ def build_model(
         )
         chunks.append(chunk.to(device))
     initialize_weights(chunks, model, seed)
+    _mark_routed_experts_expert_parallel(chunks)
     # Like megatron's Float16Module: every parameter in the compute dtype (Mamba's A_log and D are
     # created in fp32), the optimizer keeps fp32 main copies. One dtype also keeps the distributed
     # optimizer to a single grad buffer per chunk.
     return [chunk.to(config.params_dtype) for chunk in chunks]
+
+
+def _mark_routed_experts_expert_parallel(chunks: list) -> None:
+    """Put the routed experts' parameters in megatron's expert groups (`allreduce=False`) at every layout.
+
+    megatron-core does so only with EP > 1 or ETP != TP; otherwise the experts join the dense
+    parameters, the distributed optimizer becomes one optimizer instead of a dense + expert pair, and
+    its checkpointed state no longer matches one saved at another EP (so EP2 could not resume at EP1).
+    At EP1 with ETP = TP the expert groups hold the same ranks as the dense ones, so gradients, their
+    reduction and the norm are unchanged; only the bookkeeping is the same at every layout.
+    """
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, MoELayer):
+                for param in module.experts.parameters():
+                    param.allreduce = False
 
 
 def release_cuda_graphs() -> None:
