@@ -6,8 +6,8 @@ nothing to disk:
     WORLD_SIZE=64 python -m pipeline.describe model=nemotron_h_56b parallel.tp=8 parallel.pp=2
     python -m pipeline.describe -m model=nemotron_h_4b,nemotron_h_8b   # several (each gets a run_dir)
 
-The data-parallel size is WORLD_SIZE / (tp * pp); without WORLD_SIZE the world is tp * pp GPUs
-(dp = 1). A bad override exits with status 2 and one line `error: <message>` (docs/cli.md).
+The data-parallel size is WORLD_SIZE / (tp * pp * cp); without WORLD_SIZE the world is tp * pp * cp
+GPUs (dp = 1). A bad override exits with status 2 and one line `error: <message>` (docs/cli.md).
 
 `--gpus N` sets the world size and adds the scaling model's predicted step time and tokens/s per GPU
 (`pipeline/model/scaling.py`); `--gpu h100|h200` picks the calibration (default h100):
@@ -40,18 +40,18 @@ GIB = 2**30
 def world_size_from_env(run: RunConfig, env: dict[str, str]) -> tuple[int, str]:
     """World size from WORLD_SIZE in `env`, or tp * pp; and a phrase saying where it came from."""
     p = run.parallel
-    model_parallel = p.tp * p.pp
+    model_parallel = p.tp * p.pp * p.cp
     text = env.get("WORLD_SIZE")
     if text is None:
-        # The smallest world that holds both layouts (dense tp*pp and expert etp*ep*pp).
-        return math.lcm(model_parallel, p.etp * p.ep * p.pp), "lcm(tp*pp, etp*ep*pp), no WORLD_SIZE set"
+        # The smallest world that holds both layouts (dense tp*pp*cp and expert etp*ep*pp).
+        return math.lcm(model_parallel, p.etp * p.ep * p.pp), "lcm(tp*pp*cp, etp*ep*pp), no WORLD_SIZE set"
     if not text.isdigit() or int(text) < 1:
         raise ConfigError(
             f"WORLD_SIZE={text!r} is not a positive integer; unset it or give a GPU count"
         )
     if int(text) % model_parallel:
         raise ConfigError(
-            f"WORLD_SIZE={text} not divisible by parallel.tp*parallel.pp={model_parallel}; "
+            f"WORLD_SIZE={text} not divisible by parallel.tp*parallel.pp*parallel.cp={model_parallel}; "
             f"use a multiple of {model_parallel}"
         )
     expert_parallel = run.parallel.etp * run.parallel.ep * run.parallel.pp
@@ -70,7 +70,7 @@ def _symbol_counts(symbols: str) -> str:
 def format_report(run: RunConfig, world_size: int, world_size_source: str) -> str:
     """The human-readable description of `run` on `world_size` GPUs."""
     m, par, train, prec = run.model, run.parallel, run.train, run.precision
-    dp = world_size // (par.tp * par.pp)
+    dp = world_size // (par.tp * par.pp * par.cp)
     pattern = m.parsed_pattern()
     counts = pattern.counts()
     lines = [
@@ -78,7 +78,8 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
         + ", ".join(f"{counts[k]} {k}" for k in ("mamba", "attention", "mlp", "moe") if k != "moe" or counts[k])
         + ")",
         f"pattern    {pattern}",
-        f"parallel   tp={par.tp} pp={par.pp} dp={dp} on {world_size} GPUs "
+        f"parallel   tp={par.tp} pp={par.pp} " + (f"cp={par.cp} " if par.cp > 1 else "")
+        + f"dp={dp} on {world_size} GPUs "
         f"(world size {world_size_source}); sequence_parallel={par.sequence_parallel}, "
         f"distributed_optimizer={par.distributed_optimizer}",
     ]
@@ -136,7 +137,8 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
     ]
 
     mem = sizes.memory_estimate(m, par, train, prec, dp)
-    optimizer_note = f"sharded over dp={dp}" if par.distributed_optimizer else "not sharded"
+    optimizer_note = (f"sharded over dp={dp}" + (f" x cp={par.cp}" if par.cp > 1 else "")
+                      if par.distributed_optimizer else "not sharded")
     lines.append(
         f"memory     per GPU, ESTIMATE for pipeline rank {mem.pp_rank} (the largest); "
         f"{format_count(mem.params)} parameters on it; excludes CUDA context, comm buffers, fragmentation"
@@ -148,7 +150,7 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
         (
             "activations",
             mem.activations,
-            f"micro-batch {train.micro_batch_size} x {seq} tokens, "
+            f"micro-batch {train.micro_batch_size} x {seq} tokens" + (f" / cp={par.cp}" if par.cp > 1 else "") + ", "
             f"{mem.micro_batches_in_flight:g} in flight, {recompute_note(run)}",
         ),
         ("total", mem.total, ""),

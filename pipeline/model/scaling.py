@@ -199,6 +199,9 @@ def predict_step(model: ModelConfig, parallel: ParallelConfig, train: TrainConfi
                  gpus: int, gpu: str = "h100") -> Prediction:
     """The predicted step of this run on `gpus` GPUs of kind `gpu` (see the module docstring)."""
     tp, pp = parallel.tp, parallel.pp
+    if parallel.cp > 1:
+        raise ConfigError(f"the step-time prediction (--gpus) does not model context parallelism (parallel.cp="
+                          f"{parallel.cp}); drop --gpus or set parallel.cp=1")
     if gpus % (tp * pp):
         raise ConfigError(f"--gpus {gpus} not divisible by parallel.tp*parallel.pp={tp * pp}; use a multiple")
     dp = gpus // (tp * pp)

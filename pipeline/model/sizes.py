@@ -279,12 +279,15 @@ def stage_memory_estimates(
     tp, pp = parallel.tp, parallel.pp
     dtype_bytes = DTYPE_BYTES[precision.params_dtype]
     master = MASTER_WEIGHT_BYTES if precision.params_dtype != "fp32" else 0
-    optimizer_shards = dp if parallel.distributed_optimizer else 1
-    tokens = train.micro_batch_size * train.seq_length
+    cp = parallel.cp
+    # The distributed optimizer shards over the data- and context-parallel ranks together.
+    optimizer_shards = dp * cp if parallel.distributed_optimizer else 1
+    # Context parallelism splits every sequence over cp GPUs.
+    tokens = train.micro_batch_size * train.seq_length / cp
     num_micro_batches = max(1, train.global_batch_size // (train.micro_batch_size * dp))
     # Routed experts are replicated over, and their optimizer state sharded over, the expert-data-
-    # parallel ranks: world / (etp * ep * pp) = tp * dp / (etp * ep).
-    expert_shards = max(1, tp * dp // (parallel.etp * parallel.ep)) if parallel.distributed_optimizer else 1
+    # parallel ranks: world / (etp * ep * pp) = tp * cp * dp / (etp * ep).
+    expert_shards = max(1, tp * cp * dp // (parallel.etp * parallel.ep)) if parallel.distributed_optimizer else 1
     per_token = {
         s: activation_bytes_per_token(model, s, tp, parallel.sequence_parallel, dtype_bytes, parallel.etp)
         for s in LAYER_SYMBOLS
@@ -346,14 +349,14 @@ def memory_estimate(
     - optimizer: Adam, fp32 master copy (unless params are fp32) + 2 fp32 moments = 12 bytes per
       parameter, divided by `dp` with the distributed optimizer (routed experts: by the expert
       data-parallel size tp * dp / (etp * ep));
-    - activations: one micro-batch of `train.micro_batch_size x train.seq_length` tokens times the
+    - activations: one micro-batch of `train.micro_batch_size x train.seq_length / parallel.cp` tokens times the
       micro-batches the pipeline schedule keeps in flight (`activation_bytes_per_token`), less what
       `train.recompute` recomputes (plus what one recomputation rebuilds during the backward).
     Tensor parallel shards every parameter but the RMSNorm weights (and the MoE router); the model is
     split over pipeline ranks by `split_stages` (embedding on the first, output layer on the last);
     each GPU holds num_experts / ep routed experts of every `E` layer, split over etp.
 
-    `dp` is the data-parallel size (world size / (tp * pp)).
+    `dp` is the data-parallel size (world size / (tp * pp * cp)).
     """
     return max(stage_memory_estimates(model, parallel, train, precision, dp), key=lambda e: e.total)
 

@@ -71,6 +71,11 @@ def train(run: RunConfig, objective=None) -> TrainResult:
     (distillation: pipeline/compress/distill.py); its other keys are logged with the loss.
     """
     entered = time.time()  # a later run of this process times its start-up from here (StartupTiming)
+    if objective is not None and run.parallel.cp > 1:
+        # An objective's loss function sees this rank's part of each sequence only (step._loss_func
+        # is the one that averages over the context-parallel group).
+        raise ConfigError(f"parallel.cp={run.parallel.cp} is for pretraining: a training objective such as "
+                          f"distillation needs parallel.cp=1")
     if run.train.expandable_segments and torch.cuda.is_available():
         use_expandable_segments()
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:

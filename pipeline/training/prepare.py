@@ -28,13 +28,15 @@ def check_parallel_supported(parallel: ParallelConfig, device) -> None:
                           f"on {device.type}); set parallel.tp_comm_overlap=false")
 
 
-def _initialize_tp_comm_overlap(model: ModelConfig, precision: PrecisionConfig, train: TrainConfig, tp: int) -> None:
+def _initialize_tp_comm_overlap(model: ModelConfig, precision: PrecisionConfig, train: TrainConfig,
+                                parallel: ParallelConfig) -> None:
     """Transformer Engine's userbuffers for TP communication overlap, sized for one micro-batch's
-    activations (what Megatron-LM's `_initialize_tp_communicators` does with its default configs)."""
+    activations on this rank, 1/cp of each sequence (what Megatron-LM's `_initialize_tp_communicators`
+    does with its default configs)."""
     from transformer_engine.pytorch.module.base import initialize_ub
 
-    tokens = train.seq_length * train.micro_batch_size
-    initialize_ub(shape=[tokens, model.hidden_size], tp_size=tp, use_fp8=precision.fp8 is not None,
+    tokens = train.seq_length * train.micro_batch_size // parallel.cp
+    initialize_ub(shape=[tokens, model.hidden_size], tp_size=parallel.tp, use_fp8=precision.fp8 is not None,
                   bootstrap_backend="nccl")
 
 
@@ -63,7 +65,7 @@ def build_training_chunks(model: ModelConfig, parallel: ParallelConfig, precisio
 
     check_parallel_supported(parallel, device)
     if parallel.tp_comm_overlap:
-        _initialize_tp_comm_overlap(model, precision, train, parallel.tp)
+        _initialize_tp_comm_overlap(model, precision, train, parallel)
     chunks = build_model(model, parallel, precision, train.seed, device,
                          cuda_graphs=train.cuda_graphs, fused_cross_entropy=train.fused_cross_entropy,
                          recompute=train)

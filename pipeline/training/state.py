@@ -278,7 +278,9 @@ def resume(run: RunConfig, found: Path | None, chunks, optimizer, scheduler, wor
         set_rng_state(loaded["rng"])
     state = TrainState(**loaded["train_state"])
     if not same_layout:
-        note = f" (saved at tp={meta.parallel.get('tp')} pp={meta.parallel.get('pp')}, RNG states not restored)"
+        saved = meta.parallel
+        note = (f" (saved at tp={saved.get('tp')} pp={saved.get('pp')} cp={saved.get('cp', 1)}, "
+                f"RNG states not restored)")
     else:
         note = "" if with_rng else f" (a format-{meta.format} checkpoint: RNG states not restored)"
     log.info(f"resumed from {found} at step {state.step}{note}")
