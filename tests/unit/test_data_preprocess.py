@@ -81,6 +81,32 @@ def test_tokens_are_the_tokenizer_output_plus_eod(reference, tokenizer, docs):
     assert summary["documents"] == len(docs) and summary["tokens"] == len(expected)
 
 
+def test_shards_are_what_megatron_cores_builder_writes(reference, tokenizer, docs, tmp_path):
+    """Our own .idx writer (no torch import, no per-document loop) against IndexedDatasetBuilder,
+    byte for byte, for every shard; and our dtype rule and codes against megatron-core's."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from pipeline.data.shards import DTYPE_CODES, token_dtype
+
+    prefix, summary = reference
+    ours = output_bytes(prefix, summary)
+    tok = load_tokenizer(tokenizer)
+    encoded = iter(tok.encode(docs))
+    for shard in summary["shards"]:
+        base = str(tmp_path / shard["prefix"])
+        builder = IndexedDatasetBuilder(base + ".bin", dtype=np.uint16)
+        for _ in range(shard["documents"]):
+            ids = np.array(next(encoded) + [tok.eod], dtype=np.uint16)
+            builder.add_document(ids, [ids.size])
+        builder.finalize(base + ".idx")
+        for ext in (".bin", ".idx"):
+            with open(base + ext, "rb") as f:
+                assert f.read() == ours[shard["prefix"] + ext], f"{shard['prefix']}{ext} differs from megatron-core's"
+    assert DTYPE_CODES == {d.name: d.value for d in DType}
+    for vocab in (4096, 65499, 65500, 131072):
+        assert token_dtype(vocab) == DType.optimal_dtype(vocab)
+
+
 def test_output_is_identical_for_one_and_two_workers(tmp_path, corpus, tokenizer, reference):
     one_prefix, one = reference
     two = run([corpus], tmp_path / "two" / "out", tokenizer, workers=2)
