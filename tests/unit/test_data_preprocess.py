@@ -277,6 +277,41 @@ DIRTY_LINES = [
 ]
 
 
+# Valid UTF-8 lines that look like records (the fast path of record_parsing._parse_jsonl) but are not
+# all good: each must come out as json.loads and the checks would have it (text, or skip reason).
+RECORD_LIKE_LINES = [
+    ('{"text": "plain"}', "plain"),
+    ('{"text": "crlf"}\r', "crlf"),
+    ('{"text": "spaces after"} \t ', "spaces after"),
+    ('{"text": "first", "text": "last"}', "last"),
+    ('{"text": "caf\\u00e9 \u00e9t\u00e9"}', "caf\u00e9 \u00e9t\u00e9"),
+    ('{"text": "extra"} {"text": "data"}', "malformed_json"),
+    ('{"text": "cut', "malformed_json"),
+    ('{"text": "lone \\udfff"}', "invalid_utf8"),
+    ('{"text": " \\u00a0\\u2003 "}', "empty"),
+    ('{"text": ""}', "empty"),
+    ('{"text": 7}', "not_string"),
+    ('{"other": "x"}', "missing_field"),
+    ('{"text": "' + "y" * 101 + '"}', "too_long"),
+    ('{' * 100000 + '}' * 100000, "malformed_json"),
+]
+
+
+def test_record_like_lines_parse_as_json_loads_would():
+    from pipeline.data.record_parsing import parse_chunk
+    from pipeline.data.sources import Chunk
+
+    data = "".join(line + "\n" for line, _ in RECORD_LIKE_LINES).encode("utf-8")
+    parsed = parse_chunk(Chunk("jsonl", "r.jsonl", 1, data, len(data)), "text", max_chars=100)
+    reasons = {"malformed_json", "invalid_utf8", "empty", "not_string", "missing_field", "too_long"}
+    assert parsed.texts == [want for _, want in RECORD_LIKE_LINES if want not in reasons]
+    expected = {}
+    for number, (_, want) in enumerate(RECORD_LIKE_LINES, start=1):
+        if want in reasons:
+            expected.setdefault(want, []).append(f"r.jsonl:{number}")
+    assert parsed.examples == expected and sum(parsed.skipped.values()) == sum(map(len, expected.values()))
+
+
 def write_dirty_inputs(directory):
     directory.mkdir()
     (directory / "a.jsonl").write_bytes(b"\n".join(line for line, _ in DIRTY_LINES) + b"\n")
