@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.checkpoint import CheckpointConfig
 from pipeline.compress.config import CompressConfig
 from pipeline.data.config import DataConfig
-from pipeline.data.phases import check_phases_fit
 from pipeline.distributed import ParallelConfig
 from pipeline.errors import ConfigError
 from pipeline.metrics import LoggingConfig
@@ -91,9 +90,43 @@ def validate_run(run: RunConfig) -> None:
             f"train.seq_length={run.train.seq_length} exceeds model.seq_length={m.seq_length}; "
             f"lower train.seq_length or raise model.seq_length"
         )
-    check_phases_fit(run)
+    _validate_phases(run)
     if run.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={run.device!r}; use auto, cpu or cuda")
+
+
+def _validate_phases(run: RunConfig) -> None:
+    """data.phases against the run's length, the model's sequence length, the lr schedule and the options
+    that fix one sequence length."""
+    phases = run.data.phases
+    if not phases:
+        return
+    last = len(phases) - 1
+    if phases[last].start_step >= run.train.iters:
+        raise ConfigError(
+            f"data.phases[{last}].start_step={phases[last].start_step} is not before train.iters="
+            f"{run.train.iters}; the phase would never run: raise train.iters or remove the phase"
+        )
+    for i, phase in enumerate(phases):
+        if phase.seq_length is not None and phase.seq_length > run.model.seq_length:
+            raise ConfigError(
+                f"data.phases[{i}].seq_length={phase.seq_length} exceeds model.seq_length={run.model.seq_length}; "
+                f"raise model.seq_length or lower the phase's seq_length"
+            )
+        if phase.lr_decay and run.optim.schedule != "wsd":
+            raise ConfigError(f"data.phases[{i}].lr_decay=true needs optim.schedule=wsd (it is "
+                              f"{run.optim.schedule}); set optim.schedule=wsd or lr_decay=false")
+        if phase.lr_decay and run.optim.wsd_decay_iters:
+            raise ConfigError(f"data.phases[{i}].lr_decay=true sets WSD's decay length itself; remove "
+                              f"optim.wsd_decay_iters={run.optim.wsd_decay_iters}")
+        fixed = [name for name, on in (("train.cuda_graphs", run.train.cuda_graphs),
+                                       ("parallel.tp_comm_overlap", run.parallel.tp_comm_overlap)) if on]
+        if phase.seq_length not in (None, run.train.seq_length) and fixed:
+            raise ConfigError(
+                f"data.phases[{i}].seq_length={phase.seq_length} differs from train.seq_length="
+                f"{run.train.seq_length}, but {fixed[0]}=true fixes the shapes to one length; train the phase "
+                f"in its own run (checkpoint.init_from) or set {fixed[0]}=false"
+            )
 
 
 def _validate_experts(m: ModelConfig, p: ParallelConfig) -> None:
