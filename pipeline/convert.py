@@ -8,11 +8,11 @@ Usage (CPU is enough; either spelling works):
         [--weights-only] [--name NAME] [--overwrite] [parallel.tp=2 parallel.pp=2 ...]
 
 export: CHECKPOINT is a run dir, its checkpoints/ dir or one step dir (the newest complete checkpoint
-is used); any TP/PP/DP layout. OUT_DIR loads offline with
+is used); any TP/PP/DP/EP layout, MoE (`E`) layers included. OUT_DIR loads offline with
 `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`. --dtype defaults to the checkpoint's.
 import: writes OUT_DIR/checkpoints/step_0000000 (weights only), OUT_DIR/model/NAME.yaml and
-OUT_DIR/tokenizer; the overrides choose the layout it is written at (torchrun processes for tp*pp>1)
-and the precision (default: the HF weights' dtype).
+OUT_DIR/tokenizer; the overrides choose the layout it is written at (torchrun processes for tp*pp>1
+or parallel.ep>1) and the precision (default: the HF weights' dtype).
 import-megatron: SRC is a Megatron-LM or Megatron-Bridge save directory (or one iter_NNNNNNN/ in it)
 or a NeMo 2 checkpoint (weights/ + context/); writes OUT_DIR/checkpoints/step_N (N: the source's
 iteration) and OUT_DIR/model/NAME.yaml. With a fully_reshardable optimizer state (and no
@@ -46,6 +46,8 @@ def _export(args: argparse.Namespace) -> None:
         tokenizer=args.tokenizer,
         max_shard_bytes=int(args.max_shard_gb * 2**30),
     )
+    for note in result.notes:
+        print(f"note: {note}")
     print(
         f"exported {result.checkpoint} -> {result.out_dir}: {result.tensors} tensors, "
         f"{result.weight_bytes / 2**30:.2f} GiB of {result.dtype} weights, {result.seconds:.1f} s"
@@ -120,7 +122,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     meg.add_argument("--name", help="model name (default: from SRC's name)")
     meg.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     meg.set_defaults(run=_import_megatron)
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills `overrides` before it meets `--name`/`--overwrite`: overrides after them (the
+    # order the usage shows) come back unrecognised.
+    takes_overrides = args.command in ("import", "import-megatron")
+    if extra and takes_overrides and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -74,6 +74,9 @@ class CheckpointMeta:
     the optimizer format found (`pipeline/migrate`)."""
     files: dict[str, list[int]] | None = None
     """File name -> [size in bytes, sampled CRC32], recorded at save; None in format-1 checkpoints."""
+    phases: list[dict] | None = None
+    """The run's data phases (pipeline/data/phases.py `Phase.record`), so that a resume changing a started
+    one is refused; None in checkpoints from before phases or not from training."""
     format: int = FORMAT
 
     def to_json(self) -> str:

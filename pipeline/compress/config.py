@@ -37,6 +37,9 @@ class CompressConfig:
     # search
     target_params: Optional[float] = None
     """Budget: the student's parameter count at most this (e.g. 4.5e9); null = no parameter budget."""
+    target_active_params: Optional[float] = None
+    """Budget for MoE parents: the student's active parameters (those one token passes through: all
+    but the routed experts it is not sent to, embeddings included) at most this; null = none."""
     target_memory_gib: Optional[float] = None
     """Budget: weights + KV cache + Mamba state at memory_context x memory_batch, in GiB; null = none."""
     memory_context: int = 8192
@@ -49,7 +52,7 @@ class CompressConfig:
     """Layer score that picks which layers of a type are removed: logit_mse_increase (>= 0, zero only
     for a layer that changes nothing), loss_increase or block_influence (1 - cos(in, out))."""
     max_removed_fraction: float = 0.5
-    """The search removes at most this fraction of each layer type (Mamba, FFN, attention); the
+    """The search removes at most this fraction of each layer type (Mamba, FFN, attention, MoE); the
     published students removed up to 17% of Mamba, 11% of FFN and 50% of attention layers."""
     hidden_sizes: Optional[list[int]] = None
     """Hidden sizes the search tries; null = the parent's and 7/8, 3/4, 5/8, 1/2 of it."""
@@ -61,6 +64,13 @@ class CompressConfig:
     """Mamba head dims the search tries; null = the parent's and 3/4 of it."""
     query_heads_per_group: Optional[list[int]] = None
     """Attention query heads per KV group the search tries; null = the parent's and 1/2 of it."""
+    num_experts: Optional[list[int]] = None
+    """Routed experts per MoE layer the search tries (each layer keeps its most important ones, at
+    least model.moe.top_k); null = the parent's and 3/4, 1/2 of it."""
+    moe_ffn_hidden_sizes: Optional[list[int]] = None
+    """Routed-expert FFN widths the search tries; null = the parent's and 3/4, 1/2 of it."""
+    shared_ffn_hidden_sizes: Optional[list[int]] = None
+    """Shared-expert FFN widths the search tries; null = the parent's and 3/4, 1/2 of it."""
 
     # distillation (rank and distill)
     student: Optional[str] = None
@@ -99,7 +109,7 @@ class CompressConfig:
         if not 0 <= self.max_removed_fraction < 1:
             raise ConfigError(f"compress.max_removed_fraction={self.max_removed_fraction} must be in [0, 1)")
         for name in ("hidden_sizes", "ffn_hidden_sizes", "mamba_heads_per_group", "mamba_head_dims",
-                     "query_heads_per_group"):
+                     "query_heads_per_group", "num_experts", "moe_ffn_hidden_sizes", "shared_ffn_hidden_sizes"):
             values = getattr(self, name)
             if values is not None and (not values or min(values) < 1):
                 raise ConfigError(f"compress.{name}={values} must list positive widths (or be null)")

@@ -17,6 +17,18 @@ where |A| is
     query head        L2 norm of its d channels of linear_proj's input (ranked within its KV group)
     Mamba head        L2 norm of its P channels of the x part of in_proj's output (ranked in its group)
     Mamba channel     L2 norm over all heads of that channel of x (the same channel is kept in every head)
+    shared-expert neuron  |fc2 input| of an `E` layer's shared expert (as an FFN neuron)
+The routed experts of an `E` layer see only the tokens routed to them, so they are scored over
+(token, expert) routings instead of sequences, from the experts' own inputs and outputs (after the
+token dispatcher): with T the calibration tokens, y the expert's output for one routed token (its
+fc2 output, which includes the routing weight) and A its fc2 input (squared ReLU times the weight),
+    expert_frequency    tokens routed to the expert / T
+    expert_output_norm  mean ||y|| over the tokens routed to it
+    experts             sum ||y|| / T = frequency x output norm: the expected norm of what the expert
+                        adds to a token, by which experts are ranked
+    expert neuron       sum |A| / T (a token not routed to the expert counts 0), ranked within its expert
+T is counted as (routings) / top-k from the same hooks, so every ratio is unchanged when a layout
+routes a token's copies on several ranks (TP without sequence parallel).
 Layer scores: block influence 1 - cos(input, output) averaged over every token; and, on the first
 `compress.layer_calibration_samples` sequences, the increase of the mean token loss and the mean
 squared logit change when that layer alone is skipped (its output replaced by its input).
@@ -37,7 +49,7 @@ import torch.nn.functional as F
 
 from pipeline.compress.scores import UNIT_KINDS, Scores, save_scores, summary
 from pipeline.model.config import ModelConfig
-from pipeline.model.pattern import ATTENTION, MAMBA, MLP
+from pipeline.model.pattern import ATTENTION, MAMBA, MLP, MOE
 
 
 def _output(value) -> torch.Tensor:
@@ -94,6 +106,11 @@ class _Hooks:
         self.skip: int | None = None
         """Global index of the layer whose output is replaced by its input (ablation passes)."""
         self._inputs: dict[int, torch.Tensor] = {}
+        self._expert_rows: dict[int, list[int]] = {}
+        self._expert_routed: dict[int, torch.Tensor] = {}
+        self.etp_group = parallel_state.get_expert_tensor_parallel_group()
+        self.etp = parallel_state.get_expert_tensor_parallel_world_size()
+        self.etp_rank = parallel_state.get_expert_tensor_parallel_rank()
         self._handles = []
         for chunk in chunks:
             for layer in getattr(chunk, "module", chunk).decoder.layers:
@@ -112,6 +129,8 @@ class _Hooks:
         return gather_from_sequence_parallel_region(x_SBC, group=self.tp_group)
 
     def _attach(self, layer, index: int) -> None:
+        from megatron.core import parallel_state
+
         symbol = self.model.parsed_pattern().layers[index]
 
         def before(module, fn) -> None:
@@ -132,6 +151,16 @@ class _Hooks:
         elif symbol == MLP:
             before(layer.mlp.linear_fc1, partial(self._pre_norm, index, layer.mlp.linear_fc1))
             before(layer.mlp.linear_fc2, partial(self._ffn, index))
+        elif symbol == MOE:
+            after(layer.pre_mlp_layernorm, partial(self._normed, index))
+            experts = layer.mlp.experts
+            first = parallel_state.get_expert_model_parallel_rank() * experts.num_local_experts
+            before(experts, partial(self._experts_in, index))
+            after(experts, partial(self._experts_out, index, first))
+            before(experts.linear_fc2, partial(self._expert_neurons, index, first))
+            if layer.mlp.shared_experts is not None:
+                before(layer.mlp.shared_experts.linear_fc2, partial(self._ffn, index, kind="shared_ffn",
+                                                                    size=self.model.moe.shared_ffn_hidden_size))
 
     def _square_sum(self, name: str, size: int, a_SBC: torch.Tensor, offset: int = 0) -> None:
         """Add sum over samples of (mean over the sequence of |A|)^2 for each unit."""
@@ -161,10 +190,48 @@ class _Hooks:
         normed = F.rms_norm(x.float(), (x.shape[-1],), linear.layer_norm_weight.float(), eps)
         self._square_sum(f"hidden.{index}", self.model.hidden_size, normed)
 
-    def _ffn(self, index, module, args, kwargs):
+    def _normed(self, index, module, args, output):
+        """An `E` layer's pre-norm output (a separate RMSNorm module there, not fused into fc1)."""
+        if self.collect and self.tp_rank == 0:
+            self._square_sum(f"hidden.{index}", self.model.hidden_size, self._full_sequence(_output(output)).float())
+
+    def _ffn(self, index, module, args, kwargs, kind="ffn", size=None):
         if self.collect:
             a = _first_input(args, kwargs)
-            self._square_sum(f"ffn.{index}", self.model.ffn_hidden_size, a, self.tp_rank * a.shape[-1])
+            self._square_sum(f"{kind}.{index}", size or self.model.ffn_hidden_size, a, self.tp_rank * a.shape[-1])
+
+    # Routed experts: tokens arrive sorted by local expert, `tokens_per_expert[i]` rows for expert i.
+    def _experts_in(self, index, module, args, kwargs):
+        if self.collect:
+            tokens_per_expert, probs = args[1], args[2]
+            self._expert_rows[index] = [int(n) for n in tokens_per_expert]
+            # Routed rows have a positive weight; FP8 routing-map padding adds rows of weight 0.
+            self._expert_routed[index] = torch.stack([p.gt(0).sum() for p in probs.split(self._expert_rows[index])])
+
+    def _experts_out(self, index, first, module, args, output):
+        if not self.collect:
+            return None
+        y = _output(output)
+        rows, routed = self._expert_rows.pop(index), self._expert_routed.pop(index)
+        if self.etp > 1:  # each expert-TP rank holds a partial sum of the fc2 output
+            y = y.clone()
+            dist.all_reduce(y, group=self.etp_group)
+        if self.etp_rank == 0:
+            experts = self.model.moe.num_experts
+            norms = torch.stack([part.double().norm(dim=-1).sum() for part in y.split(rows)])
+            self.acc.add(f"moe_routed.{index}", experts, routed, first)
+            self.acc.add(f"moe_out_norm.{index}", experts, norms, first)
+        return None
+
+    def _expert_neurons(self, index, first, module, args, kwargs):
+        if self.collect:
+            a, splits = args[0], [int(n) for n in args[1]]  # splits: padded for FP8 (padding rows are 0)
+            width = a.shape[-1]
+            sums = torch.stack([part.double().abs().sum(0) for part in a.split(splits)])  # [local X, e/etp]
+            full = self.model.moe.ffn_hidden_size
+            for i, row in enumerate(sums):
+                self.acc.add(f"moe_neurons.{index}", self.model.moe.num_experts * full, row,
+                             (first + i) * full + self.etp_rank * width)
 
     def _query_heads(self, index, module, args, kwargs):
         if self.collect:
@@ -295,9 +362,14 @@ def _sizes(model: ModelConfig) -> dict[str, int]:
     L = len(symbols)
     sizes = {"block_influence": L, "block_tokens": L, "reference_loss": 1, "removal_tokens": 1,
              "logit_sq_change": L, "removed_loss": L, "logit_elements": L}
+    moe = model.moe
     per_kind = {"ffn": model.ffn_hidden_size, "query_heads": model.num_attention_heads,
-                "mamba_heads": model.mamba_num_heads, "mamba_channels": model.mamba_head_dim}
-    kinds = {MLP: ("ffn",), ATTENTION: ("query_heads",), MAMBA: ("mamba_heads", "mamba_channels")}
+                "mamba_heads": model.mamba_num_heads, "mamba_channels": model.mamba_head_dim,
+                "moe_routed": moe.num_experts, "moe_out_norm": moe.num_experts,
+                "moe_neurons": moe.num_experts * moe.ffn_hidden_size, "shared_ffn": moe.shared_ffn_hidden_size}
+    shared = ("shared_ffn",) if moe.shared_ffn_hidden_size else ()
+    kinds = {MLP: ("ffn",), ATTENTION: ("query_heads",), MAMBA: ("mamba_heads", "mamba_channels"),
+             MOE: ("moe_routed", "moe_out_norm", "moe_neurons", *shared)}
     for i, s in enumerate(symbols):
         sizes[f"hidden.{i}"] = model.hidden_size
         sizes.update({f"{k}.{i}": per_kind[k] for k in kinds[s]})
@@ -316,8 +388,17 @@ def _finish(full: dict[str, torch.Tensor], model: ModelConfig):
     units = {k: {} for k in UNIT_KINDS}
     for name, value in full.items():
         kind, _, index = name.partition(".")
-        if kind in units:
+        if kind in ("ffn", "query_heads", "mamba_heads", "mamba_channels", "shared_ffn"):
             units[kind][int(index)] = value.sqrt().float()
+        elif kind == "moe_routed":
+            i, moe = int(index), model.moe
+            routed = value
+            tokens = (routed.sum() / moe.top_k).clamp_min(1)
+            out_norm = full[f"moe_out_norm.{index}"]
+            units["expert_frequency"][i] = (routed / tokens).float()
+            units["expert_output_norm"][i] = (out_norm / routed.clamp_min(1)).float()
+            units["experts"][i] = (out_norm / tokens).float()
+            units["expert_ffn"][i] = (full[f"moe_neurons.{index}"] / tokens).reshape(moe.num_experts, -1).float()
     layers = {"block_influence": (full["block_influence"] / full["block_tokens"].clamp_min(1)).float()}
     tokens = full["removal_tokens"].clamp_min(1)
     if float(full["removal_tokens"][0]) > 0:

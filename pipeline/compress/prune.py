@@ -8,12 +8,15 @@
 
 Units keep their ORIGINAL order (a student tensor is the parent tensor indexed along each named axis
 of pipeline/model/params.py by the kept units of that axis), so a student is the parent with the
-pruned units masked out. Two RMSNorms see fewer channels after pruning: the hidden-size norms (every
-pre-norm and the final norm) and Mamba's gated norm (per group). The RMS over d' kept channels of a
-vector whose pruned channels are zero is sqrt(d/d') times its RMS over all d channels, so those norm
-weights are multiplied by sqrt(d/d') (hidden: h/h'; gated norm: d_inner/d_inner', the same ratio
-as per group, since every group keeps the same count): the student then equals the parent with the
-pruned channels zeroed, up to the epsilon inside the RMS.
+pruned units masked out. MoE (`E`) layers keep routed experts whole (the expert's fc1 and fc2, its
+router row and expert bias), neurons of each kept expert (each expert its own) and of the shared
+expert; with the router's rows for the dropped experts gone, a student routes every token as the
+parent does whenever the parent picked only kept experts. Two RMSNorms see fewer channels after
+pruning: the hidden-size norms (every pre-norm and the final norm) and Mamba's gated norm (per
+group). The RMS over d' kept channels of a vector whose pruned channels are zero is sqrt(d/d') times
+its RMS over all d channels, so those norm weights are multiplied by sqrt(d/d') (hidden: h/h'; gated
+norm: d_inner/d_inner', the same ratio as per group, since every group keeps the same count): the
+student then equals the parent with the pruned channels zeroed, up to the epsilon inside the RMS.
 """
 
 import dataclasses
@@ -22,7 +25,7 @@ import math
 import re
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,7 +37,7 @@ from pipeline.compress.search import Candidate, removed_layers, student_config, 
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.model import params
 from pipeline.model.config import ModelConfig
-from pipeline.model.pattern import ATTENTION, MAMBA, MLP
+from pipeline.model.pattern import ATTENTION, MAMBA, MLP, MOE
 
 """Written next to a pruned student's checkpoints: which parent units it kept (`plan_record`)."""
 
@@ -55,6 +58,12 @@ class KeepPlan:
     """Kept Mamba heads (global head index h; its group is h // (heads / groups))."""
     mamba_channels: dict[int, tuple[int, ...]]
     """Kept channels of every Mamba head (the same in each head)."""
+    experts: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Kept routed experts of each MoE layer (the parent's expert indices)."""
+    expert_ffn: dict[int, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
+    """Kept neurons of each kept expert, in the order of `experts[layer]`."""
+    shared_ffn: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Kept neurons of each MoE layer's shared expert."""
 
 
 def _checked(name: str, indices, size: int) -> tuple[int, ...]:
@@ -90,26 +99,46 @@ def make_plan(
     mamba_heads: dict | None = None,
     mamba_channels: dict | None = None,
     name: str | None = None,
+    experts: dict | None = None,
+    expert_ffn: dict | None = None,
+    shared_ffn: dict | None = None,
 ) -> KeepPlan:
     """A KeepPlan from explicit unit indices (None, or a layer missing from a dict: keep all).
-    Raises ConfigError for indices out of range, unequal groups or unequal layer widths."""
+    `expert_ffn` maps an MoE layer to {parent expert index: kept neurons} (an expert missing: all).
+    Raises ConfigError for indices out of range, unequal groups or unequal layer widths, or fewer
+    experts than model.moe.top_k."""
     symbols = parent.parsed_pattern().layers
     layers = _checked("layers", range(len(symbols)) if layers is None else layers, len(symbols))
     hidden = _checked("hidden", range(parent.hidden_size) if hidden is None else hidden, parent.hidden_size)
     n, g = parent.num_attention_heads, parent.num_query_groups
     H, G, P = parent.mamba_num_heads, parent.mamba_num_groups, parent.mamba_head_dim
-    sizes = {"ffn": parent.ffn_hidden_size, "query_heads": n, "mamba_heads": H, "mamba_channels": P}
+    moe = parent.moe
+    sizes = {"ffn": parent.ffn_hidden_size, "query_heads": n, "mamba_heads": H, "mamba_channels": P,
+             "experts": moe.num_experts, "shared_ffn": moe.shared_ffn_hidden_size}
     given = {"ffn": ffn or {}, "query_heads": query_heads or {}, "mamba_heads": mamba_heads or {},
-             "mamba_channels": mamba_channels or {}}
-    kinds = {MLP: ("ffn",), ATTENTION: ("query_heads",), MAMBA: ("mamba_heads", "mamba_channels")}
+             "mamba_channels": mamba_channels or {}, "experts": experts or {}, "shared_ffn": shared_ffn or {}}
+    shared = ("shared_ffn",) if moe.shared_ffn_hidden_size else ()
+    kinds = {MLP: ("ffn",), ATTENTION: ("query_heads",), MAMBA: ("mamba_heads", "mamba_channels"),
+             MOE: ("experts", *shared)}
     kept: dict[str, dict[int, tuple[int, ...]]] = {k: {} for k in given}
     for i in layers:
         for kind in kinds[symbols[i]]:
             kept[kind][i] = _checked(f"{kind}[{i}]", given[kind].get(i, range(sizes[kind])), sizes[kind])
-    stray = {k: sorted(set(v) - set(kept[k])) for k, v in given.items() if set(v) - set(kept[k])}
+    given["expert_ffn"] = expert_ffn or {}
+    stray = {k: sorted(set(v) - set(kept.get(k, kept["experts"]))) for k, v in given.items()
+             if set(v) - set(kept.get(k, kept["experts"]))}
     if stray:
         kind, where = next(iter(stray.items()))
         raise ConfigError(f"{kind} given for layers {where}, which are removed or of another type; drop them")
+    kept["expert_ffn"] = {}
+    for i, kept_experts in kept["experts"].items():
+        per_expert = given["expert_ffn"].get(i, {})
+        if set(per_expert) - set(kept_experts):
+            raise ConfigError(f"expert_ffn[{i}] given for experts {sorted(set(per_expert) - set(kept_experts))}, "
+                              f"which are not kept; drop them")
+        size = moe.ffn_hidden_size
+        kept["expert_ffn"][i] = tuple(_checked(f"expert_ffn[{i}][{e}]", per_expert.get(e, range(size)), size)
+                                      for e in kept_experts)
     widths = {
         "hidden_size": len(hidden),
         "ffn_hidden_size": _same("ffn", {len(v) for v in kept["ffn"].values()}, parent.ffn_hidden_size),
@@ -120,10 +149,18 @@ def make_plan(
             "mamba_heads", {_per_group(f"mamba_heads[{i}]", v, H, G) for i, v in kept["mamba_heads"].items()}, H // G
         ),
         "mamba_head_dim": _same("mamba_channels", {len(v) for v in kept["mamba_channels"].values()}, P),
+        "num_experts": _same("experts", {len(v) for v in kept["experts"].values()}, moe.num_experts),
+        "moe_ffn_hidden_size": _same("expert_ffn", {len(e) for v in kept["expert_ffn"].values() for e in v},
+                                     moe.ffn_hidden_size),
+        "shared_ffn_hidden_size": _same("shared_ffn", {len(v) for v in kept["shared_ffn"].values()},
+                                        moe.shared_ffn_hidden_size),
     }
+    if moe.num_groups:
+        for i, v in kept["experts"].items():
+            _per_group(f"experts[{i}]", v, moe.num_experts, moe.num_groups)
     student = student_config(parent, list(layers), widths, name or f"{parent.name}_pruned")
     return KeepPlan(parent, student, layers, hidden, kept["ffn"], kept["query_heads"], kept["mamba_heads"],
-                    kept["mamba_channels"])
+                    kept["mamba_channels"], kept["experts"], kept["expert_ffn"], kept["shared_ffn"])
 
 
 def _top(name: str, scores: torch.Tensor, k: int) -> list[int]:
@@ -165,9 +202,20 @@ def keep_plan(parent: ModelConfig, scores: Scores, candidate: Candidate, name: s
     gone = set(removed_layers(parent, scores.layers[layer_metric], candidate))
     layers = [i for i in range(len(symbols)) if i not in gone]
     w = student_widths(parent, candidate)
-    ffn, query, heads, channels = {}, {}, {}, {}
+    ffn, query, heads, channels, experts, expert_ffn, shared = {}, {}, {}, {}, {}, {}, {}
+    moe = parent.moe
     for i in layers:
-        if symbols[i] == MLP:
+        if symbols[i] == MOE:
+            s = _layer_scores(scores, "experts", i, moe.num_experts)
+            groups = moe.num_groups or 1
+            experts[i] = _top_per_group("num_experts", s, groups, w["num_experts"] // groups)
+            neurons = _layer_scores(scores, "expert_ffn", i, moe.num_experts * moe.ffn_hidden_size)
+            neurons = neurons.reshape(moe.num_experts, moe.ffn_hidden_size)
+            expert_ffn[i] = {e: _top("moe_ffn_hidden_size", neurons[e], w["moe_ffn_hidden_size"]) for e in experts[i]}
+            if moe.shared_ffn_hidden_size:
+                s = _layer_scores(scores, "shared_ffn", i, moe.shared_ffn_hidden_size)
+                shared[i] = _top("shared_ffn_hidden_size", s, w["shared_ffn_hidden_size"])
+        elif symbols[i] == MLP:
             ffn[i] = _top(f"ffn_hidden_size (layer {i})", _layer_scores(scores, "ffn", i, parent.ffn_hidden_size),
                           w["ffn_hidden_size"])
         elif symbols[i] == ATTENTION:
@@ -179,7 +227,7 @@ def keep_plan(parent: ModelConfig, scores: Scores, candidate: Candidate, name: s
             s = _layer_scores(scores, "mamba_channels", i, parent.mamba_head_dim)
             channels[i] = _top("mamba_head_dim", s, w["mamba_head_dim"])
     hidden = _top("hidden_size", scores.hidden, w["hidden_size"])
-    return make_plan(parent, layers, hidden, ffn, query, heads, channels, name)
+    return make_plan(parent, layers, hidden, ffn, query, heads, channels, name, experts, expert_ffn, shared)
 
 
 def _axis_indices(plan: KeepPlan, layer: int | None) -> dict[str, list[int] | None]:
@@ -202,6 +250,12 @@ def _axis_indices(plan: KeepPlan, layer: int | None) -> dict[str, list[int] | No
         P = parent.mamba_head_dim
         axes["H"] = list(plan.mamba_heads[layer])
         axes["E"] = [h * P + c for h in plan.mamba_heads[layer] for c in plan.mamba_channels[layer]]
+    if layer in plan.experts:
+        axes["X"] = axes["R"] = list(plan.experts[layer])
+        if layer in plan.shared_ffn:
+            axes["s"] = list(plan.shared_ffn[layer])
+        if not parent.moe.latent_size:  # the experts read and write the hidden channels
+            axes["L"] = axes["h"]
     return axes
 
 
@@ -220,7 +274,7 @@ def prune_tensor(get_full_tensor: Callable[[str], torch.Tensor], plan: KeepPlan,
     if match:
         parent_layer = plan.layers[int(match.group(1))]
         symbol = plan.parent.parsed_pattern().layers[parent_layer]
-        spec = next(s for s in params.LAYER_TENSORS[symbol] if s.key == match.group(2))
+        spec = next(s for s in params.layer_tensors(plan.parent, symbol) if s.key == match.group(2))
         source = params.layer_key(parent_layer, spec)
     else:
         parent_layer = None
@@ -232,6 +286,10 @@ def prune_tensor(get_full_tensor: Callable[[str], torch.Tensor], plan: KeepPlan,
         kept = kept_along.get(axis)
         if kept is not None:
             tensor = tensor.index_select(dim, torch.tensor(kept, dtype=torch.long))
+    if spec.per_expert and parent_layer in plan.expert_ffn:  # each kept expert keeps its own neurons
+        dim = spec.axes.index("e") - 1
+        tensor = torch.stack([t.index_select(dim, torch.tensor(kept, dtype=torch.long))
+                              for t, kept in zip(tensor, plan.expert_ffn[parent_layer])])
     scale = _norm_scale(plan, spec)
     if scale != 1.0:
         tensor = (tensor.float() * scale).to(tensor.dtype)
@@ -248,6 +306,28 @@ def prune_tensors(
         yield key, prune_tensor(get_full_tensor, plan, key)
 
 
+EXPERT_BIAS = "mlp.router.expert_bias"
+"""The router's aux-loss-free balancing bias of an MoE layer: a stored buffer, not in params.py's table."""
+
+
+@torch.no_grad()
+def load_pruned(chunks: list, get_full_tensor: Callable[[str], torch.Tensor], plan: KeepPlan) -> None:
+    """Fill the student's model chunks (built from `plan.student` at any layout) from the parent's
+    full tensors: every parameter (`prune_tensor`) and each MoE router's expert bias, sliced to the
+    kept experts (without it the student would pick its experts as an unbalanced fresh router does)."""
+    from pipeline.model.init import load_full_tensors
+
+    load_full_tensors(chunks, lambda key: prune_tensor(get_full_tensor, plan, key))
+    if not plan.parent.moe.expert_bias:
+        return
+    for chunk in chunks:
+        for layer in getattr(chunk, "module", chunk).decoder.layers:
+            parent_layer = plan.layers[layer.layer_number - 1]
+            if parent_layer in plan.experts:
+                bias = get_full_tensor(f"{params.LAYER_PREFIX}.{parent_layer}.{EXPERT_BIAS}")
+                layer.mlp.router.expert_bias.copy_(bias[list(plan.experts[parent_layer])])
+
+
 def student_meta(plan: KeepPlan, parent_step: Path, parent_meta, parallel: dict):
     """The CheckpointMeta of a pruned student checkpoint (weights only, step 0)."""
     from pipeline.checkpoint import CheckpointMeta
@@ -262,12 +342,13 @@ def student_meta(plan: KeepPlan, parent_step: Path, parent_meta, parallel: dict)
 
 def plan_record(plan: KeepPlan) -> dict:
     """The kept units as JSON-able data (parent indices; per-layer dicts keyed by parent layer)."""
-    per_layer = ("ffn", "query_heads", "mamba_heads", "mamba_channels")
+    per_layer = ("ffn", "query_heads", "mamba_heads", "mamba_channels", "experts", "shared_ffn")
     return {
         "parent": plan.parent.name,
         "layers": list(plan.layers),
         "hidden": list(plan.hidden),
         **{k: {str(i): list(v) for i, v in getattr(plan, k).items()} for k in per_layer},
+        "expert_ffn": {str(i): [list(e) for e in v] for i, v in plan.expert_ffn.items()},
     }
 
 
@@ -290,7 +371,6 @@ def prune_checkpoint(parent_dir, plan: KeepPlan, out_dir, parallel=None, precisi
     from pipeline.fs import replace_dir, temporary_sibling
     from pipeline.model.build import build_model, virtual_stages
     from pipeline.model.config import write_model_option
-    from pipeline.model.init import load_full_tensors
     from pipeline.model.precision import PrecisionConfig
     from pipeline.training.config import TrainConfig
 
@@ -323,7 +403,7 @@ def prune_checkpoint(parent_dir, plan: KeepPlan, out_dir, parallel=None, precisi
         dist.broadcast_object_list(tmp, src=0)
         try:
             chunks = build_model(run.model, run.parallel, run.precision, run.train.seed, device)
-            load_full_tensors(chunks, lambda key: prune_tensor(tensors.get, plan, key))
+            load_pruned(chunks, tensors.get, plan)
             layout = {"tp": parallel.tp, "pp": parallel.pp, "dp": world_size // (parallel.tp * parallel.pp),
                       "world_size": world_size}
             ckpt.save_checkpoint(

@@ -9,6 +9,12 @@ Keys in the tensor file (layer indices are the parent's global ones):
     query_heads.{i}             [n]   attention query heads of layer i (linear_proj input per head)
     mamba_heads.{i}             [H]   Mamba heads of layer i (x part of in_proj output, per head)
     mamba_channels.{i}          [P]   Mamba head channels of layer i (same channel of every head)
+    experts.{i}                 [X]   routed experts of MoE layer i: expected norm of the expert's
+                                      weighted output per token (= expert_frequency x expert_output_norm)
+    expert_frequency.{i}        [X]   fraction of the calibration tokens routed to each expert (sums to top-k)
+    expert_output_norm.{i}      [X]   mean norm of each expert's weighted output over the tokens routed to it
+    expert_ffn.{i}              [X, e] neurons of every routed expert of layer i (fc2 input)
+    shared_ffn.{i}              [s]   neurons of the shared expert of layer i (fc2 input)
     layers.{metric}             [L]   one value per layer for each of LAYER_METRICS
 
 Higher means more important, for units and layers alike.
@@ -26,7 +32,8 @@ from pipeline.fs import atomic_write_bytes, replace_dir, storage_error, temporar
 FORMAT = 1
 TENSORS = "scores.safetensors"
 SIDECAR = "scores.json"
-UNIT_KINDS = ("ffn", "query_heads", "mamba_heads", "mamba_channels")
+UNIT_KINDS = ("ffn", "query_heads", "mamba_heads", "mamba_channels", "experts", "expert_frequency",
+              "expert_output_norm", "expert_ffn", "shared_ffn")
 LAYER_METRICS = ("block_influence", "loss_increase", "logit_mse_increase")
 """1 - cos(layer input, layer output) averaged over tokens; the calibration loss increase with that
 layer alone removed; the mean squared logit change with that layer alone removed."""
@@ -73,7 +80,9 @@ class Scores:
 
 
 UNIT_NAMES = {"ffn": "FFN neurons", "query_heads": "query heads", "mamba_heads": "Mamba heads",
-              "mamba_channels": "Mamba head channels"}
+              "mamba_channels": "Mamba head channels", "experts": "routed experts", "expert_ffn": "expert neurons",
+              "shared_ffn": "shared-expert neurons"}
+"""Unit kinds `summary` lists (the expert frequency and output norm are parts of `experts`)."""
 SHOWN_LAYERS = 8
 """Layers `summary` lists (the least important: the first a search removes)."""
 
@@ -84,11 +93,15 @@ def summary(scores: Scores, metric: str) -> str:
     lines = [f"importance of {scores.parent.describe()} on {scores.samples} calibration sequences"]
     units = [f"hidden {scores.hidden.numel()} channels"]
     for kind, per_layer in scores.units.items():
-        if per_layer:
-            widths = sorted({t.numel() for t in per_layer.values()})
+        if per_layer and kind in UNIT_NAMES:
+            widths = ["x".join(map(str, shape)) for shape in sorted({tuple(t.shape) for t in per_layer.values()})]
             layers = f"{len(per_layer)} layer{'s' if len(per_layer) > 1 else ''}"
-            units.append(f"{UNIT_NAMES[kind]} {layers} x {'/'.join(map(str, widths))}")
+            units.append(f"{UNIT_NAMES[kind]} {layers} x {'/'.join(widths)}")
     lines.append("  units: " + ", ".join(units))
+    if scores.units.get("expert_frequency"):
+        per_layer = sorted(scores.units["expert_frequency"].items())
+        spans = [f"{i}E {float(t.min()):.3g}-{float(t.max()):.3g}" for i, t in per_layer]
+        lines.append("  fraction of tokens routed to each expert, min-max per MoE layer: " + ", ".join(spans))
     if metric in scores.layers:
         values = scores.layers[metric].tolist()
         symbols = [c for c in scores.parent.model.get("pattern", "").split("/")[0] if c != "|"]

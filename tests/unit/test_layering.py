@@ -30,7 +30,8 @@ ENTRY_LIBRARIES = {"pipeline.cli"}
 # Worker processes started by a command (torchrun), with a `__main__` block beside the work they do.
 WORKERS = {"pipeline.hf.import_", "pipeline.migrate.import_"}
 # Only a stage's entry may take the whole RunConfig; everything below takes its slices.
-MAY_IMPORT_RUN_CONFIG = {"pipeline.training.loop", "pipeline.training.state"}
+MAY_IMPORT_RUN_CONFIG = {"pipeline.training.loop", "pipeline.training.state",
+                         "pipeline.data.__main__"}  # a command: `lengths --config` composes a training config
 NO_RUN_CONFIG_PACKAGES = ("pipeline.model", "pipeline.data", "pipeline.training", "pipeline.checkpoint")
 
 
