@@ -142,15 +142,17 @@ def fast_optimizer_state_saving():
         DistributedOptimizer.sharded_param_state_fully_reshardable = original
 
 
-def optimizer_sharded_state(optimizer, model_sharded_state: dict, loading: bool) -> dict:
+def optimizer_sharded_state(optimizer, model_sharded_state: dict, loading: bool, metadata: dict | None = None) -> dict:
     """The optimizer's sharded state in the "fully_reshardable" format (resumes at any TP/PP/DP; the
     default format relies on flattened ranges, unsupported in 0.19): to save, or as the template a
-    load fills in."""
+    load fills in. `metadata` adds megatron's other content-metadata flags (e.g. Megatron-LM's
+    `chained_optim_avoid_prefix`, for a checkpoint it wrote)."""
     if loading:
         prime_optimizer_for_loading(optimizer)
     with fast_optimizer_state_saving():  # saving only; loading stays megatron's
         return optimizer.sharded_state_dict(
-            model_sharded_state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+            model_sharded_state, is_loading=loading,
+            metadata={**(metadata or {}), "distrib_optim_sharding_type": "fully_reshardable"},
         )
 
 

@@ -144,7 +144,8 @@ def save_imported(run, source: Source, tmp_root: Path, with_optimizer: bool, tok
         optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
         scheduler = build_scheduler(optimizer, run.optim, run.train.iters)
         model_state = ckpt.model_sharded_state(chunks)
-        wanted = {**model_state, "optimizer": ckpt.optimizer_sharded_state(optimizer, model_state, loading=True)}
+        wanted = {**model_state, "optimizer": ckpt.optimizer_sharded_state(
+            optimizer, model_state, loading=True, metadata=source.optimizer_metadata)}
         loaded = load_source(source, wanted)
         ckpt.apply_model_state(chunks, loaded)
         _adopt_configured_schedule(loaded["optimizer"], optimizer)

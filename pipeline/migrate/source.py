@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import ConversionError
-from pipeline.model.config import ModelConfig
+from pipeline.model.config import ModelConfig, MoEConfig
 
 KINDS = ("megatron-lm", "nemo2", "bridge")
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -81,7 +81,32 @@ ALIASES = {
     ".mlp.linear_fc1.layer_norm_weight": ".pre_mlp_layernorm.weight",
 }
 LAYER_NAMES = {"G": "GDN (gated delta net)", "D": "DeepSeek sparse attention", "+": "multi-latent attention",
-               "E": "MoE", "/": "MTP"}
+               "/": "MTP"}
+# MoEConfig field <- megatron's name (the same in Megatron-LM args and TransformerConfig), and megatron's
+# default (megatron-core 0.19.2) where the source does not say.
+MOE_FIELDS = {
+    "top_k": ("moe_router_topk", 2),
+    "ffn_hidden_size": ("moe_ffn_hidden_size", None),
+    "shared_ffn_hidden_size": ("moe_shared_expert_intermediate_size", None),
+    "score_function": ("moe_router_score_function", "softmax"),
+    "expert_bias": ("moe_router_enable_expert_bias", False),
+    "bias_update_rate": ("moe_router_bias_update_rate", 1e-3),
+    "scaling_factor": ("moe_router_topk_scaling_factor", None),
+    "num_groups": ("moe_router_num_groups", None),
+    "topk_groups": ("moe_router_group_topk", None),
+    "aux_loss": ("moe_router_load_balancing_type", "aux_loss"),
+    "aux_loss_coeff": ("moe_aux_loss_coeff", 0.0),
+    "router_dtype": ("moe_router_dtype", None),
+    "token_dispatcher": ("moe_token_dispatcher_type", "allgather"),
+    "capacity_factor": ("moe_expert_capacity_factor", None),
+    "drop_policy": ("moe_token_drop_policy", "probs"),
+    "pad_to_capacity": ("moe_pad_expert_input_to_capacity", False),
+    "latent_size": ("moe_latent_size", None),
+}
+MOE_REQUIRED = (
+    ("moe_shared_expert_gate", False, "a gated shared expert; the pipeline's shared expert has no gate"),
+    ("moe_router_pre_softmax", False, "softmax before top-k; the pipeline's router scores after selection"),
+)
 
 
 @dataclass
@@ -104,6 +129,9 @@ class Source:
     global_batch_size: int | None = None
     consumed_samples: int = 0
     notes: list[str] = field(default_factory=list)
+    optimizer_metadata: dict = field(default_factory=dict)
+    """megatron's content-metadata flags the optimizer state was saved with (e.g. Megatron-LM's
+    `chained_optim_avoid_prefix`: no `chained_N.` in the keys of a MoE model's two optimizers)."""
     training: dict = field(default_factory=dict)
     """The source's optimizer and batch settings as pipeline overrides (`optim.lr`: ...), where known."""
     tokenizer_dir: Path | None = None
@@ -199,12 +227,16 @@ def check_weights(model: ModelConfig, shapes: dict, prefix: str, ckpt_dir: Path)
     from pipeline.model.params import checkpoint_shapes
 
     stored = {k: v[0] for k, v in shapes.items() if k.startswith(prefix) and not k.startswith("optimizer.")}
+    ours = dict(checkpoint_shapes(model))
+    if model.moe.expert_bias:  # a buffer, not a parameter: saved with the weights, absent from params.py
+        ours.update({f"decoder.layers.{i}.mlp.router.expert_bias": (model.moe.num_experts,)
+                     for i, symbol in enumerate(model.parsed_pattern().layers) if symbol == "E"})
     renamed = {}
-    for key in checkpoint_shapes(model):
+    for key in ours:
         alias = _alias(key)
         if prefix + key not in stored and alias and prefix + alias in stored:
             renamed[key] = alias
-    expected = {prefix + renamed.get(k, k): v for k, v in checkpoint_shapes(model).items()}
+    expected = {prefix + renamed.get(k, k): v for k, v in ours.items()}
     unsplit = sorted(k for k in stored if k.endswith(".mixer.in_proj.weight"))
     if unsplit:
         raise ConversionError(f"{ckpt_dir} stores {unsplit[0]} unsplit (megatron-core < 0.9), which the pipeline "
@@ -331,15 +363,13 @@ def model_from_fields(f: dict, padded_vocab: int, name: str, where: str) -> Mode
             raise ConversionError(f"{where}: {key}={value!r} means {what}; import-megatron cannot represent it")
     if f.get("fp16"):
         raise ConversionError(f"{where}: fp16=True; the pipeline trains in bf16 or fp32 (import a bf16 or fp32 run)")
-    if f.get("num_moe_experts"):
-        raise ConversionError(f"{where}: num_experts={f['num_moe_experts']} (MoE), which import-megatron cannot "
-                              f"represent yet")
     hidden, heads = f["hidden_size"], f["num_attention_heads"]
+    pattern = _pattern(f, where)
     head_dim = f.get("mamba_head_dim") or 64
     divisible = f.get("make_vocab_size_divisible_by") or 128
     return ModelConfig(
         name=name,
-        pattern=_pattern(f, where),
+        pattern=pattern,
         hidden_size=hidden,
         ffn_hidden_size=f.get("ffn_hidden_size") or 4 * hidden,
         num_attention_heads=heads,
@@ -358,7 +388,22 @@ def model_from_fields(f: dict, padded_vocab: int, name: str, where: str) -> Mode
         seq_length=f.get("seq_length") or 4096,
         layernorm_epsilon=f.get("layernorm_epsilon") or 1e-5,
         init_method_std=f.get("init_method_std") or 0.02,
+        moe=_moe(f, where, hidden) if "E" in pattern else MoEConfig(),
     )
+
+
+def _moe(f: dict, where: str, hidden: int) -> MoEConfig:
+    """The MoEConfig of the `E` layers from megatron's moe_* fields (MOE_FIELDS)."""
+    for key, wanted, what in MOE_REQUIRED:
+        if f.get(key) not in (None, wanted):
+            raise ConversionError(f"{where}: {key}={f[key]!r} means {what}; import-megatron cannot represent it")
+    if not f.get("num_moe_experts"):
+        raise ConversionError(f"{where}: the pattern has MoE ('E') layers but num_experts is not set")
+    values = {ours: f.get(theirs, default) for ours, (theirs, default) in MOE_FIELDS.items()}
+    values["ffn_hidden_size"] = values["ffn_hidden_size"] or f.get("ffn_hidden_size") or 4 * hidden
+    values["shared_ffn_hidden_size"] = values["shared_ffn_hidden_size"] or 0
+    values["router_dtype"] = values["router_dtype"] or "model"
+    return MoEConfig(num_experts=f["num_moe_experts"], **values)
 
 
 # Megatron-LM args -> the pipeline override that continues the same optimisation.
@@ -432,4 +477,6 @@ def open_source(path: str | Path, kind: str | None = None, name: str = "imported
         prefix=prefix, optimizer_format=_optimizer_format(common),
         global_batch_size=fields.get("global_batch_size"),
         consumed_samples=int(fields.get("consumed_train_samples") or 0), renamed=renamed, training=training,
+        optimizer_metadata={k: v for k, v in (common.get("content_metadata") or {}).items()
+                            if k in ("chained_optim_avoid_prefix", "singleton_local_shards")},
     )

@@ -109,3 +109,24 @@ def test_tp2pp2_weights_start_a_tp1_run(megatron_tp2pp2, tmp_path):
     ref = torch.load(megatron_tp2pp2 / "reference.pt")
     got = step_after_import(tmp_path / "imported", megatron_tp2pp2 / "reference.pt", tmp_path / "r.json", 1)
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6, abs=0)
+
+
+MOE_FLAGS = [  # tiny_moe's routing (conf/model/tiny_moe.yaml) with 4 experts, as Megatron-LM flags
+    "--hybrid-layer-pattern", "MEM*EME", "--num-experts", "4", "--moe-ffn-hidden-size", "64",
+    "--moe-router-topk", "2", "--moe-shared-expert-intermediate-size", "128", "--moe-router-score-function",
+    "sigmoid", "--moe-router-enable-expert-bias", "--moe-router-topk-scaling-factor", "2.5",
+    "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff", "0.01", "--moe-router-dtype", "fp32",
+    "--moe-token-dispatcher-type", "alltoall", "--moe-grouped-gemm",
+]
+
+
+def test_moe_continues_bit_equal(tmp_path):
+    """`E` layers: the routed and shared experts, router and expert bias, and Megatron-LM's two optimizers
+    (dense and expert, keys without `chained_N.`) come along."""
+    run_cpu([sys.executable, WORKER, str(tmp_path / "source"), "--dist-ckpt-optim-fully-reshardable", *MOE_FLAGS])
+    import_cli(tmp_path / "source" / "ckpt", tmp_path / "imported", "--name", "moe")
+    model = CheckpointMeta.read(tmp_path / "imported" / "checkpoints" / "step_0000002").model
+    assert model["pattern"] == "MEM*EME" and model["moe"]["num_experts"] == 4 and model["moe"]["expert_bias"]
+    ref = torch.load(tmp_path / "source" / "reference.pt")
+    got = step_after_import(tmp_path / "imported", tmp_path / "source" / "reference.pt", tmp_path / "r.json", 1)
+    assert (got["loss"], got["loss_after_step"]) == (ref["loss"], ref["loss_after_step"]), (got, ref)

@@ -61,7 +61,7 @@ def batch(step: int, args, rank_of_dp: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def main(out: Path, flags: list[str]) -> None:
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.training import arguments
@@ -71,12 +71,14 @@ def main(out: Path, flags: list[str]) -> None:
 
     from pipeline.distributed import ParallelConfig, distributed
     from pipeline.model.build import build_model
-    from pipeline.model.config import ModelConfig
+    from pipeline.model.config import ModelConfig, MoEConfig
     from pipeline.model.precision import PrecisionConfig
 
     sys.argv = ["pretrain_hybrid.py", *TINY_FLAGS, "--save", str(out / "ckpt"), *flags]
-    # validate_args asks the GPU's architecture with tp > 1 (only to choose what to warn about).
+    # validate_args asks the GPU's architecture with tp > 1 (only to choose what to warn about) and its
+    # compute capability with --moe-grouped-gemm.
     arguments.get_device_arch_version = lambda: 9
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
     args = parse_args()
     validate_args(args, {})
     set_global_variables(args, build_tokenizer=True)  # pads the vocabulary as Megatron-LM does (128 * TP)
@@ -91,11 +93,20 @@ def main(out: Path, flags: list[str]) -> None:
             mamba_num_groups=args.mamba_num_groups, mamba_state_dim=args.mamba_state_dim,
             vocab_size=args.padded_vocab_size, make_vocab_size_divisible_by=args.padded_vocab_size,
             seq_length=args.seq_length, mamba_chunk_size=128,
+            moe=MoEConfig(
+                num_experts=args.num_experts, top_k=args.moe_router_topk, ffn_hidden_size=args.moe_ffn_hidden_size,
+                shared_ffn_hidden_size=args.moe_shared_expert_intermediate_size or 0,
+                score_function=args.moe_router_score_function, expert_bias=args.moe_router_enable_expert_bias,
+                scaling_factor=args.moe_router_topk_scaling_factor, aux_loss=args.moe_router_load_balancing_type,
+                aux_loss_coeff=args.moe_aux_loss_coeff, router_dtype=args.moe_router_dtype or "model",
+                token_dispatcher=args.moe_token_dispatcher_type,
+            ) if args.num_experts else MoEConfig(),
         )
         chunks = build_model(model, parallel, PrecisionConfig(name="fp32", params_dtype="fp32"), args.seed,
                              torch.device("cpu"))
         ddp = [DistributedDataParallel(chunks[0].config, DistributedDataParallelConfig(
             use_distributed_optimizer=True, grad_reduce_in_fp32=True), chunks[0])]
+        chunks[0].config.finalize_model_grads_func = finalize_model_grads  # as Megatron-LM's get_model does
         optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
