@@ -37,7 +37,7 @@ MAMBA_EXPAND = 2
 """megatron-core's MambaMixer: d_inner = 2 x hidden when mamba_num_heads is not given."""
 MAMBA_CHUNK = 128
 """megatron-core's MambaMixer chunk size (not configurable there)."""
-PAD_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+EMBEDDING = "embedding.word_embeddings.weight"
 
 # Megatron-LM's parse_args defaults (megatron-core 0.19.2) for the flags read here: what an older
 # Megatron-LM's Namespace without the attribute meant.
@@ -53,7 +53,7 @@ ARGS_DEFAULTS = {
     "openai_gelu": False, "quick_geglu": False, "ckpt_format": "torch_dist", "seq_length": None,
     "hybrid_layer_pattern": None, "hybrid_override_pattern": None, "multi_latent_attention": False,
     "num_layers": None, "hybrid_attention_ratio": 0.0, "hybrid_mlp_ratio": 0.0,
-    "tensor_model_parallel_size": 1, "global_batch_size": None, "consumed_train_samples": 0,
+    "global_batch_size": None,
 }
 # What the pipeline's layers hard-code, as (field, value it must have, what the other value means).
 REQUIRED = (
@@ -126,9 +126,6 @@ class Source:
     """What the source puts before megatron's sharded keys (`module.` in NeMo 2)."""
     optimizer_format: str | None = None
     """The distributed optimizer's sharding type, or None if the checkpoint has no optimizer state."""
-    global_batch_size: int | None = None
-    consumed_samples: int = 0
-    notes: list[str] = field(default_factory=list)
     optimizer_metadata: dict = field(default_factory=dict)
     """megatron's content-metadata flags the optimizer state was saved with (e.g. Megatron-LM's
     `chained_optim_avoid_prefix`: no `chained_N.` in the keys of a MoE model's two optimizers)."""
@@ -459,7 +456,7 @@ def open_source(path: str | Path, kind: str | None = None, name: str = "imported
         fields, where = fields_from_config(_yaml(config_file, "config"), config_file), str(config_file)
     if fields.get("ckpt_format", "torch_dist") not in ("torch_dist", None):
         raise ConversionError(f"{where}: ckpt_format={fields['ckpt_format']!r}; only torch_dist can be imported")
-    embedding = prefix + PAD_KEYS[0]
+    embedding = prefix + EMBEDDING
     if embedding not in shapes:
         raise ConversionError(f"{ckpt_dir} has no tensor {embedding}; not a Megatron GPT/hybrid checkpoint "
                               f"(or a NeMo 2 one given as --source-kind={kind})")
@@ -475,8 +472,7 @@ def open_source(path: str | Path, kind: str | None = None, name: str = "imported
         tokenizer_dir=next((d for d in tokenizers if d.is_dir()), None),
         kind=kind, path=path, ckpt_dir=ckpt_dir, iteration=int(iteration), model=model, precision=precision,
         prefix=prefix, optimizer_format=_optimizer_format(common),
-        global_batch_size=fields.get("global_batch_size"),
-        consumed_samples=int(fields.get("consumed_train_samples") or 0), renamed=renamed, training=training,
+        renamed=renamed, training=training,
         optimizer_metadata={k: v for k, v in (common.get("content_metadata") or {}).items()
                             if k in ("chained_optim_avoid_prefix", "singleton_local_shards")},
     )
