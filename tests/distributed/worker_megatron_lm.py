@@ -102,7 +102,8 @@ def main(out: Path, flags: list[str]) -> None:
                 token_dispatcher=args.moe_token_dispatcher_type,
             ) if args.num_experts else MoEConfig(),
         )
-        chunks = build_model(model, parallel, PrecisionConfig(name="fp32", params_dtype="fp32"), args.seed,
+        dtype = "bf16" if args.bf16 else "fp32"
+        chunks = build_model(model, parallel, PrecisionConfig(name=dtype, params_dtype=dtype), args.seed,
                              torch.device("cpu"))
         ddp = [DistributedDataParallel(chunks[0].config, DistributedDataParallelConfig(
             use_distributed_optimizer=True, grad_reduce_in_fp32=True), chunks[0])]
@@ -110,7 +111,7 @@ def main(out: Path, flags: list[str]) -> None:
         optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-            use_distributed_optimizer=True, params_dtype=torch.float32), ddp)
+            use_distributed_optimizer=True, bf16=args.bf16, params_dtype=args.params_dtype), ddp)
         scheduler = OptimizerParamScheduler(
             optimizer, init_lr=args.lr, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=0,
             lr_decay_steps=args.train_iters * args.global_batch_size, lr_decay_style="constant",
@@ -209,8 +210,9 @@ def check(imported: Path, reference: Path, result: Path, overrides: list[str]) -
     weights_only = read_meta(latest_checkpoint(imported / "checkpoints")).weights_only
     start = [f"run_dir={result.parent / 'run'}", f"checkpoint.init_from={imported}"] if weights_only else [
         f"run_dir={imported}"]
-    run = load_run_config([f"hydra.searchpath=[file://{imported}]", f"model={name}", *start,
-                           "precision=fp32", *RESUME_OPTIM, *overrides])
+    precision = [] if any(o.startswith("precision=") for o in overrides) else ["precision=fp32"]
+    run = load_run_config([f"hydra.searchpath=[file://{imported}]", f"model={name}", *start, *precision,
+                           *RESUME_OPTIM, *overrides])
 
     class Log:
         def info(self, message):
