@@ -248,3 +248,33 @@ def test_other_norm_names_are_mapped(fixture, tmp_path, capsys):
     for key in ("decoder.layers.0.mixer.in_proj.layer_norm_weight", "decoder.layers.1.mlp.linear_fc1.layer_norm_weight",
                 "optimizer.state.exp_avg.decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"):
         assert torch.equal(renamed.get(key), plain.get(key)), key
+
+
+def older_megatron_args(fixture, tmp_path, **changes):
+    """A copy of the Megatron-LM fixture whose stored args look like an older Megatron-LM's: attributes
+    set (a value) or absent (None), written as core <= 0.18's common.pt."""
+    ckpt = megatron_copy(fixture, tmp_path)
+    state = common_state(ckpt / ITER)
+    for name, value in changes.items():
+        if value is None:
+            delattr(state["args"], name)
+        else:
+            setattr(state["args"], name, value)
+    torch.save(state, ckpt / ITER / "common.pt")
+    return ckpt
+
+
+@pytest.mark.parametrize("changes", [
+    {"hybrid_layer_pattern": None, "hybrid_override_pattern": "M-M*-M-"},  # before core 0.17
+    {"hybrid_layer_pattern": None, "hybrid_override_pattern": None, "hybrid_attention_ratio": 0.14,
+     "hybrid_mlp_ratio": 0.43},  # before hybrid_override_pattern
+], ids=["override_pattern", "ratios"])
+def test_older_pattern_arguments(fixture, tmp_path, capsys, changes):
+    cli(older_megatron_args(fixture, tmp_path, **changes), tmp_path / "out", "--weights-only")
+    assert CheckpointMeta.read(tmp_path / "out" / "checkpoints" / f"step_{2:07d}").model["pattern"] == "M-M*-M-"
+
+
+def test_an_absent_flag_means_megatron_s_default(fixture, tmp_path, capsys):
+    # Megatron-LM's default position embedding is learned_absolute: an args without the attribute had it.
+    error = refused(capsys, older_megatron_args(fixture, tmp_path, position_embedding_type=None), tmp_path / "out")
+    assert "position_embedding_type='learned_absolute'" in error, error
