@@ -139,6 +139,9 @@ def check_phases_fit(run) -> None:
                 f"data.phases[{i}].seq_length={phase.seq_length} exceeds model.seq_length={run.model.seq_length}; "
                 f"raise model.seq_length or lower the phase's seq_length"
             )
+        if phase.seq_length is not None and run.parallel.cp > 1 and phase.seq_length % (2 * run.parallel.cp):
+            raise ConfigError(f"data.phases[{i}].seq_length={phase.seq_length} not divisible by 2*parallel.cp="
+                              f"{2 * run.parallel.cp} (context parallelism's chunks); use a multiple of it")
         if phase.lr_decay and run.optim.schedule != "wsd":
             raise ConfigError(f"data.phases[{i}].lr_decay=true needs optim.schedule=wsd (it is "
                               f"{run.optim.schedule}); set optim.schedule=wsd or lr_decay=false")
