@@ -4,6 +4,7 @@ and the distilled student against the baselines, on the same validation windows 
     python bench/compress.py   # one GPU: bench_125m parent (trained here unless --parent), BF16 and FP8
     python bench/compress.py --parent runs/125m --parent-iters 300 --iters 100 --out /tmp/bench_compress
     python bench/compress.py --tiny --lr-scales 1,0.3,0.1,0.03,0.01   # CPU: the worked example of docs/compression.md
+    python bench/compress.py --moe    # an MoE parent (tiny_moe at 512 tokens), budget in active parameters
 
 For each precision preset: time to score the parent (`importance`), the best searched student at
 --target-fraction of the parent's parameters (--tiny: the worked example's budget) pruned from it,
@@ -19,6 +20,8 @@ picked, its time to score, parameters and validation loss before distillation on
 as ours (a row saying why not where modelopt or a GPU is missing). Everything it ran stays under
 --out (each training run in <out>/<precision>/runs/; a rerun with the same --out reuses finished
 runs, so adding seeds or scales trains only the new ones; modelopt's log: <out>/<precision>/modelopt.log).
+--moe runs all of it on an MoE parent (`tiny_moe`, MOE below) with the student searched at
+--target-fraction of the parent's active parameters; modelopt then prunes experts and expert widths too.
 """
 
 import argparse
@@ -31,15 +34,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GPU = {"model": "bench_125m", "precisions": ["bf16", "fp8_tensorwise"], "seq": 2048, "micro": 4, "global": 32,
+GPU = {"model": "bench_125m", "parent_precision": "bf16", "precisions": ["bf16", "fp8_tensorwise"],
+       "seq": 2048, "micro": 4, "global": 32,
        "parent_iters": 300, "iters": 100, "calibration": 256, "layer_calibration": 32, "eval_iters": 4,
        "seeds": [1234, 1, 2], "optim": ["optim.lr=1e-3", "optim.min_lr=1e-4"], "student_optim": [], "search": []}
-CPU = {"model": "tiny", "precisions": ["fp32"], "seq": 128, "micro": 4, "global": 8,
+CPU = {"model": "tiny", "parent_precision": "fp32", "precisions": ["fp32"], "seq": 128, "micro": 4, "global": 8,
        "parent_iters": 100, "iters": 40, "calibration": 16, "layer_calibration": 8, "eval_iters": 16,
        "seeds": [1234, 1, 2], "optim": [], "student_optim": ["optim.warmup_iters=5"],
        "search": ["compress.target_params=0.95e6", "compress.hidden_sizes=[64]"]}
 """--tiny is the worked example of docs/compression.md (its shape, parent, student and 40 steps), one
 process; eval_iters global batches of validation windows score every model (16 x 8 windows of 128 tokens)."""
+MOE = {"model": "tiny_moe", "max_seq": 512, "search": []}
+"""--moe: the preset's parent model and sequence length (at most tiny_moe's 512), the budget from
+--target-fraction of the parent's active parameters."""
 
 
 def base_overrides(preset: dict, data: Path, precision: str, run_dir: Path) -> list[str]:
@@ -57,7 +64,7 @@ def train_parent(preset: dict, data: Path, out: Path) -> Path:
     from pipeline.config import load_run_config
     from pipeline.training.loop import train
 
-    precision = preset["precisions"][0] if preset["model"] == CPU["model"] else "bf16"
+    precision = preset["parent_precision"]
     run = load_run_config(base_overrides(preset, data, precision, out / "parent")
                           + [f"train.iters={preset['parent_iters']}", "train.eval_interval=0"])
     train(run)
@@ -87,13 +94,17 @@ def bench_precision(preset: dict, data: Path, parent: Path, precision: str, args
     from pipeline.compress.scores import load_scores
     from pipeline.compress.search import search
     from pipeline.config import load_run_config
-    from pipeline.model.sizes import param_counts
+    from pipeline.model.sizes import active_param_count, param_counts
 
     run_dir = out / precision
     parent_step = resolve_checkpoint(parent)
     parent_model = model_of(parent_step)
-    budget = preset["search"] or [
-        f"compress.target_params={int(param_counts(parent_model)['total'] * args.target_fraction)}"]
+    if "E" in parent_model.pattern:
+        budget = preset["search"] or [
+            f"compress.target_active_params={int(active_param_count(parent_model) * args.target_fraction)}"]
+    else:
+        budget = preset["search"] or [
+            f"compress.target_params={int(param_counts(parent_model)['total'] * args.target_fraction)}"]
     run = load_run_config(base_overrides(preset, data, precision, run_dir) + preset["student_optim"] + budget + [
         f"compress.parent={parent}", "compress.top_k=1",
         f"compress.calibration_samples={preset['calibration']}",
@@ -163,6 +174,7 @@ def print_quality(preset: dict, args, r: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CPU: the worked example of docs/compression.md")
+    parser.add_argument("--moe", action="store_true", help="an MoE parent (tiny_moe), budget in active parameters")
     parser.add_argument("--parent", type=Path, help="parent checkpoint (default: train one here)")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "build")
     parser.add_argument("--iters", type=int, help="distillation steps (default 100; 40 with --tiny)")
@@ -172,11 +184,14 @@ def main() -> None:
     parser.add_argument("--seeds", help="comma-separated training seeds of the quality side by side (default 1234,1,2)")
     parser.add_argument("--lr-scales", help="comma-separated compress.lr_scale values to sweep (default: no sweep)")
     parser.add_argument("--target-fraction", type=float, default=0.6,
-                        help="student parameters / parent's (GPU; --tiny uses the worked example's budget)")
+                        help="student parameters / parent's (GPU; --tiny uses the worked example's budget; "
+                             "--moe: active parameters)")
     parser.add_argument("--precisions", help="comma-separated precision presets (default: bf16,fp8_tensorwise on GPU)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_compress"))
     args = parser.parse_args()
     preset = dict(CPU if args.tiny else GPU)
+    if args.moe:
+        preset.update(model=MOE["model"], search=MOE["search"], seq=min(preset["seq"], MOE["max_seq"]))
     args.parent_iters = args.parent_iters or preset["parent_iters"]
     preset["parent_iters"] = args.parent_iters
     if args.precisions:
@@ -200,7 +215,8 @@ def main() -> None:
             for p in preset["precisions"]
         }
     (args.out / "bench_compress.json").write_text(json.dumps({"runs": results}, indent=2))
-    budget = "the worked example's budget" if args.tiny else f"{args.target_fraction:.0%} of its parameters"
+    budget = "the worked example's budget" if args.tiny and not args.moe else \
+        f"{args.target_fraction:.0%} of its {'active ' if args.moe else ''}parameters"
     print(f"\n{preset['model']} parent {parent}, student searched at {budget}, "
           f"{args.iters} distillation steps of {preset['global']} x {preset['seq']} tokens")
     print(f"{'precision':<16}{'score s':>9}{'  student':<28}{'params':>13}{'loss before':>13}{'after':>8}"

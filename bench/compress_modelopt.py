@@ -13,9 +13,16 @@ failure becomes the error text of its row; nothing else depends on it.
 What modelopt cannot express: it removes `num_layers` layers of any type by its own ranking (the
 mean 1 - cos(input, output) of each layer), where our search removes a number of layers of each
 type; the row says when the patterns differ.
+
+MoE parents (`E` layers): modelopt 0.47 prunes `num_moe_experts`, `moe_ffn_hidden_size` and
+`moe_shared_expert_intermediate_size`, but converts only megatron-core's SequentialMLP experts (its
+NAS registry has no TEGroupedMLP), so its parent is built with SequentialMLP experts
+(`sequential_experts_spec`; the same checkpoint layout). It ranks experts by the mean norm of their
+weighted output over the tokens routed to them; ours by that times the fraction of tokens routed.
 """
 
 import contextlib
+import dataclasses
 import importlib.machinery
 import importlib.util
 import math
@@ -32,6 +39,10 @@ WIDTHS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "mamba_num_he
 """Our Candidate's widths, as ModelConfig (and modelopt export_config) fields."""
 FIXED = ("num_query_groups", "kv_channels", "mamba_num_groups", "mamba_state_dim")
 """Sizes neither our search nor modelopt 0.47 prunes (num_query_groups: not since modelopt 0.41)."""
+MOE_WIDTHS = {"num_experts": "num_moe_experts", "ffn_hidden_size": "moe_ffn_hidden_size",
+              "shared_ffn_hidden_size": "moe_shared_expert_intermediate_size"}
+"""Our model.moe widths -> modelopt's MoE hparams (mcore_minitron's SUPPORTED_HPARAMS, megatron's
+TransformerConfig names)."""
 DIVISORS = dict(hidden_size_divisor=1, ffn_hidden_size_divisor=1, mamba_head_dim_divisor=1,
                 num_moe_experts_divisor=1, num_layers_divisor=1)
 """modelopt's default divisors (256 hidden, 512 FFN, 8 head dim, 2 layers) reject most of our
@@ -72,16 +83,26 @@ def param_count(chunks) -> int:
     return sum(p.numel() for chunk in chunks for p in chunk.parameters())
 
 
+def _moe_widths(model) -> dict:
+    """modelopt hparam -> value of an MoE model's `E` layers (none without them)."""
+    return {name: getattr(model.moe, ours) for ours, name in MOE_WIDTHS.items()} if "E" in model.pattern else {}
+
+
 def architecture(model) -> dict:
-    """Widths and pattern (without '|') of a ModelConfig."""
-    return {**{f: getattr(model, f) for f in WIDTHS}, "pattern": model.pattern.replace("|", "")}
+    """Widths (MoE ones by modelopt's names) and pattern (without '|') of a ModelConfig."""
+    return {**{f: getattr(model, f) for f in WIDTHS}, **_moe_widths(model), "pattern": model.pattern.replace("|", "")}
 
 
 def export_config(parent, student) -> tuple[dict, list[str]]:
     """modelopt's export_config for our student's architecture, and what it cannot express."""
     config = {f: getattr(student, f) for f in WIDTHS if getattr(student, f) != getattr(parent, f)}
+    ours = _moe_widths(student)
+    config.update({name: ours[name] for name, value in _moe_widths(parent).items() if ours.get(name, value) != value})
     notes = [f"{f} {getattr(parent, f)} -> {getattr(student, f)} not prunable by modelopt (kept)"
              for f in FIXED if getattr(student, f) != getattr(parent, f)]
+    if "num_moe_experts" in config:
+        notes.append("experts: modelopt keeps those with the highest mean weighted-output norm per routed token; "
+                     "ours weighs it by the fraction of tokens routed")
     layers, kept = parent.parsed_pattern().num_layers, student.parsed_pattern().num_layers
     if kept != layers:
         config["num_layers"] = kept
@@ -122,6 +143,25 @@ class Unavailable(Exception):
     """modelopt's mcore_minitron cannot run here (the message says why)."""
 
 
+def sequential_experts_spec(model, backend: str):
+    """The backend's hybrid spec with the routed experts as megatron-core's SequentialMLP (one MLP per
+    expert, the shared expert's linears), the experts modelopt 0.47 can prune. SequentialMLP stores
+    its experts under the same checkpoint keys as the grouped experts, so a parent loads unchanged."""
+    from functools import partial
+
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from pipeline.model.spec import stack_spec
+
+    spec = stack_spec(model, backend)
+    layer = spec.submodules.moe_layer.submodules
+    moe = layer.mlp.keywords["submodules"]
+    linears = moe.shared_experts.keywords["submodules"]  # an MLPSubmodules of the backend's linears
+    moe = dataclasses.replace(moe, experts=partial(SequentialMLP, submodules=linears))
+    layer.mlp = partial(layer.mlp.func, submodules=moe)
+    return spec
+
+
 def load_minitron(device: torch.device):
     """modelopt's `prune` and `get_mcore_minitron_config`, or Unavailable."""
     if importlib.util.find_spec("modelopt") is None:
@@ -158,7 +198,8 @@ def prune_with_modelopt(run, parent_step: Path, parent, student, batches, device
 
     torch.cuda.synchronize(device)
     started = time.perf_counter()
-    (model,) = build_model(parent, ParallelConfig(), run.precision, run.train.seed, device, backend="te")
+    spec = sequential_experts_spec(parent, "te") if "E" in parent.pattern else None
+    (model,) = build_model(parent, ParallelConfig(), run.precision, run.train.seed, device, backend="te", spec=spec)
     ckpt.load_model(parent_step, [model])
     with open(log, "w") as out, contextlib.redirect_stdout(out):  # its tables and progress: kept in `log`
         model, _ = prune(
@@ -168,6 +209,7 @@ def prune_with_modelopt(run, parent_step: Path, parent, student, batches, device
     torch.cuda.synchronize(device)
     score_s = time.perf_counter() - started
     got = {f: getattr(model.config, f) for f in WIDTHS}
+    got.update({name: getattr(model.config, name) for name in _moe_widths(parent)})
     got["pattern"] = model.hybrid_layer_pattern.replace("|", "")
     ours = architecture(student)
     differs = [f"{k} {got[k]} (ours {ours[k]})" for k in ours if got[k] != ours[k]]

@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.checkpoint import CheckpointConfig
 from pipeline.compress.config import CompressConfig
 from pipeline.data.config import DataConfig
-from pipeline.data.phases import check_phases_fit
 from pipeline.distributed import ParallelConfig
 from pipeline.errors import ConfigError
 from pipeline.metrics import LoggingConfig
@@ -92,7 +91,7 @@ def validate_run(run: RunConfig) -> None:
             f"train.seq_length={run.train.seq_length} exceeds model.seq_length={m.seq_length}; "
             f"lower train.seq_length or raise model.seq_length"
         )
-    check_phases_fit(run)
+    _validate_phases(run)
     chunks = [len(stage.symbols) for rank in split_stages(m.parsed_pattern(), p.pp) for stage in rank]
     validate_recompute(run.train, layers, chunks, MOE in layers and m.moe.shared_ffn_hidden_size > 0,
                        run.precision.fp8_recipe if run.precision.fp8 else None)
@@ -125,6 +124,44 @@ def _validate_context_parallel(run: RunConfig) -> None:
         raise ConfigError(f"parallel.cp={cp} with packed documents needs parallel.pp=1 (documents are padded to "
                           f"multiples of 2*cp, so the sequence length varies); set parallel.pp=1 or "
                           f"train.packed_documents=false")
+
+
+def _validate_phases(run: RunConfig) -> None:
+    """data.phases against the run's length, the model's sequence length, the lr schedule and the options
+    that fix one sequence length."""
+    phases = run.data.phases
+    if not phases:
+        return
+    last = len(phases) - 1
+    if phases[last].start_step >= run.train.iters:
+        raise ConfigError(
+            f"data.phases[{last}].start_step={phases[last].start_step} is not before train.iters="
+            f"{run.train.iters}; the phase would never run: raise train.iters or remove the phase"
+        )
+    for i, phase in enumerate(phases):
+        if phase.seq_length is not None and phase.seq_length > run.model.seq_length:
+            raise ConfigError(
+                f"data.phases[{i}].seq_length={phase.seq_length} exceeds model.seq_length={run.model.seq_length}; "
+                f"raise model.seq_length or lower the phase's seq_length"
+            )
+        if phase.lr_decay and run.optim.schedule != "wsd":
+            raise ConfigError(f"data.phases[{i}].lr_decay=true needs optim.schedule=wsd (it is "
+                              f"{run.optim.schedule}); set optim.schedule=wsd or lr_decay=false")
+        if phase.lr_decay and run.optim.wsd_decay_iters:
+            raise ConfigError(f"data.phases[{i}].lr_decay=true sets WSD's decay length itself; remove "
+                              f"optim.wsd_decay_iters={run.optim.wsd_decay_iters}")
+        cp = run.parallel.cp
+        if phase.seq_length is not None and phase.seq_length % (2 * cp):
+            raise ConfigError(f"data.phases[{i}].seq_length={phase.seq_length} not divisible by "
+                              f"2*parallel.cp={2 * cp}; use a multiple of {2 * cp}")
+        fixed = [name for name, on in (("train.cuda_graphs", run.train.cuda_graphs),
+                                       ("parallel.tp_comm_overlap", run.parallel.tp_comm_overlap)) if on]
+        if phase.seq_length not in (None, run.train.seq_length) and fixed:
+            raise ConfigError(
+                f"data.phases[{i}].seq_length={phase.seq_length} differs from train.seq_length="
+                f"{run.train.seq_length}, but {fixed[0]}=true fixes the shapes to one length; train the phase "
+                f"in its own run (checkpoint.init_from) or set {fixed[0]}=false"
+            )
 
 
 def _validate_experts(m: ModelConfig, p: ParallelConfig) -> None:
@@ -192,11 +229,15 @@ def load_run_config(overrides: list[str] = (), config_name: str = "config") -> R
 
     For library callers and tests; the entry points get the same result through @hydra.main.
     """
+    return to_run_config(compose_config(overrides, config_name))
+
+
+def compose_config(overrides: list[str] = (), config_name: str = "config") -> DictConfig:
+    """conf/config.yaml with Hydra overrides, composed but not yet validated (`to_run_config`)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name=config_name, overrides=list(overrides))
-    return to_run_config(cfg)
+        return compose(config_name=config_name, overrides=list(overrides))

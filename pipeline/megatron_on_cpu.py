@@ -81,17 +81,19 @@ def _split_sizes_to_host(tensor, as_numpy: bool = False, record_stream: bool = F
 
 
 def _backwards_on_cpu() -> dict:
-    """Run the backward of megatron's communication autograd Functions (tensor_parallel/mappings.py)
-    under the CUDA-to-CPU mode too; return the original backwards to restore.
+    """Run the backward of megatron's communication autograd Functions (tensor_parallel/mappings.py,
+    and the linear layers' tensor_parallel/layers.py) under the CUDA-to-CPU mode too; return the
+    original backwards to restore.
 
     The mode does not reach into autograd's backward pass, and the MoE all-to-all's backward
     allocates its output with `device=torch.cuda.current_device()` (megatron-core 0.19.2 _AllToAll;
-    seen as "Found no NVIDIA driver" in the first backward with parallel.ep=2).
+    seen as "Found no NVIDIA driver" in the first backward with parallel.ep=2), as does the linear
+    layers' backward under sequence parallel (the reduce-scattered input gradient).
     """
-    from megatron.core.tensor_parallel import mappings
+    from megatron.core.tensor_parallel import layers, mappings
 
     originals = {}
-    for function in vars(mappings).values():
+    for function in [*vars(mappings).values(), *vars(layers).values()]:
         if (isinstance(function, type) and issubclass(function, torch.autograd.Function)
                 and "backward" in vars(function)):
             originals[function] = vars(function)["backward"]
@@ -114,6 +116,8 @@ def _recompute_on_cpu() -> list[tuple[object, str, object]]:
 
     - `_get_cuda_rng_state` / `_set_cuda_rng_state`: the checkpoints save the CUDA generator beside
       the CPU one to replay dropout; there is none on CPU ("Found no NVIDIA driver").
+    - `CudaRNGStatesTracker.add` reads that generator too; on CPU it records the name and seed only
+      (these models have no dropout, so no state is ever drawn from).
     - `CheckpointFunction.backward` and `CheckpointWithoutOutput._recompute` run the forward again
       inside the backward, where the CUDA-to-CPU mode does not reach (the MoE router moves its
       weight to `torch.cuda.current_device()` there).
@@ -132,6 +136,16 @@ def _recompute_on_cpu() -> list[tuple[object, str, object]]:
 
     patch(tp_random, "_get_cuda_rng_state", _no_cuda_rng_state)
     patch(tp_random, "_set_cuda_rng_state", _no_cuda_rng_state)
+
+    def add(self, name, seed):
+        # `model_parallel_cuda_manual_seed` registers the named states that `fork()` needs (the
+        # embedding forks under sequence parallel) by reading the CUDA generator directly.
+        if seed in self.seeds_ or name in self.states_:
+            raise Exception(f"cuda rng state {name} or seed {seed} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = None
+
+    patch(tp_random.CudaRNGStatesTracker, "add", add)
     original_backward = tp_random.CheckpointFunction.backward
 
     def backward(ctx, *grads):

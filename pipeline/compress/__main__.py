@@ -75,9 +75,8 @@ def _check_inputs(first: str, run, parent) -> None:
 
 
 def _compress(step: str, overrides: list[str], stop) -> None:
-    from pipeline.compress.parent import check_run_dir, parent_run
+    from pipeline.compress.parent import check_run_dir, load_compress_config, parent_run
     from pipeline.compress.progress import Progress
-    from pipeline.config import load_run_config
     from pipeline.distributed import distributed, resolve_device
     from pipeline.model.build import virtual_stages
     from pipeline.throughput import start_clock
@@ -85,14 +84,14 @@ def _compress(step: str, overrides: list[str], stop) -> None:
     from pipeline.training.run_lock import check_not_in_use, run_dir_owner
     from pipeline.training.stop import Stopped
 
-    run = load_run_config(overrides)
+    run = load_compress_config(overrides)
     if run.parallel.cp > 1:
         # Importance, ranking and distillation read whole sequences per rank.
         raise ConfigError(f"parallel.cp={run.parallel.cp}: compression runs with parallel.cp=1")
     if cpu_needs_fp32(run, overrides):
         if os.environ.get("RANK", "0") == "0":
             print("no GPU: compressing in fp32 (override with precision=...)", file=sys.stderr)
-        run = load_run_config([*overrides, "precision=fp32"])
+        run = load_compress_config([*overrides, "precision=fp32"])
     # Every step needs the parent: check it first. One process group for all steps (a second
     # init in the same processes would hang under torchrun); steps nest inside it.
     parent = parent_run(run)

@@ -65,6 +65,26 @@ def check_run_dir(run, step_dir: Path) -> None:
         )
 
 
+def load_compress_config(overrides: list[str]):
+    """The RunConfig of a compression command: its overrides composed with the parent's model (read
+    from compress.parent's checkpoint), so that options depending on the model (parallel.ep for a
+    parent with MoE layers) are checked against it and not against the default model. A parent that
+    cannot be read is reported by `parent_run`."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline.config import compose_config, to_run_config
+
+    cfg = compose_config(overrides)
+    if cfg.compress.parent:
+        try:
+            model = ckpt.read_meta(ckpt.resolve_checkpoint(cfg.compress.parent)).model
+            cfg.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), model)
+        except (CheckpointError, ConfigError, OSError, ValueError, OmegaConfBaseException):
+            pass
+    return to_run_config(cfg)
+
+
 def parent_run(run) -> ParentRun:
     """`run` set up for its parent checkpoint (compress.parent); fails before any work on a bad parent."""
     if not run.compress.parent:

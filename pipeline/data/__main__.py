@@ -65,7 +65,8 @@ def _lengths(args: argparse.Namespace) -> None:
     if args.config:
         from pipeline.config import load_run_config
 
-        print("\n".join(lengths.phase_lines(load_run_config(args.items))))
+        run = load_run_config(args.items)
+        print("\n".join(lengths.phase_lines(run.data, run.train.seq_length, run.train.iters)))
         return
     for prefix in args.items:
         print(lengths.format_report(prefix, lengths.prefix_report(prefix)))

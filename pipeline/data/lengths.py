@@ -93,14 +93,14 @@ def format_report(name: str, rep: dict) -> str:
             f"share of tokens in documents {shares}")
 
 
-def phase_lines(run, thresholds: tuple[int, ...] = THRESHOLDS) -> list[str]:
-    """The report of every phase of a RunConfig (one implicit phase without data.phases): each
-    component, then the blend's share of tokens in long documents, at the phase's sequence length too."""
+def phase_lines(data, seq_length: int, iters: int, thresholds: tuple[int, ...] = THRESHOLDS) -> list[str]:
+    """The report of every phase of a run's `data` config (one implicit phase without data.phases) at
+    train.seq_length / train.iters: each component, then the blend's share of tokens in long documents,
+    at the phase's sequence length too."""
     from pipeline.data.phases import resolve_phases
 
     lines = []
-    phases = resolve_phases(run.data.phases, run.data.paths, run.data.weights, run.train.seq_length,
-                            run.train.iters)
+    phases = resolve_phases(data.phases, data.paths, data.weights, seq_length, iters)
     for phase in phases:
         lengths = tuple(sorted({*thresholds, phase.seq_length}))
         reports = [prefix_report(path, lengths) for path in phase.paths]

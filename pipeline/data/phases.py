@@ -1,5 +1,6 @@
-"""Training phases: a run as a list of stages, each with its own data blend (and sequence length),
-switching at given steps inside one run_dir.
+"""Training phases (`data.phases`; schema and checks in pipeline/data/config.py, against the rest of the
+run in pipeline/config.py): a run as a list of stages, each with its own data blend (and sequence
+length), switching at given steps inside one run_dir.
 
     data:
       phases:
@@ -19,28 +20,10 @@ phase (the next start_step, or train.iters for the last) is accepted but, as cha
 run without phases, may reorder its remaining samples (megatron sizes a dataset's shuffle by its length).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-from pipeline.errors import ConfigError
-
-
-@dataclass
-class PhaseConfig:
-    """One training phase (`data.phases` entry)."""
-
-    name: str = ""
-    """Shown in the console and the metrics (`phase`); unique within the run."""
-    start_step: int = 0
-    """First optimizer step of this phase (0 for the first phase; strictly increasing)."""
-    paths: list[str] = field(default_factory=list)
-    """Dataset prefixes of this phase's blend (as data.paths); empty: data.paths."""
-    weights: list[float] = field(default_factory=list)
-    """Blend weight per path (as data.weights); empty: data.weights when paths is empty, else equal weights."""
-    seq_length: Optional[int] = None
-    """Tokens per training sequence in this phase (<= model.seq_length); null: train.seq_length."""
-    lr_decay: bool = False
-    """With optim.schedule=wsd: WSD's decay runs from this phase's start to train.iters (at most one phase)."""
+from pipeline.data.config import PhaseConfig
 
 
 @dataclass(frozen=True)
@@ -61,40 +44,6 @@ class Phase:
         """What a checkpoint keeps of the phase, to refuse a resume that changes it once started."""
         return {"name": self.name, "start_step": self.start, "paths": list(self.paths),
                 "weights": list(self.weights), "seq_length": self.seq_length}
-
-
-def check_phase_list(phases: list[PhaseConfig]) -> None:
-    """ConfigError (one line, naming the field) for phases that contradict each other."""
-    names = set()
-    for i, phase in enumerate(phases):
-        where = f"data.phases[{i}]"
-        if not phase.name:
-            raise ConfigError(f"{where}.name is empty; give every phase a name (shown in the metrics)")
-        if phase.name in names:
-            raise ConfigError(f"{where}.name={phase.name!r} is used twice; give every phase its own name")
-        names.add(phase.name)
-        if i == 0 and phase.start_step != 0:
-            raise ConfigError(f"{where}.start_step={phase.start_step}; the first phase starts at step 0")
-        if i and phase.start_step <= phases[i - 1].start_step:
-            raise ConfigError(
-                f"{where}.start_step={phase.start_step} is not after data.phases[{i - 1}].start_step="
-                f"{phases[i - 1].start_step}; list the phases in order, each starting later"
-            )
-        if phase.weights and len(phase.weights) != len(phase.paths):
-            raise ConfigError(
-                f"{where}.weights has {len(phase.weights)} entries for {len(phase.paths)} paths; give one "
-                f"weight per path (or none: equal weights)"
-            )
-        for j, weight in enumerate(phase.weights):
-            if not weight > 0:
-                raise ConfigError(f"{where}.weights[{j}]={weight} must be > 0; give a positive weight or remove "
-                                  f"the path")
-        if phase.seq_length is not None and phase.seq_length < 1:
-            raise ConfigError(f"{where}.seq_length={phase.seq_length} must be >= 1 (or null: train.seq_length)")
-    decaying = [i for i, phase in enumerate(phases) if phase.lr_decay]
-    if len(decaying) > 1:
-        raise ConfigError(f"data.phases[{decaying[1]}].lr_decay=true but data.phases[{decaying[0]}] already "
-                          f"decays; WSD has one decay: set lr_decay on one phase only")
 
 
 def resolve_phases(phases: list[PhaseConfig], paths: list[str], weights: list[float], seq_length: int,
@@ -119,43 +68,6 @@ def phase_at(phases: list[Phase], step: int) -> Phase:
         if step >= phase.start:
             return phase
     return phases[0]
-
-
-def check_phases_fit(run) -> None:
-    """ConfigError for phases that do not fit the rest of `run` (a RunConfig): the run's length, the
-    model's sequence length, the lr schedule and options that need one sequence length."""
-    phases = run.data.phases
-    if not phases:
-        return
-    last = len(phases) - 1
-    if phases[last].start_step >= run.train.iters:
-        raise ConfigError(
-            f"data.phases[{last}].start_step={phases[last].start_step} is not before train.iters="
-            f"{run.train.iters}; the phase would never run: raise train.iters or remove the phase"
-        )
-    for i, phase in enumerate(phases):
-        if phase.seq_length is not None and phase.seq_length > run.model.seq_length:
-            raise ConfigError(
-                f"data.phases[{i}].seq_length={phase.seq_length} exceeds model.seq_length={run.model.seq_length}; "
-                f"raise model.seq_length or lower the phase's seq_length"
-            )
-        if phase.seq_length is not None and run.parallel.cp > 1 and phase.seq_length % (2 * run.parallel.cp):
-            raise ConfigError(f"data.phases[{i}].seq_length={phase.seq_length} not divisible by 2*parallel.cp="
-                              f"{2 * run.parallel.cp} (context parallelism's chunks); use a multiple of it")
-        if phase.lr_decay and run.optim.schedule != "wsd":
-            raise ConfigError(f"data.phases[{i}].lr_decay=true needs optim.schedule=wsd (it is "
-                              f"{run.optim.schedule}); set optim.schedule=wsd or lr_decay=false")
-        if phase.lr_decay and run.optim.wsd_decay_iters:
-            raise ConfigError(f"data.phases[{i}].lr_decay=true sets WSD's decay length itself; remove "
-                              f"optim.wsd_decay_iters={run.optim.wsd_decay_iters}")
-        fixed = [name for name, on in (("train.cuda_graphs", run.train.cuda_graphs),
-                                       ("parallel.tp_comm_overlap", run.parallel.tp_comm_overlap)) if on]
-        if phase.seq_length not in (None, run.train.seq_length) and fixed:
-            raise ConfigError(
-                f"data.phases[{i}].seq_length={phase.seq_length} differs from train.seq_length="
-                f"{run.train.seq_length}, but {fixed[0]}=true fixes the shapes to one length; train the phase "
-                f"in its own run (checkpoint.init_from) or set {fixed[0]}=false"
-            )
 
 
 def wsd_decay_iters(phases: list[Phase], iters: int) -> int:

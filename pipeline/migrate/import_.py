@@ -29,7 +29,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import CheckpointError, ConversionError, UnsafeCheckpointError, find_cause
+from pipeline.errors import (
+    EXIT_USER_ERROR,
+    CheckpointError,
+    ConversionError,
+    PipelineError,
+    UnsafeCheckpointError,
+    find_cause,
+)
 from pipeline.fs import replace_dir, temporary_sibling
 from pipeline.migrate.source import Source, open_source
 from pipeline.model.config import ModelConfig, write_model_option
@@ -65,18 +72,21 @@ def import_run_config(source: Source, overrides: list[str], out_dir: Path):
     return dataclasses.replace(run, model=source.model, train=train, run_dir=str(out_dir))
 
 
-def with_prefix(sharded_state: dict, prefix: str) -> dict:
-    """`sharded_state` with `prefix` before every sharded key (in place): the keys the source stored."""
+def source_keys(sharded_state: dict, prefix: str, renamed: dict[str, str]) -> dict:
+    """`sharded_state` with every sharded key as the source stored it (in place): `prefix` before the
+    model key (also inside the optimizer's `optimizer.state.<kind>.<model key>`), aliases applied."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
-    if prefix:
-        for value in nested_values(sharded_state):
-            if hasattr(value, "key") and not value.key.startswith("optimizer."):
-                value.key = prefix + value.key
-            elif hasattr(value, "key"):
-                head, _, rest = value.key.partition(".state.")
-                kind, _, key = rest.partition(".")
-                value.key = f"{head}.state.{kind}.{prefix}{key}"
+    for value in nested_values(sharded_state):
+        if not hasattr(value, "key"):
+            continue
+        head = ""
+        if value.key.startswith("optimizer.state."):
+            kind, _, key = value.key[len("optimizer.state."):].partition(".")
+            head = f"optimizer.state.{kind}."
+        else:
+            key = value.key
+        value.key = head + prefix + renamed.get(key, key)
     return sharded_state
 
 
@@ -90,7 +100,7 @@ def load_source(source: Source, sharded_state: dict) -> dict:
     from pipeline.migrate.source import _tensor_shapes
 
     keys = set(_tensor_shapes(source.ckpt_dir))
-    sharded_state = drop_missing_extra_state(with_prefix(sharded_state, source.prefix), keys)
+    sharded_state = drop_missing_extra_state(source_keys(sharded_state, source.prefix, source.renamed), keys)
     try:
         with safe_checkpoint_loading():
             return dist_checkpointing.load(sharded_state, str(source.ckpt_dir))
@@ -151,6 +161,9 @@ def _launch_workers(nproc: int, args: list[str]) -> None:
            "-m", "pipeline.migrate.import_", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
+        said = [line[len("error: "):] for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        if said:  # a worker's own one-line error (`main`)
+            raise ConversionError(said[0])
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-20:]
         raise ConversionError(f"import workers failed (exit {proc.returncode}): " + " | ".join(tail))
 
@@ -202,9 +215,13 @@ def import_megatron(
 def main(argv: list[str]) -> None:
     """torchrun worker: SRC TMP_ROOT FINAL_ROOT KIND NAME WITH_OPTIMIZER [overrides...] (from `import_megatron`)."""
     src, tmp_root, final_root, kind, name, with_optimizer, *overrides = argv
-    source = open_source(Path(src), kind, name)
-    run = import_run_config(source, overrides, Path(final_root))
-    save_imported(run, source, Path(tmp_root), with_optimizer == "1")
+    try:
+        source = open_source(Path(src), kind, name)
+        run = import_run_config(source, overrides, Path(final_root))
+        save_imported(run, source, Path(tmp_root), with_optimizer == "1")
+    except PipelineError as error:  # one line for `_launch_workers` to pass on
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,14 @@ REQUIRED = (
     ("heterogeneous_layers_config_path", None, "heterogeneous layers; the pipeline's layers of a kind are alike"),
     ("fp4", None, "FP4-quantized weights; import a checkpoint with bf16 or fp32 weights"),
 )
+# Another name some writers give a tensor (megatron-core's ModelOpt and local specs, and hybrid models
+# before core 0.8, keep each layer's pre-norm as a module of its own); mapped on load, as megatron-core's
+# `sharded_state_dict_keys_map` does.
+ALIASES = {
+    ".mixer.in_proj.layer_norm_weight": ".norm.weight",
+    ".self_attention.linear_qkv.layer_norm_weight": ".input_layernorm.weight",
+    ".mlp.linear_fc1.layer_norm_weight": ".pre_mlp_layernorm.weight",
+}
 LAYER_NAMES = {"G": "GDN (gated delta net)", "D": "DeepSeek sparse attention", "+": "multi-latent attention",
                "E": "MoE", "/": "MTP"}
 
@@ -96,6 +104,8 @@ class Source:
     global_batch_size: int | None = None
     consumed_samples: int = 0
     notes: list[str] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)
+    """The pipeline's sharded key -> the source's, where the source names a tensor differently (ALIASES)."""
 
     @property
     def resumable(self) -> bool:
@@ -150,6 +160,10 @@ def _check_format(ckpt_dir: Path) -> None:
             f"{ckpt_dir} holds legacy per-rank files ({legacy[0]}/: ckpt_format=torch); convert it to torch_dist "
             f"with Megatron-LM (--ckpt-convert-format torch_dist) and import that"
         )
+    if (ckpt_dir / "modelopt_state").exists():
+        # ModelOpt saves its quantizer / distillation state beside the weights (modelopt_state/).
+        raise ConversionError(f"{ckpt_dir} has modelopt_state/: a quantized (or otherwise ModelOpt-converted) "
+                              f"model; import the checkpoint from before ModelOpt")
     meta = ckpt_dir / "metadata.json"
     if not meta.is_file():
         # megatron's dist_checkpointing writes metadata.json; plain torch DCP (torch_dcp, fsdp_dtensor) does not.
@@ -167,13 +181,30 @@ def _check_format(ckpt_dir: Path) -> None:
         raise ConversionError(f"{ckpt_dir} has no .metadata; the torch_dist checkpoint is damaged")
 
 
-def check_weights(model: ModelConfig, shapes: dict, prefix: str, ckpt_dir: Path) -> None:
+def _alias(key: str) -> str | None:
+    for ours, theirs in ALIASES.items():
+        if key.endswith(ours):
+            return key[: -len(ours)] + theirs
+    return None
+
+
+def check_weights(model: ModelConfig, shapes: dict, prefix: str, ckpt_dir: Path) -> dict[str, str]:
     """The checkpoint's model tensors are exactly those of `model`, with its shapes; a tensor the
-    pipeline's model has no place for (a bias, position embeddings, ...) is refused naming it."""
+    pipeline's model has no place for (a bias, position embeddings, ...) is refused naming it. Returns
+    the keys the source names differently (ALIASES): {ours: theirs}, without the prefix."""
     from pipeline.model.params import checkpoint_shapes
 
-    expected = {prefix + k: v for k, v in checkpoint_shapes(model).items()}
     stored = {k: v[0] for k, v in shapes.items() if k.startswith(prefix) and not k.startswith("optimizer.")}
+    renamed = {}
+    for key in checkpoint_shapes(model):
+        alias = _alias(key)
+        if prefix + key not in stored and alias and prefix + alias in stored:
+            renamed[key] = alias
+    expected = {prefix + renamed.get(k, k): v for k, v in checkpoint_shapes(model).items()}
+    unsplit = sorted(k for k in stored if k.endswith(".mixer.in_proj.weight"))
+    if unsplit:
+        raise ConversionError(f"{ckpt_dir} stores {unsplit[0]} unsplit (megatron-core < 0.9), which the pipeline "
+                              f"cannot reshard; re-save it with a newer Megatron-LM and import that")
     extra = sorted(set(stored) - set(expected))
     if extra:
         raise ConversionError(f"{ckpt_dir} has tensor {extra[0]} ({len(extra)} such), which the pipeline's model has "
@@ -185,6 +216,7 @@ def check_weights(model: ModelConfig, shapes: dict, prefix: str, ckpt_dir: Path)
         if tuple(stored[key]) != tuple(shape):
             raise ConversionError(f"{ckpt_dir}: tensor {key} has shape {list(stored[key])} but its config implies "
                                   f"{list(shape)}; the checkpoint and its config disagree")
+    return renamed
 
 
 def _tensor_shapes(ckpt_dir: Path) -> dict[str, tuple[tuple[int, ...], object]]:
@@ -379,11 +411,11 @@ def open_source(path: str | Path, kind: str | None = None, name: str = "imported
             raise ConversionError(f"{ckpt_dir}: tensor {key} is stored as {dtype} (quantized); import a checkpoint "
                                   f"with bf16 or fp32 weights")
     model = model_from_fields(fields, shapes[embedding][0][0], name, where)
-    check_weights(model, shapes, prefix, ckpt_dir)
+    renamed = check_weights(model, shapes, prefix, ckpt_dir)
     precision = "bf16" if fields.get("bf16") else "fp32"
     return Source(
         kind=kind, path=path, ckpt_dir=ckpt_dir, iteration=int(iteration), model=model, precision=precision,
         prefix=prefix, optimizer_format=_optimizer_format(common),
         global_batch_size=fields.get("global_batch_size"),
-        consumed_samples=int(fields.get("consumed_train_samples") or 0),
+        consumed_samples=int(fields.get("consumed_train_samples") or 0), renamed=renamed,
     )

@@ -246,8 +246,12 @@ def build_model(
     cuda_graphs: bool = False,
     fused_cross_entropy: bool = False,
     recompute: TrainConfig | None = None,
+    spec=None,
 ) -> list[HybridModel]:
     """This rank's model chunks (one per virtual pipeline stage), initialised from `seed`.
+
+    `spec` builds that layer spec instead of the backend's (bench/compress_modelopt.py: modelopt
+    prunes MoE layers only with SequentialMLP experts).
 
     `cuda_graphs` makes every layer a megatron-core CUDA graph module (captured by the schedule at
     the end of the first training step; `release_cuda_graphs` frees them); `fused_cross_entropy`
@@ -266,15 +270,15 @@ def build_model(
     vp = virtual_stages(model, parallel)
     config = transformer_config(model, parallel, precision, device, vp, cuda_graphs, fused_cross_entropy, recompute)
     pattern = megatron_pattern(model.parsed_pattern(), parallel.pp)
-    spec = stack_spec(model, backend)
+    spec = spec or stack_spec(model, backend)
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    if device.type == "cuda":
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-        # MambaMixer and TE layers draw (then we overwrite) weights under megatron's CUDA RNG tracker.
-        # Graphed layers need TE's graph-safe tracker; the reset replaces a tracker of the other kind
-        # that an earlier model in this process installed.
-        model_parallel_cuda_manual_seed(seed, te_rng_tracker=cuda_graphs, force_reset_rng=cuda_graphs)
+    # MambaMixer and TE layers draw (then we overwrite) weights under megatron's CUDA RNG tracker, and
+    # the embedding forks it under sequence parallel (on CPU too, where cpu_mode gives the tracker
+    # names without a generator). Graphed layers need TE's graph-safe tracker; the reset replaces a
+    # tracker of the other kind that an earlier model in this process installed.
+    model_parallel_cuda_manual_seed(seed, te_rng_tracker=cuda_graphs, force_reset_rng=cuda_graphs)
     chunks = []
     for stage in range(vp or 1):
         vp_stage = stage if vp else None

@@ -51,6 +51,9 @@ def _full_value(name: str, shape: tuple[int, ...], model: ModelConfig, gen: torc
 
 
 _EXPERT_PARAM = re.compile(r"(.*\.mlp\.experts\.linear_fc[12]\.weight)(\d+)")
+_SEQUENTIAL_EXPERT = re.compile(r"(.*\.mlp\.experts\.)local_experts\.(\d+)\.(linear_fc[12]\.weight)")
+"""megatron-core's SequentialMLP experts (bench/compress_modelopt.py builds them): named here as the
+grouped experts' weights, which they are stored as."""
 
 
 def global_param_names(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -65,6 +68,9 @@ def global_param_names(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
         if parts[:2] == ["decoder", "layers"]:
             local_experts = getattr(getattr(layers[int(parts[2])], "mlp", None), "num_local_experts", 0)
             parts[2] = local_to_global[parts[2]]
+            sequential = _SEQUENTIAL_EXPERT.fullmatch(".".join(parts))
+            if sequential:
+                parts = f"{sequential.group(1)}{sequential.group(3)}{sequential.group(2)}".split(".")
             expert = _EXPERT_PARAM.fullmatch(".".join(parts))
             if expert:
                 parts = f"{expert.group(1)}{ep_rank * local_experts + int(expert.group(2))}".split(".")

@@ -82,3 +82,21 @@ def test_side_by_side_evaluates_ours_on_the_distillation_validation_batches(benc
     assert modelopt["error"] in ("modelopt not installed", "mcore_minitron needs CUDA and Transformer Engine; "
                                  "not run on cpu"), modelopt
     assert "side by side at fp32" in proc.stdout and modelopt["error"] in proc.stdout
+
+
+def test_moe_parent_is_pruned_to_a_fraction_of_its_active_parameters(tmp_path):
+    """--moe: the same benchmark on a tiny_moe parent, the student searched at --target-fraction of
+    the parent's active parameters; the modelopt row says why it did not run."""
+    from pipeline.compress.distill import model_of
+    from pipeline.model.sizes import active_param_count
+
+    proc = run_cpu([sys.executable, "bench/compress.py", "--tiny", "--moe", "--out", str(tmp_path), "--iters", "1",
+                    "--parent-iters", "2", "--seeds", "1234", "--target-fraction", "0.8"], timeout=1200)
+    row = json.loads((tmp_path / "bench_compress.json").read_text())["runs"]["fp32"]
+    parent = model_of(tmp_path / "parent" / "checkpoints" / "step_0000002")
+    student = model_of(tmp_path / "fp32" / "student" / "checkpoints" / "step_0000000")
+    assert parent.name == "tiny_moe" and "E" in student.pattern, (parent, student)
+    assert active_param_count(student) <= 0.8 * active_param_count(parent), row["label"]
+    assert row["side_by_side"]["ours"]["val_loss"] == pytest.approx(row["loss_before"], rel=1e-6)
+    assert "modelopt" in row["side_by_side"]["modelopt"]["error"], row["side_by_side"]
+    assert "80% of its active parameters" in proc.stdout

@@ -148,6 +148,9 @@ def common_state(ckpt_dir):
     ("zarr", "zarr"),
     ("fsdp_dtensor", "fsdp_dtensor"),
     ("extra_tensor", "decoder.layers.1.mlp.linear_fc1.bias"),
+    ("fp8_tensor", "quantized"),
+    ("unsplit_in_proj", "decoder.layers.0.mixer.in_proj.weight"),
+    ("modelopt", "modelopt_state"),
 ])
 def test_megatron_lm_checkpoint_it_cannot_represent_is_refused(fixture, tmp_path, capsys, change, field):
     ckpt = megatron_copy(fixture, tmp_path)
@@ -167,6 +170,8 @@ def test_megatron_lm_checkpoint_it_cannot_represent_is_refused(fixture, tmp_path
         (iter_dir / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr", "sharded_backend_version": 1}))
     elif change == "fsdp_dtensor":
         (iter_dir / "metadata.json").unlink()
+    elif change == "modelopt":
+        (iter_dir / "modelopt_state").mkdir()
     else:
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -174,7 +179,12 @@ def test_megatron_lm_checkpoint_it_cannot_represent_is_refused(fixture, tmp_path
         metadata = FileSystemReader(str(iter_dir)).read_metadata()
         norm = metadata.state_dict_metadata["decoder.layers.1.mlp.linear_fc1.layer_norm_weight"]
         assert isinstance(norm, TensorStorageMetadata)
-        metadata.state_dict_metadata[field] = norm
+        if change == "fp8_tensor":
+            norm.properties.dtype = torch.float8_e4m3fn
+        elif change == "unsplit_in_proj":
+            metadata.state_dict_metadata[field] = metadata.state_dict_metadata[field + ".z"]
+        else:
+            metadata.state_dict_metadata[field] = norm
         with open(iter_dir / ".metadata", "wb") as f:
             pickle.dump(metadata, f)
     error = refused(capsys, ckpt, tmp_path / "out")
@@ -194,3 +204,41 @@ def test_crafted_pickle_is_refused_not_run(fixture, tmp_path, capsys, where):
     error = refused(capsys, ckpt, tmp_path / "out")
     assert "os.system" in error or "posix.system" in error, error
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def rename_in_metadata(iter_dir, renames: dict[str, str]) -> None:
+    """Rename tensors in a torch_dist `.metadata` (their entries and where their bytes are), as a writer
+    with other module names would have stored them."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    metadata = FileSystemReader(str(iter_dir)).read_metadata()
+
+    def renamed(key: str) -> str:
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        return key
+
+    metadata.state_dict_metadata = {renamed(k): v for k, v in metadata.state_dict_metadata.items()}
+    metadata.storage_data = {MetadataIndex(renamed(i.fqn), i.offset, i.index): v
+                             for i, v in metadata.storage_data.items()}
+    with open(iter_dir / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+
+
+def test_other_norm_names_are_mapped(fixture, tmp_path, capsys):
+    """ModelOpt/local-spec names of the pre-norms (`norm.weight`, `input_layernorm.weight`,
+    `pre_mlp_layernorm.weight`), the model's and the optimizer's, load into the pipeline's."""
+    ckpt = megatron_copy(fixture, tmp_path)
+    rename_in_metadata(ckpt / ITER, {"layers.0.mixer.in_proj.layer_norm_weight": "layers.0.norm.weight",
+                                     "layers.3.self_attention.linear_qkv.layer_norm_weight":
+                                         "layers.3.input_layernorm.weight",
+                                     "layers.1.mlp.linear_fc1.layer_norm_weight": "layers.1.pre_mlp_layernorm.weight"})
+    cli(fixture / "ckpt", tmp_path / "plain")
+    cli(ckpt, tmp_path / "renamed")
+    plain = CheckpointTensors(tmp_path / "plain" / "checkpoints" / f"step_{2:07d}")
+    renamed = CheckpointTensors(tmp_path / "renamed" / "checkpoints" / f"step_{2:07d}")
+    assert not renamed.meta.weights_only
+    for key in ("decoder.layers.0.mixer.in_proj.layer_norm_weight", "decoder.layers.1.mlp.linear_fc1.layer_norm_weight",
+                "optimizer.state.exp_avg.decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"):
+        assert torch.equal(renamed.get(key), plain.get(key)), key

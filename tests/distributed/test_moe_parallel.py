@@ -1,10 +1,10 @@
 """Mixture-of-experts layers train the same under every expert layout: `tiny_moe` (packed documents, the default)
 from one seed and global batch gives the single-process losses within 1e-5 with its experts split over two
-ranks (EP2) or each expert split over two ranks (ETP2), and a checkpoint saved at EP2 resumes at ETP2 and at EP1
-(fp32, CPU, gloo).
+ranks (EP2), each expert split over two ranks (ETP2), or tensor parallel with sequence parallel beside EP2 on four
+ranks (TP2 x EP2), and a checkpoint saved at EP2 resumes at ETP2 and at EP1 (fp32, CPU, gloo).
 
-Not covered on CPU: TP>1 (MoE needs sequence parallelism there, which the CPU backend does not run) and EP2 x ETP2
-(gloo's all_gather cannot gather the uneven token counts the dispatcher sends; NCCL can)."""
+Not covered on CPU: EP2 x ETP2 (gloo's all_gather cannot gather the uneven token counts the dispatcher sends; NCCL
+can)."""
 
 import json
 import sys
@@ -18,6 +18,7 @@ STEPS = ["model=tiny_moe", "train.iters=6"]
 LAYOUTS = {
     "ep2": (2, ["parallel.ep=2"]),
     "etp2": (2, ["parallel.etp=2"]),
+    "tp2xep2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2"]),
 }
 
 

@@ -127,12 +127,12 @@ def save_nemo_weights(model, weights: Path) -> None:
     NeMo 2 recipes save it in the fully_sharded_model_space format)."""
     from megatron.core import dist_checkpointing
 
-    from pipeline.migrate.import_ import with_prefix
+    from pipeline.migrate.import_ import source_keys
 
     if torch.distributed.get_rank() == 0:
         weights.mkdir(parents=True)
     torch.distributed.barrier()
-    dist_checkpointing.save(with_prefix({"model": model.sharded_state_dict()}, "module."), str(weights))
+    dist_checkpointing.save(source_keys({"model": model.sharded_state_dict()}, "module.", {}), str(weights))
 
 
 def train_step(ddp, optimizer, tokens_labels, update: bool) -> float | None:

@@ -306,3 +306,28 @@ def test_a_model_of_another_depth_gets_a_fresh_moe_metrics_tracker():
     _tracker_for(7)
     get_moe_metrics_tracker().record("seq_load_balancing_loss", torch.ones(()), layer_number=7, num_layers=7)
     assert get_moe_metrics_tracker().metrics["seq_load_balancing_loss"].values.tolist() == [0] * 6 + [1]
+
+
+def test_modelopt_parent_with_sequential_experts_loads_the_same_checkpoint(parent):
+    """bench/compress_modelopt.py builds an MoE parent with SequentialMLP experts (what modelopt
+    prunes); it loads the grouped experts' checkpoint and computes the same logits."""
+    from bench.compress_modelopt import sequential_experts_spec
+
+    run = parent["run"]
+    spec = sequential_experts_spec(run.model, "portable")
+    (chunk,) = build_model(run.model, run.parallel, run.precision, run.train.seed, parent["world"].device, spec=spec)
+    assert type(chunk.decoder.layers[1].mlp.experts).__name__ == "SequentialMLP"
+    ckpt.load_model(parent["step_dir"], [chunk])
+    torch.testing.assert_close(_logits(chunk, parent["tokens"]), _logits(parent["chunk"], parent["tokens"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_modelopt_export_config_names_the_moe_widths(parent):
+    from bench.compress_modelopt import architecture, export_config
+
+    m = parent["run"].model
+    plan = keep_plan(m, random_scores(m), Candidate(num_experts=4, moe_ffn_hidden_size=8, remove_moe=1))
+    config, notes = export_config(m, plan.student)
+    assert config == {"num_moe_experts": 4, "moe_ffn_hidden_size": 8, "num_layers": 3}, config
+    assert any("experts" in note for note in notes), notes
+    assert architecture(plan.student)["moe_shared_expert_intermediate_size"] == 24

@@ -74,12 +74,18 @@ def records(run_dir, kind: str) -> list[dict]:
 
 
 def test_phases_switch_at_their_start_step_with_their_own_blend(data, tmp_path, read_batches):
-    result = loop.train(load_run_config(overrides(data, tmp_path, phases(data))))
+    result = loop.train(load_run_config(overrides(data, tmp_path, phases(data), "logging.tensorboard=true")))
     assert result.done
     assert [(r["step"], r["phase"]) for r in records(tmp_path, "train")] == [
         (1, "a"), (2, "a"), (3, "b"), (4, "b"), (5, "c")]
     assert [(r["step"], r["phase"], r["seq_length"]) for r in records(tmp_path, "phase")] == [
         (0, "a", 32), (2, "b", 64), (4, "c", 32)]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    names = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("train/phase/text_summary")}
+    assert names == {1: "a", 2: "a", 3: "b", 4: "b", 5: "c"}, "TensorBoard has the phase of every train record"
     # Each phase reads its own blend from its own first sample on, at its sequence length.
     assert read_batches == [({data["a"]}, 0, 32), ({data["a"]}, 1, 32), ({data["b"]}, 0, 64),
                             ({data["b"]}, 1, 64), ({data["c"]}, 0, 32)]
@@ -140,6 +146,8 @@ BAD_PHASES = {
                                ["data.phases[1].lr_decay", "optim.wsd_decay_iters=10"]),
     "length with cuda graphs": ([TWO % ", seq_length: 128", "train.cuda_graphs=true"],
                                 ["data.phases[1].seq_length=128", "train.cuda_graphs=true"]),
+    "length not split by cp": ([TWO % ", seq_length: 250", "parallel.cp=2"],
+                               ["data.phases[1].seq_length=250", "2*parallel.cp=4"]),
     "misspelled phase key": (["data.phases=[{name: a, start: 0}]"], ["start"]),
 }
 
