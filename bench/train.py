@@ -6,9 +6,10 @@ precision and CUDA graphs on/off, plus time to first step with a cold and a reus
     python bench/train.py --presets bench_1p5b --runs bf16,bf16+graphs --steps 8 --out /tmp/bench
     python bench/train.py --tables /tmp/gpu0 /tmp/gpu1  # merge benchmarks run side by side, one per GPU
     python bench/train.py --presets bench_1p5b --runs bf16 --set train.expandable_segments=false --out /tmp/b
+    python bench/train.py --presets bench_1p5b --runs bf16 --seq 32768 --set train.recompute=full --no-bare --out /tmp/r
 
-Every run: sequence 8192, micro-batch 1, global batch 8, packed documents on (the default), fused
-cross entropy (train.fused_cross_entropy), PyTorch's expandable-segments allocator
+Every run: sequence 8192 (--seq; model.seq_length follows it), micro-batch 1, global batch 8, packed
+documents on (the default), fused cross entropy (train.fused_cross_entropy), PyTorch's expandable-segments allocator
 (train.expandable_segments, the default). For each
 (preset, run) two subprocesses measure, one after the other, each with the whole GPU:
   bare      megatron-core alone: the same HybridModel, DDP and distributed optimizer driven by
@@ -50,7 +51,7 @@ def overrides(preset: str, run: str, data: Path, steps: int, run_dir: Path, kern
     return [
         f"model={preset}", f"precision={precision}", f"train.cuda_graphs={str(bool(graphs)).lower()}",
         "train.fused_cross_entropy=true",
-        f"train.iters={steps}", f"train.seq_length={SEQ}", f"train.micro_batch_size={MICRO}",
+        f"train.iters={steps}", f"train.seq_length={SEQ}", f"model.seq_length={SEQ}", f"train.micro_batch_size={MICRO}",
         f"train.global_batch_size={GLOBAL}", "train.eval_interval=0", "logging.interval=1",
         "checkpoint.save_interval=0", "checkpoint.save_at_end=false", f"train.kernel_cache={kernel_cache}",
         f"data.tokenizer={data / 'tokenizer'}", f"data.paths=[{data / 'corpus_text_document'}]",
@@ -130,7 +131,7 @@ def one(preset: str, run_name: str, data: Path, steps: int, out: Path, tag: str 
     steps_rows = [r for r in rows if r["kind"] == "train"][SKIP_STEPS:]
     timing = next(r for r in rows if r["kind"] == "timing")
     return {
-        "preset": preset, "run": run_name, "flops_per_step": flops_per_step(run.model, SEQ, GLOBAL),
+        "preset": preset, "run": run_name, "seq": SEQ, "flops_per_step": flops_per_step(run.model, SEQ, GLOBAL),
         "peak_tflops": bf16_peak_tflops(torch.cuda.get_device_name()),
         "step_s": statistics.median(GLOBAL * SEQ / r["tokens_per_s"] for r in steps_rows),
         "steps_s": [GLOBAL * SEQ / r["tokens_per_s"] for r in steps_rows],
@@ -160,7 +161,7 @@ def measure(args, preset: str, run_name: str, part: str, tag: str = "") -> dict:
     (the 8B-width model fits once, not twice), its log kept in --out; {"error": ...} if it failed."""
     name = f"{preset}-{run_name}{tag}-{part}".replace("+", "_")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", preset, run_name, "--part", part,
-           "--steps", str(args.steps), "--data", str(args.data), "--out", str(args.out)]
+           "--steps", str(args.steps), "--data", str(args.data), "--out", str(args.out), "--seq", str(SEQ)]
     if tag:
         cmd.append(f"--tag={tag}")
     cmd += [f"--set={override}" for override in args.set]
@@ -197,7 +198,8 @@ def table(preset: str, results: list[dict]) -> str:
         return next((r for r in results if r["run"] == ("bf16+graphs" if run.endswith("+graphs") else "bf16")
                      and "error" not in r), None)
 
-    lines = [f"\n{preset} (seq {SEQ}, micro-batch {MICRO}, global batch {GLOBAL}, packed documents)",
+    seq = results[0].get("seq", SEQ) if results else SEQ
+    lines = [f"\n{preset} (seq {seq}, micro-batch {MICRO}, global batch {GLOBAL}, packed documents)",
              f"{'run':<24}{'tokens/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'vs BF16':>9}{'mem GiB':>9}"
              f"{'bare tok/s':>12}{'bare MFU':>10}{'step/bare':>11}"]
     for r in results:
@@ -209,9 +211,9 @@ def table(preset: str, results: list[dict]) -> str:
         b = base(r["run"])
         speedup = b["step_s"] / r["step_s"] if b else float("nan")
         bare = r.get("bare_s")
-        bare_cells = (f"{GLOBAL * SEQ / bare:>12,.0f}{r['flops_per_step'] / bare / 1e12 / r['peak_tflops']:>10.1%}"
+        bare_cells = (f"{GLOBAL * seq / bare:>12,.0f}{r['flops_per_step'] / bare / 1e12 / r['peak_tflops']:>10.1%}"
                       f"{r['step_s'] / bare:>11.3f}") if bare else f"{'-':>12}{'-':>10}{'-':>11}"
-        lines.append(f"{r['run']:<24}{GLOBAL * SEQ / r['step_s']:>10,.0f}{tflops:>9.1f}{mfu:>7.1%}{speedup:>8.2f}x"
+        lines.append(f"{r['run']:<24}{GLOBAL * seq / r['step_s']:>10,.0f}{tflops:>9.1f}{mfu:>7.1%}{speedup:>8.2f}x"
                      f"{r['mem_gib']:>9.1f}{bare_cells}")
         if "bare_error" in r:
             lines.append(f"{'':<24}bare megatron-core failed: {r['bare_error'][:100]}")
@@ -251,12 +253,15 @@ def check_arguments(args) -> None:
 
 
 def main() -> None:
+    global SEQ
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO / "data" / "build")
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
     parser.add_argument("--steps", type=int, default=8, help="training steps per run (the first two are not timed)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/bench_train")))
+    parser.add_argument("--seq", type=int, default=8192,
+                        help="tokens per sequence (with --set train.recompute=...: the longest that fits per choice)")
     parser.add_argument("--no-bare", action="store_true", help="skip bare megatron-core")
     parser.add_argument("--no-restart", action="store_true", help="skip the time-to-first-step restart")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -269,6 +274,7 @@ def main() -> None:
                         help="only print the tables of earlier benchmarks' --out directories, merged per preset "
                              "(runs split over several GPUs, one benchmark per GPU)")
     args = parser.parse_args()
+    SEQ = args.seq
     if args.tables:
         print_merged_tables(args.tables)
         return

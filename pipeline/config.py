@@ -24,7 +24,7 @@ from pipeline.metrics import LoggingConfig
 from pipeline.model.config import ModelConfig
 from pipeline.model.pattern import ATTENTION, MAMBA, MOE, split_stages
 from pipeline.model.precision import PrecisionConfig
-from pipeline.training.config import OptimConfig, TrainConfig
+from pipeline.training.config import OptimConfig, TrainConfig, validate_recompute
 
 
 @dataclass
@@ -65,6 +65,7 @@ def validate_run(run: RunConfig) -> None:
                 f"parallel.tp that divides {getattr(m, name)}"
             )
     _validate_experts(m, p)
+    _validate_context_parallel(run)
     if m.padded_vocab_size % tp:
         raise ConfigError(
             f"padded vocabulary {m.padded_vocab_size} not divisible by parallel.tp={tp}; raise "
@@ -90,8 +91,77 @@ def validate_run(run: RunConfig) -> None:
             f"train.seq_length={run.train.seq_length} exceeds model.seq_length={m.seq_length}; "
             f"lower train.seq_length or raise model.seq_length"
         )
+    _validate_phases(run)
+    chunks = [len(stage.symbols) for rank in split_stages(m.parsed_pattern(), p.pp) for stage in rank]
+    validate_recompute(run.train, layers, chunks, MOE in layers and m.moe.shared_ffn_hidden_size > 0,
+                       run.precision.fp8_recipe if run.precision.fp8 else None)
     if run.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={run.device!r}; use auto, cpu or cuda")
+
+
+def _validate_context_parallel(run: RunConfig) -> None:
+    """parallel.cp against the Mamba heads and groups (megatron-core's MambaContextParallel), the
+    sequence length and the options that need fixed sequence shapes."""
+    m, p, cp = run.model, run.parallel, run.parallel.cp
+    if cp == 1:
+        return
+    layers = m.parsed_pattern().layers
+    if MAMBA in layers:
+        heads, groups = m.mamba_num_heads // p.tp, m.mamba_num_groups // p.tp
+        if heads % cp:
+            raise ConfigError(f"model.mamba_num_heads={m.mamba_num_heads} not divisible by parallel.tp*parallel.cp="
+                              f"{p.tp * cp}; use a parallel.cp that divides {heads}")
+        if groups % cp and cp % groups:
+            raise ConfigError(f"parallel.cp={cp} must divide or be a multiple of the {groups} Mamba groups per "
+                              f"tensor-parallel rank (model.mamba_num_groups={m.mamba_num_groups})")
+    if run.train.seq_length % (2 * cp):
+        raise ConfigError(f"train.seq_length={run.train.seq_length} not divisible by 2*parallel.cp={2 * cp} (each "
+                          f"rank holds two of 2*cp chunks); use a multiple of {2 * cp}")
+    if run.train.cuda_graphs:
+        raise ConfigError("parallel.cp > 1 with train.cuda_graphs=true: graphs replay fixed shapes and context "
+                          "parallelism pads packed documents; set train.cuda_graphs=false")
+    if run.train.packed_documents and p.pp > 1:
+        raise ConfigError(f"parallel.cp={cp} with packed documents needs parallel.pp=1 (documents are padded to "
+                          f"multiples of 2*cp, so the sequence length varies); set parallel.pp=1 or "
+                          f"train.packed_documents=false")
+
+
+def _validate_phases(run: RunConfig) -> None:
+    """data.phases against the run's length, the model's sequence length, the lr schedule and the options
+    that fix one sequence length."""
+    phases = run.data.phases
+    if not phases:
+        return
+    last = len(phases) - 1
+    if phases[last].start_step >= run.train.iters:
+        raise ConfigError(
+            f"data.phases[{last}].start_step={phases[last].start_step} is not before train.iters="
+            f"{run.train.iters}; the phase would never run: raise train.iters or remove the phase"
+        )
+    for i, phase in enumerate(phases):
+        if phase.seq_length is not None and phase.seq_length > run.model.seq_length:
+            raise ConfigError(
+                f"data.phases[{i}].seq_length={phase.seq_length} exceeds model.seq_length={run.model.seq_length}; "
+                f"raise model.seq_length or lower the phase's seq_length"
+            )
+        if phase.lr_decay and run.optim.schedule != "wsd":
+            raise ConfigError(f"data.phases[{i}].lr_decay=true needs optim.schedule=wsd (it is "
+                              f"{run.optim.schedule}); set optim.schedule=wsd or lr_decay=false")
+        if phase.lr_decay and run.optim.wsd_decay_iters:
+            raise ConfigError(f"data.phases[{i}].lr_decay=true sets WSD's decay length itself; remove "
+                              f"optim.wsd_decay_iters={run.optim.wsd_decay_iters}")
+        cp = run.parallel.cp
+        if phase.seq_length is not None and phase.seq_length % (2 * cp):
+            raise ConfigError(f"data.phases[{i}].seq_length={phase.seq_length} not divisible by "
+                              f"2*parallel.cp={2 * cp}; use a multiple of {2 * cp}")
+        fixed = [name for name, on in (("train.cuda_graphs", run.train.cuda_graphs),
+                                       ("parallel.tp_comm_overlap", run.parallel.tp_comm_overlap)) if on]
+        if phase.seq_length not in (None, run.train.seq_length) and fixed:
+            raise ConfigError(
+                f"data.phases[{i}].seq_length={phase.seq_length} differs from train.seq_length="
+                f"{run.train.seq_length}, but {fixed[0]}=true fixes the shapes to one length; train the phase "
+                f"in its own run (checkpoint.init_from) or set {fixed[0]}=false"
+            )
 
 
 def _validate_experts(m: ModelConfig, p: ParallelConfig) -> None:

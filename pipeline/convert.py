@@ -1,15 +1,23 @@
-"""Convert between the pipeline's checkpoints and Hugging Face NemotronH directories.
+"""Convert between the pipeline's checkpoints and Hugging Face NemotronH directories; import
+Megatron-LM, NeMo 2 and Megatron-Bridge checkpoints.
 
 Usage (CPU is enough; either spelling works):
     python pipeline/convert.py export CHECKPOINT OUT_DIR [--dtype bf16|fp32] [--overwrite] [--tokenizer PATH]
     python -m pipeline.convert import HF_DIR OUT_DIR [--name NAME] [--overwrite] [parallel.tp=2 parallel.pp=2 ...]
+    python pipeline/convert.py import-megatron SRC OUT_DIR [--source-kind megatron-lm|nemo2|bridge]
+        [--weights-only] [--name NAME] [--overwrite] [parallel.tp=2 parallel.pp=2 ...]
 
 export: CHECKPOINT is a run dir, its checkpoints/ dir or one step dir (the newest complete checkpoint
-is used); any TP/PP/DP layout. OUT_DIR loads offline with
+is used); any TP/PP/DP/EP layout, MoE (`E`) layers included. OUT_DIR loads offline with
 `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`. --dtype defaults to the checkpoint's.
 import: writes OUT_DIR/checkpoints/step_0000000 (weights only), OUT_DIR/model/NAME.yaml and
-OUT_DIR/tokenizer; the overrides choose the layout it is written at (torchrun processes for tp*pp>1)
-and the precision (default: the HF weights' dtype).
+OUT_DIR/tokenizer; the overrides choose the layout it is written at (torchrun processes for tp*pp>1
+or parallel.ep>1) and the precision (default: the HF weights' dtype).
+import-megatron: SRC is a Megatron-LM or Megatron-Bridge save directory (or one iter_NNNNNNN/ in it)
+or a NeMo 2 checkpoint (weights/ + context/); writes OUT_DIR/checkpoints/step_N (N: the source's
+iteration) and OUT_DIR/model/NAME.yaml. With a fully_reshardable optimizer state (and no
+--weights-only) training resumes OUT_DIR as its run_dir; otherwise start from it with
+checkpoint.init_from. What the pipeline's model cannot represent is refused naming the field.
 
 A bad input (or command line) exits with status 2 and one line `error: <message>`; nothing is
 written (docs/cli.md).
@@ -38,6 +46,8 @@ def _export(args: argparse.Namespace) -> None:
         tokenizer=args.tokenizer,
         max_shard_bytes=int(args.max_shard_gb * 2**30),
     )
+    for note in result.notes:
+        print(f"note: {note}")
     print(
         f"exported {result.checkpoint} -> {result.out_dir}: {result.tensors} tensors, "
         f"{result.weight_bytes / 2**30:.2f} GiB of {result.dtype} weights, {result.seconds:.1f} s"
@@ -55,6 +65,23 @@ def _import(args: argparse.Namespace) -> None:
         f"use: python -m pipeline.train hydra.searchpath=[file://{result.out_dir}] model={result.model.name} "
         f"checkpoint.init_from={result.out_dir}"
     )
+
+
+def _import_megatron(args: argparse.Namespace) -> None:
+    from pipeline.migrate.import_ import import_megatron
+
+    result = import_megatron(args.src, args.out_dir, args.overrides, source_kind=args.source_kind,
+                             weights_only=args.weights_only, overwrite=args.overwrite, name=args.name)
+    for note in result.notes:
+        print(f"note: {note}")
+    what = "weights and optimizer state" if result.with_optimizer else "weights only"
+    print(f"imported {result.source.kind} {args.src} (iteration {result.source.iteration}) -> {result.checkpoint} "
+          f"({what})")
+    option = f"python -m pipeline.train hydra.searchpath=[file://{result.out_dir}] model={result.model.name}"
+    if result.with_optimizer:
+        print(f"use: {option} run_dir={result.out_dir}")
+    else:
+        print(f"use: {option} checkpoint.init_from={result.out_dir}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,7 +113,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     imp.add_argument("--name", help="model name (default: from HF_DIR's name)")
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     imp.set_defaults(run=_import)
-    return parser.parse_args(argv)
+    meg = commands.add_parser("import-megatron", help="Megatron-LM / NeMo 2 / Megatron-Bridge checkpoint -> pipeline")
+    meg.add_argument("src", help="Megatron-LM or Bridge save dir (or its iter_NNNNNNN/), or a NeMo 2 checkpoint dir")
+    meg.add_argument("out_dir", help="output directory (checkpoints/, model/NAME.yaml)")
+    meg.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.tp=2 parallel.pp=2 precision=fp32")
+    meg.add_argument("--source-kind", choices=("megatron-lm", "nemo2", "bridge"), help="default: detected")
+    meg.add_argument("--weights-only", action="store_true", help="leave the optimizer state behind")
+    meg.add_argument("--name", help="model name (default: from SRC's name)")
+    meg.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    meg.set_defaults(run=_import_megatron)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills `overrides` before it meets `--name`/`--overwrite`: overrides after them (the
+    # order the usage shows) come back unrecognised.
+    takes_overrides = args.command in ("import", "import-megatron")
+    if extra and takes_overrides and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

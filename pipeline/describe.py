@@ -6,8 +6,8 @@ nothing to disk:
     WORLD_SIZE=64 python -m pipeline.describe model=nemotron_h_56b parallel.tp=8 parallel.pp=2
     python -m pipeline.describe -m model=nemotron_h_4b,nemotron_h_8b   # several (each gets a run_dir)
 
-The data-parallel size is WORLD_SIZE / (tp * pp); without WORLD_SIZE the world is tp * pp GPUs
-(dp = 1). A bad override exits with status 2 and one line `error: <message>` (docs/cli.md).
+The data-parallel size is WORLD_SIZE / (tp * pp * cp); without WORLD_SIZE the world is tp * pp * cp
+GPUs (dp = 1). A bad override exits with status 2 and one line `error: <message>` (docs/cli.md).
 
 `--gpus N` sets the world size and adds the scaling model's predicted step time and tokens/s per GPU
 (`pipeline/model/scaling.py`); `--gpu h100|h200` picks the calibration (default h100):
@@ -30,8 +30,9 @@ from pipeline.cli import CONF_PATH, exit_on_user_error, launch, run_config_of  #
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.model import scaling, sizes  # noqa: E402
-from pipeline.model.pattern import split_stages  # noqa: E402
+from pipeline.model.pattern import MOE, split_stages  # noqa: E402
 from pipeline.model.sizes import format_count, format_flops  # noqa: E402
+from pipeline.training.config import recompute_modules  # noqa: E402
 
 GIB = 2**30
 
@@ -39,18 +40,18 @@ GIB = 2**30
 def world_size_from_env(run: RunConfig, env: dict[str, str]) -> tuple[int, str]:
     """World size from WORLD_SIZE in `env`, or tp * pp; and a phrase saying where it came from."""
     p = run.parallel
-    model_parallel = p.tp * p.pp
+    model_parallel = p.tp * p.pp * p.cp
     text = env.get("WORLD_SIZE")
     if text is None:
-        # The smallest world that holds both layouts (dense tp*pp and expert etp*ep*pp).
-        return math.lcm(model_parallel, p.etp * p.ep * p.pp), "lcm(tp*pp, etp*ep*pp), no WORLD_SIZE set"
+        # The smallest world that holds both layouts (dense tp*pp*cp and expert etp*ep*pp).
+        return math.lcm(model_parallel, p.etp * p.ep * p.pp), "lcm(tp*pp*cp, etp*ep*pp), no WORLD_SIZE set"
     if not text.isdigit() or int(text) < 1:
         raise ConfigError(
             f"WORLD_SIZE={text!r} is not a positive integer; unset it or give a GPU count"
         )
     if int(text) % model_parallel:
         raise ConfigError(
-            f"WORLD_SIZE={text} not divisible by parallel.tp*parallel.pp={model_parallel}; "
+            f"WORLD_SIZE={text} not divisible by parallel.tp*parallel.pp*parallel.cp={model_parallel}; "
             f"use a multiple of {model_parallel}"
         )
     expert_parallel = run.parallel.etp * run.parallel.ep * run.parallel.pp
@@ -69,7 +70,7 @@ def _symbol_counts(symbols: str) -> str:
 def format_report(run: RunConfig, world_size: int, world_size_source: str) -> str:
     """The human-readable description of `run` on `world_size` GPUs."""
     m, par, train, prec = run.model, run.parallel, run.train, run.precision
-    dp = world_size // (par.tp * par.pp)
+    dp = world_size // (par.tp * par.pp * par.cp)
     pattern = m.parsed_pattern()
     counts = pattern.counts()
     lines = [
@@ -77,7 +78,8 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
         + ", ".join(f"{counts[k]} {k}" for k in ("mamba", "attention", "mlp", "moe") if k != "moe" or counts[k])
         + ")",
         f"pattern    {pattern}",
-        f"parallel   tp={par.tp} pp={par.pp} dp={dp} on {world_size} GPUs "
+        f"parallel   tp={par.tp} pp={par.pp} " + (f"cp={par.cp} " if par.cp > 1 else "")
+        + f"dp={dp} on {world_size} GPUs "
         f"(world size {world_size_source}); sequence_parallel={par.sequence_parallel}, "
         f"distributed_optimizer={par.distributed_optimizer}",
     ]
@@ -135,7 +137,8 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
     ]
 
     mem = sizes.memory_estimate(m, par, train, prec, dp)
-    optimizer_note = f"sharded over dp={dp}" if par.distributed_optimizer else "not sharded"
+    optimizer_note = (f"sharded over dp={dp}" + (f" x cp={par.cp}" if par.cp > 1 else "")
+                      if par.distributed_optimizer else "not sharded")
     lines.append(
         f"memory     per GPU, ESTIMATE for pipeline rank {mem.pp_rank} (the largest); "
         f"{format_count(mem.params)} parameters on it; excludes CUDA context, comm buffers, fragmentation"
@@ -147,14 +150,27 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
         (
             "activations",
             mem.activations,
-            f"micro-batch {train.micro_batch_size} x {seq} tokens, "
-            f"{mem.micro_batches_in_flight:g} in flight, no recomputation",
+            f"micro-batch {train.micro_batch_size} x {seq} tokens" + (f" / cp={par.cp}" if par.cp > 1 else "") + ", "
+            f"{mem.micro_batches_in_flight:g} in flight, {recompute_note(run)}",
         ),
         ("total", mem.total, ""),
     ]
     for label, nbytes, note in rows:
         lines.append(f"  {label:<18}{nbytes / GIB:9.2f} GiB" + (f"  ({note})" if note else ""))
     return "\n".join(lines)
+
+
+def recompute_note(run: RunConfig) -> str:
+    """The activation recompute of `run` in a few words, for the memory table."""
+    train = run.train
+    if train.recompute == "full":
+        return (f"full recompute, {train.recompute_method} {train.recompute_num_layers} "
+                f"layer{'s' if train.recompute_num_layers > 1 else ''}")
+    if train.recompute == "selective":
+        layers = run.model.parsed_pattern().layers
+        modules = recompute_modules(train, layers, MOE in layers and run.model.moe.shared_ffn_hidden_size > 0)
+        return "selective recompute of " + ", ".join(modules)
+    return "no recomputation"
 
 
 SCALING_ARGS = {"--gpus": None, "--gpu": "h100"}

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class ParallelConfig:
-    """How the model is split over processes. Data parallel size = world size / (tp * pp).
+    """How the model is split over processes. Data parallel size = world size / (tp * pp * cp).
 
     The experts of `E` layers have their own layout inside each pipeline stage (megatron-core's
     expert groups): `ep` ranks each hold num_experts / ep experts, each expert split over `etp`
@@ -33,6 +33,10 @@ class ParallelConfig:
     """Tensor parallel size."""
     pp: int = 1
     """Pipeline parallel size; virtual stages come from '|' segments in model.pattern."""
+    cp: int = 1
+    """Context parallel size: every sequence is split over cp ranks (load-balanced chunks for causal
+    attention); Mamba and attention exchange sequence and head shards with all-to-alls
+    (docs/performance.md, Context parallelism)."""
     ep: int = 1
     """Expert parallel size: the routed experts of every `E` layer are divided over ep ranks."""
     etp: int = 1
@@ -61,7 +65,7 @@ class ParallelConfig:
     activations with the GEMMs (Transformer Engine userbuffers)."""
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "ep", "etp"):
+        for name in ("tp", "pp", "cp", "ep", "etp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         if self.grad_reduce_dtype not in ("fp32", "bf16"):
@@ -95,6 +99,9 @@ class World:
     dp: int
     vp: int | None
     """Virtual pipeline stages per rank, None without interleaving."""
+    cp: int = 1
+    cp_rank: int = 0
+    """This process's rank in its context-parallel group (which part of each sequence it holds)."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -140,12 +147,13 @@ def _active_world(parallel: ParallelConfig, vp: int | None, device: str) -> Worl
               parallel_state.get_pipeline_model_parallel_world_size(),
               parallel_state.get_virtual_pipeline_model_parallel_world_size(),
               parallel_state.get_expert_model_parallel_world_size(),
-              parallel_state.get_expert_tensor_parallel_world_size())
-    if active != (parallel.tp, parallel.pp, vp, parallel.ep, parallel.etp):
+              parallel_state.get_expert_tensor_parallel_world_size(),
+              parallel_state.get_context_parallel_world_size())
+    if active != (parallel.tp, parallel.pp, vp, parallel.ep, parallel.etp, parallel.cp):
         raise ConfigError(
             f"this process already runs at tp={active[0]} pp={active[1]} vp={active[2]} ep={active[3]} "
-            f"etp={active[4]}; a nested run needs the same layout, not tp={parallel.tp} pp={parallel.pp} "
-            f"vp={vp} ep={parallel.ep} etp={parallel.etp}"
+            f"etp={active[4]} cp={active[5]}; a nested run needs the same layout, not tp={parallel.tp} "
+            f"pp={parallel.pp} vp={vp} ep={parallel.ep} etp={parallel.etp} cp={parallel.cp}"
         )
     dev = resolve_device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -153,7 +161,8 @@ def _active_world(parallel: ParallelConfig, vp: int | None, device: str) -> Worl
         dev = torch.device("cuda", local_rank)
     world_size = dist.get_world_size()
     return World(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank, device=dev,
-                 tp=parallel.tp, pp=parallel.pp, dp=world_size // (parallel.tp * parallel.pp), vp=vp)
+                 tp=parallel.tp, pp=parallel.pp, dp=world_size // (parallel.tp * parallel.pp * parallel.cp), vp=vp,
+                 cp=parallel.cp, cp_rank=parallel_state.get_context_parallel_rank())
 
 
 @contextmanager
@@ -190,10 +199,10 @@ def distributed(parallel: ParallelConfig, vp: int | None, device: str = "auto"):
         # its jobs back to back in one process ("address already in use" on the second job).
         store = dist.HashStore()
     local_rank = int(os.environ["LOCAL_RANK"])
-    model_parallel = parallel.tp * parallel.pp
+    model_parallel = parallel.tp * parallel.pp * parallel.cp
     if world_size % model_parallel:
         raise ConfigError(
-            f"world size {world_size} not divisible by parallel.tp*parallel.pp={model_parallel}; "
+            f"world size {world_size} not divisible by parallel.tp*parallel.pp*parallel.cp={model_parallel}; "
             f"launch a multiple of {model_parallel} processes"
         )
     expert_parallel = parallel.etp * parallel.ep * parallel.pp
@@ -218,6 +227,7 @@ def distributed(parallel: ParallelConfig, vp: int | None, device: str = "auto"):
             tensor_model_parallel_size=parallel.tp,
             pipeline_model_parallel_size=parallel.pp,
             virtual_pipeline_model_parallel_size=vp,
+            context_parallel_size=parallel.cp,
             expert_model_parallel_size=parallel.ep,
             expert_tensor_parallel_size=parallel.etp,
         )
@@ -230,4 +240,6 @@ def distributed(parallel: ParallelConfig, vp: int | None, device: str = "auto"):
             pp=parallel.pp,
             dp=world_size // model_parallel,
             vp=vp,
+            cp=parallel.cp,
+            cp_rank=parallel_state.get_context_parallel_rank(),
         )

@@ -3,7 +3,7 @@
 megatron-core 0.19 hard-codes CUDA in code the CPU backend needs (DDP grad buffers, the optimizers'
 found-inf flags and dtype checks, grad clipping, the pipeline schedules' token counters, p2p
 shapes, checkpoint saving). Rather than copying those modules, `cpu_mode()` runs them unchanged
-with three narrow redirections, active only inside the context and only on CPU runs
+with narrow redirections, active only inside the context and only on CPU runs
 (`pipeline.distributed` enters it):
 
 1. A TorchFunctionMode that turns `device="cuda"` / `device=<int>` arguments into the CPU, and
@@ -18,6 +18,9 @@ with three narrow redirections, active only inside the context and only on CPU r
 4. For MoE layers with expert parallelism: the all-to-all dispatcher's side stream and its
    split sizes (moe/token_dispatcher.py), and the backward of the communication functions
    (tensor_parallel/mappings.py), which the TorchFunctionMode does not reach.
+5. Activation recompute (`train.recompute`, tensor_parallel/random.py): the CUDA RNG state the
+   checkpoints save and restore, the recomputation that runs inside the backward (outside the
+   mode), and `CheckpointWithoutOutput`'s FP8 flag (`_recompute_on_cpu`).
 
 Remove each redirection when megatron-core takes the device from its tensors instead of assuming
 CUDA at the places named (checked against 0.19.2); tests/distributed run every one of those paths.
@@ -78,17 +81,19 @@ def _split_sizes_to_host(tensor, as_numpy: bool = False, record_stream: bool = F
 
 
 def _backwards_on_cpu() -> dict:
-    """Run the backward of megatron's communication autograd Functions (tensor_parallel/mappings.py)
-    under the CUDA-to-CPU mode too; return the original backwards to restore.
+    """Run the backward of megatron's communication autograd Functions (tensor_parallel/mappings.py,
+    and the linear layers' tensor_parallel/layers.py) under the CUDA-to-CPU mode too; return the
+    original backwards to restore.
 
     The mode does not reach into autograd's backward pass, and the MoE all-to-all's backward
     allocates its output with `device=torch.cuda.current_device()` (megatron-core 0.19.2 _AllToAll;
-    seen as "Found no NVIDIA driver" in the first backward with parallel.ep=2).
+    seen as "Found no NVIDIA driver" in the first backward with parallel.ep=2), as does the linear
+    layers' backward under sequence parallel (the reduce-scattered input gradient).
     """
-    from megatron.core.tensor_parallel import mappings
+    from megatron.core.tensor_parallel import layers, mappings
 
     originals = {}
-    for function in vars(mappings).values():
+    for function in [*vars(mappings).values(), *vars(layers).values()]:
         if (isinstance(function, type) and issubclass(function, torch.autograd.Function)
                 and "backward" in vars(function)):
             originals[function] = vars(function)["backward"]
@@ -99,6 +104,70 @@ def _backwards_on_cpu() -> dict:
 
             function.backward = staticmethod(backward)
     return originals
+
+
+def _no_cuda_rng_state(*args, **kwargs) -> None:
+    return None
+
+
+def _recompute_on_cpu() -> list[tuple[object, str, object]]:
+    """Make megatron-core's activation checkpoints (tensor_parallel/random.py) run on CPU; return
+    (owner, attribute, original) to restore.
+
+    - `_get_cuda_rng_state` / `_set_cuda_rng_state`: the checkpoints save the CUDA generator beside
+      the CPU one to replay dropout; there is none on CPU ("Found no NVIDIA driver").
+    - `CudaRNGStatesTracker.add` reads that generator too; on CPU it records the name and seed only
+      (these models have no dropout, so no state is ever drawn from).
+    - `CheckpointFunction.backward` and `CheckpointWithoutOutput._recompute` run the forward again
+      inside the backward, where the CUDA-to-CPU mode does not reach (the MoE router moves its
+      weight to `torch.cuda.current_device()` there).
+    - `CheckpointWithoutOutput.__init__`: 0.19.2 sets `self.fp8 = fp8 is not None`, true for its
+      default `fp8=False`, and its FP8 branch names Transformer Engine's FP8GlobalStateManager
+      (NameError without TE). CPU runs have no FP8.
+    Remove each when megatron-core takes the device from its tensors and fixes the flag.
+    """
+    from megatron.core.tensor_parallel import random as tp_random
+
+    saved = []
+
+    def patch(owner, name, value):
+        saved.append((owner, name, vars(owner)[name]))
+        setattr(owner, name, value)
+
+    patch(tp_random, "_get_cuda_rng_state", _no_cuda_rng_state)
+    patch(tp_random, "_set_cuda_rng_state", _no_cuda_rng_state)
+
+    def add(self, name, seed):
+        # `model_parallel_cuda_manual_seed` registers the named states that `fork()` needs (the
+        # embedding forks under sequence parallel) by reading the CUDA generator directly.
+        if seed in self.seeds_ or name in self.states_:
+            raise Exception(f"cuda rng state {name} or seed {seed} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = None
+
+    patch(tp_random.CudaRNGStatesTracker, "add", add)
+    original_backward = tp_random.CheckpointFunction.backward
+
+    def backward(ctx, *grads):
+        with _CudaToCpu():
+            return original_backward(ctx, *grads)
+
+    patch(tp_random.CheckpointFunction, "backward", staticmethod(backward))
+    original_recompute = tp_random.CheckpointWithoutOutput._recompute
+
+    def recompute(self, grad):
+        with _CudaToCpu():
+            return original_recompute(self, grad)
+
+    patch(tp_random.CheckpointWithoutOutput, "_recompute", recompute)
+    original_init = tp_random.CheckpointWithoutOutput.__init__
+
+    def init(self, fp8=False):
+        original_init(self, fp8)
+        self.fp8 = False
+
+    patch(tp_random.CheckpointWithoutOutput, "__init__", init)
+    return saved
 
 
 @contextmanager
@@ -116,6 +185,7 @@ def cpu_mode():
     to_host = token_dispatcher.maybe_move_tensor_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_to_host
     backwards = _backwards_on_cpu()
+    recompute = _recompute_on_cpu()
     # megatron-core wraps small activations (squared ReLU) in torch.compile; on CPU each process
     # would spend ~20 s building C++ kernels for a negligible gain.
     compile_disabled = torch._dynamo.config.disable
@@ -132,4 +202,6 @@ def cpu_mode():
         token_dispatcher.maybe_move_tensor_to_cpu = to_host
         for function, backward in backwards.items():
             function.backward = backward
+        for owner, name, original in reversed(recompute):
+            setattr(owner, name, original)
         torch._dynamo.config.disable = compile_disabled

@@ -127,17 +127,21 @@ class MetricsLogger:
         print(f"[{kind} {step}] {shown}", file=sys.stdout, flush=True)
         numbers = {f"{kind}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
         if self._tensorboard_dir is not None:
-            self._log_tensorboard(step, numbers)
+            # Names (the training phase) as text events: TensorBoard scalars are numbers only.
+            texts = {f"{kind}/{k}": v for k, v in record.items() if isinstance(v, str)}
+            self._log_tensorboard(step, numbers, texts)
         if self._wandb is not None:
             self._wandb.log({f"{kind}/{k}": v for k, v in record.items()}, step=step)
 
-    def _log_tensorboard(self, step: int, numbers: dict) -> None:
+    def _log_tensorboard(self, step: int, numbers: dict, texts: dict) -> None:
         if self._tensorboard is None:
             # Created at the first record so that purge_step is the first step this invocation logs:
             # after a resume, events a crashed predecessor wrote past its last checkpoint are dropped.
             self._tensorboard = _start_tensorboard(self._tensorboard_dir, purge_step=step)
         for tag, value in numbers.items():
             self._tensorboard.add_scalar(tag, value, global_step=step)
+        for tag, value in texts.items():
+            self._tensorboard.add_text(tag, value, global_step=step)
         self._tensorboard.flush()
 
     def info(self, message: str) -> None:

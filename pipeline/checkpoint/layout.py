@@ -69,8 +69,14 @@ class CheckpointMeta:
     """Where the weights came from (an HF directory for imports, the parent for a pruned student)."""
     pruned_from: dict | None = None
     """A pruned student's parent: its checkpoint, step and model config."""
+    imported_from: dict | None = None
+    """A checkpoint imported from Megatron-LM, NeMo 2 or Megatron-Bridge: kind, path, iteration and
+    the optimizer format found (`pipeline/migrate`)."""
     files: dict[str, list[int]] | None = None
     """File name -> [size in bytes, sampled CRC32], recorded at save; None in format-1 checkpoints."""
+    phases: list[dict] | None = None
+    """The run's data phases (pipeline/data/phases.py `Phase.record`), so that a resume changing a started
+    one is refused; None in checkpoints from before phases or not from training."""
     format: int = FORMAT
 
     def to_json(self) -> str:

@@ -82,12 +82,35 @@ def _safe_read_metadata(self, *args, **kwargs):
     return metadata
 
 
+def _object_globals() -> list:
+    """What a Megatron-LM / Megatron-Bridge checkpoint's common state references besides plain data
+    (found with `torch.serialization.get_unsafe_globals_in_checkpoint` on checkpoints written by
+    megatron-core 0.19.2's megatron/training): the stored `args` Namespace and the enums among its
+    values (megatron's, and signal.Signals for --exit-signal). Constructing any of them runs no code."""
+    import argparse
+    import enum
+    import signal
+
+    allowed = [argparse.Namespace, signal.Signals]
+    # Only where megatron is loaded already (it is whenever its loader reads the common state):
+    # importing it costs readers without it (export) seconds.
+    for name in ("megatron.core.enums", "megatron.core.transformer.enums"):
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        allowed += [v for v in vars(module).values()
+                    if isinstance(v, type) and issubclass(v, enum.Enum) and v.__module__ == module.__name__]
+    return allowed
+
+
 def _load_plain(source, what: str, **kwargs):
     """torch.load with weights_only=True passed explicitly (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD overrides
     only an implicit default): tensors, containers and plain values only, which is all that we and
-    megatron store. UnsafeCheckpointError naming `what` and the refused global otherwise."""
+    megatron store, plus the few classes of `_object_globals`. UnsafeCheckpointError naming `what` and
+    the refused global otherwise."""
     try:
-        return torch.load(source, weights_only=True, **kwargs)
+        with torch.serialization.safe_globals(_object_globals()):
+            return torch.load(source, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         why = f"references {found.group(1)}" if found else "is not plain data"

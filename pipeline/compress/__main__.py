@@ -22,6 +22,7 @@ import sys
 
 from pipeline.cli import exit_on_user_error
 from pipeline.compress.config import STEPS
+from pipeline.errors import ConfigError
 
 
 def _run_step(name: str, run, progress, rank: int) -> None:
@@ -84,6 +85,9 @@ def _compress(step: str, overrides: list[str], stop) -> None:
     from pipeline.training.stop import Stopped
 
     run = load_compress_config(overrides)
+    if run.parallel.cp > 1:
+        # Importance, ranking and distillation read whole sequences per rank.
+        raise ConfigError(f"parallel.cp={run.parallel.cp}: compression runs with parallel.cp=1")
     if cpu_needs_fp32(run, overrides):
         if os.environ.get("RANK", "0") == "0":
             print("no GPU: compressing in fp32 (override with precision=...)", file=sys.stderr)

@@ -2,7 +2,8 @@
 
     python -m pipeline.data preprocess --input 'dumps/*.jsonl.zst' --tokenizer data/build/tokenizer \\
         --output data/build/web_text_document
-    python -m pipeline.data corpus [--force]
+    python -m pipeline.data corpus [--force] [--phases]
+    python -m pipeline.data lengths PREFIX... | --config +experiment=phased_dev
     python -m pipeline.data tokenizer train --input corpus.jsonl --vocab-size 4096 --out data/build/tokenizer
     python -m pipeline.data tokenizer info data/build/tokenizer [--text "some text"]
 
@@ -16,7 +17,7 @@ import time
 from typing import Optional
 
 from pipeline.cli import exit_on_user_error
-from pipeline.data import corpus, preprocess
+from pipeline.data import corpus, corpus_phases, preprocess
 
 TOKENIZER_DOC = """Train a sentencepiece BPE tokenizer, or inspect any tokenizer the pipeline loads.
 
@@ -52,6 +53,23 @@ def _corpus(args: argparse.Namespace) -> None:
     print(f"{args.out}: {record['documents']:,} documents, {record['tokens']:,} tokens, corpus "
           f"{record['corpus_bytes'] / 1e6:.1f} MB (built in {record['elapsed_s']} s; this call "
           f"{time.perf_counter() - start:.1f} s)")
+    if args.phases:
+        extra = corpus_phases.build(args.out, force=args.force, workers=args.workers, progress=args.progress)
+        for name in (corpus_phases.DOCUMENTED, corpus_phases.MODULES):
+            print(f"{args.out}/{name}: {extra[name]['documents']:,} documents, {extra[name]['tokens']:,} tokens")
+
+
+def _lengths(args: argparse.Namespace) -> None:
+    from pipeline.data import lengths
+
+    if args.config:
+        from pipeline.config import load_run_config
+
+        run = load_run_config(args.items)
+        print("\n".join(lengths.phase_lines(run.data, run.train.seq_length, run.train.iters)))
+        return
+    for prefix in args.items:
+        print(lengths.format_report(prefix, lengths.prefix_report(prefix)))
 
 
 def _tokenizer_train(args: argparse.Namespace) -> None:
@@ -108,7 +126,21 @@ def _add_corpus(commands) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     parser.add_argument("--workers", type=int, default=0, help="preprocessing processes (0: all cores)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--phases", action="store_true",
+                        help="also build the phased recipe's components (pipeline/data/corpus_phases.py)")
     parser.set_defaults(run=_corpus)
+
+
+def _add_lengths(commands) -> None:
+    from pipeline.data import lengths
+
+    parser = commands.add_parser("lengths", help="document-length distribution of datasets or of a run's phases",
+                                 description=lengths.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("items", nargs="+", metavar="PREFIX|OVERRIDE",
+                        help="dataset prefixes, or with --config the training run's Hydra overrides")
+    parser.add_argument("--config", action="store_true",
+                        help="report every phase (blend) of the training config the overrides compose")
+    parser.set_defaults(run=_lengths)
 
 
 def _add_tokenizer(commands) -> None:
@@ -136,6 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_preprocess(commands)
     _add_corpus(commands)
+    _add_lengths(commands)
     _add_tokenizer(commands)
     return parser
 

@@ -41,7 +41,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from pipeline.data import shards
+from pipeline.data import lengths, shards
 from pipeline.data.record_parsing import MAX_EXAMPLES, REASONS
 from pipeline.data.sources import discover, input_bytes, iter_chunks
 from pipeline.data.tokenize_workers import Worker
@@ -199,6 +199,7 @@ def preprocess(opts: PreprocessOptions) -> dict:
             bar.close()
     elapsed = time.perf_counter() - start
     summary = _summary(opts, tokenizer, dtype, output, fresh, elapsed, len(done))
+    summary["document_lengths"] = lengths.summary_lengths(prefix, output.finished)
     _report(opts.output, summary)
     if not summary["documents"]:
         shards.discard(prefix)
@@ -335,6 +336,8 @@ def _report(prefix: str, summary: dict) -> None:
             where = ", ".join(summary["skipped_examples"].get(reason, []))
             print(f"  skipped {count:,} {reason}: {where}{' ...' if count > MAX_EXAMPLES else ''}",
                   file=sys.stderr)
+    if summary["documents"]:
+        print(f"  {lengths.format_report('lengths', summary['document_lengths'])}", file=sys.stderr)
     if summary["documents_with_special_token_strings"]:
         print(f"  {summary['documents_with_special_token_strings']:,} documents contain special-token "
               f"strings, kept as literal text", file=sys.stderr)

@@ -35,6 +35,9 @@ REASONS = (
 MAX_EXAMPLES = 5
 """Locations kept per reason."""
 MAX_FIELDS_SHOWN = 10
+JSON_SPACE = " \t\n\r"
+_scan_json = json.JSONDecoder().scan_once
+"""The C scanner behind json.loads: called directly for the common line (`_parse_jsonl`)."""
 
 
 @dataclass
@@ -80,6 +83,10 @@ def parse_chunk(chunk, text_key: str = "text", max_chars: int = 0) -> Parsed:
 
 
 def _parse_jsonl(chunk, text_key: str, max_chars: int, parsed: Parsed) -> None:
+    """The documents of a jsonl chunk. A line that is a JSON object with a valid text takes a fast path
+    (the scanner json.loads uses without its Python wrappers, no location string, one call of checks);
+    every other line goes through `_parse_line`, which decides what it is exactly as json.loads and
+    `_add_text` do, so the result is the same either way."""
     data = chunk.data
     try:
         lines = data.decode("utf-8").split("\n")
@@ -87,28 +94,43 @@ def _parse_jsonl(chunk, text_key: str, max_chars: int, parsed: Parsed) -> None:
         lines = data.split(b"\n")
     if lines and not lines[-1]:
         lines.pop()  # the chunk ends with a newline
-    loads = json.loads
-    for number, line in enumerate(lines, start=chunk.first):
-        location = f"{chunk.path}:{number}"
-        if isinstance(line, bytes):
-            line = _decoded(line, location, parsed)
-            if line is None:
-                continue
-        if not line.strip():
-            parsed.skip("empty", location, "blank line")
-            continue
-        try:
-            record = loads(line)
-        except (ValueError, RecursionError) as error:
-            parsed.skip("malformed_json", location, str(error))
-            continue
-        if not isinstance(record, dict):
-            parsed.skip("malformed_json", location, f"a JSON {type(record).__name__}, not an object")
-            continue
-        if text_key not in record:
-            parsed.skip("missing_field", location, missing_field_detail(text_key, list(record), "field"))
-            continue
-        _add_value(record[text_key], location, max_chars, parsed)
+    append = parsed.texts.append
+    for offset, line in enumerate(lines):
+        if type(line) is str and line[:1] == "{":
+            try:
+                record, end = _scan_json(line, 0)
+            except Exception:  # noqa: BLE001 - whatever it is, _parse_line reports it as json.loads would
+                record, end = None, 0
+            if type(record) is dict and (end == len(line) or not line[end:].strip(JSON_SPACE)):
+                text = record.get(text_key)
+                if (type(text) is str and text and not text.isspace() and not (max_chars and len(text) > max_chars)
+                        and _utf8(text)):
+                    append(text)
+                    continue
+        _parse_line(line, f"{chunk.path}:{chunk.first + offset}", text_key, max_chars, parsed)
+
+
+def _parse_line(line, location: str, text_key: str, max_chars: int, parsed: Parsed) -> None:
+    """One jsonl line (str, or bytes that are not UTF-8): its document, or why it is skipped."""
+    if isinstance(line, bytes):
+        line = _decoded(line, location, parsed)
+        if line is None:
+            return
+    if not line.strip():
+        parsed.skip("empty", location, "blank line")
+        return
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError) as error:
+        parsed.skip("malformed_json", location, str(error))
+        return
+    if not isinstance(record, dict):
+        parsed.skip("malformed_json", location, f"a JSON {type(record).__name__}, not an object")
+        return
+    if text_key not in record:
+        parsed.skip("missing_field", location, missing_field_detail(text_key, list(record), "field"))
+        return
+    _add_value(record[text_key], location, max_chars, parsed)
 
 
 def _decoded(data: bytes, location: str, parsed: Parsed, whole_file: bool = False) -> Optional[str]:
@@ -137,6 +159,17 @@ def _add_value(value, location: str, max_chars: int, parsed: Parsed) -> None:
         parsed.skip("not_string", location, f"a {type(value).__name__}")
     else:
         _add_text(value, location, max_chars, parsed)
+
+
+def _utf8(text: str) -> bool:
+    """Whether `text` can be written as UTF-8 (no lone surrogate, which a \\ud800 escape makes)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _add_text(text: str, location: str, max_chars: int, parsed: Parsed) -> None:

@@ -37,6 +37,9 @@ EDGE_BYTES = 1 << 16
 IDX_MAGIC = b"MMIDIDX\x00\x00"
 IDX_HEADER = struct.Struct("<9sQBQQ")
 """megatron-core .idx header: magic, version, dtype code, sequence count, document count."""
+DTYPE_CODES = {"uint8": 1, "int8": 2, "int16": 3, "int32": 4, "int64": 5, "float64": 6, "float32": 7, "uint16": 8}
+"""megatron-core's DType codes in the .idx header (indexed_dataset.DType; a test checks they agree)."""
+CODE_DTYPES = {code: name for name, code in DTYPE_CODES.items()}
 
 
 def summary_path(prefix: str) -> str:
@@ -58,7 +61,7 @@ def staging_prefix(prefix: str) -> str:
 
 
 def token_dtype(vocab_size: int):
-    """Token dtype for a vocabulary: megatron-core's DType.optimal_dtype rule (checked when writing)."""
+    """Token dtype for a vocabulary: megatron-core's DType.optimal_dtype rule (a test checks they agree)."""
     return np.uint16 if vocab_size < 65500 else np.int32
 
 
@@ -186,46 +189,54 @@ def discard(prefix: str) -> None:
 
 
 class ShardWriter:
-    """Writes one shard through megatron-core's IndexedDatasetBuilder, under temporary names."""
+    """Writes one shard in megatron-core's indexed-dataset format (`.bin` tokens, `.idx` index), under
+    temporary names. The index is written here with numpy, byte for byte what megatron-core's
+    IndexedDatasetBuilder.finalize writes (tests/unit/test_data_preprocess.py compares them): its
+    pointer computation is a Python loop over numpy scalars, about a microsecond per document in the
+    single writing process, and importing it pulls in torch (seconds and a gigabyte at startup)."""
 
     def __init__(self, prefix: str, index: int, vocab_size: int) -> None:
-        DType, IndexedDatasetBuilder = _megatron_indexed_dataset()
-        dtype = DType.optimal_dtype(vocab_size)
-        if dtype != token_dtype(vocab_size):
-            raise RuntimeError(f"token_dtype({vocab_size}) disagrees with megatron-core's optimal_dtype")
+        self.dtype = np.dtype(token_dtype(vocab_size))
         self.index = index
         self.base = shard_prefix(prefix, index)
         try:
-            self.builder = IndexedDatasetBuilder(self.base + ".bin.tmp", dtype=dtype)
+            self.data_file = open(self.base + ".bin.tmp", "wb")
         except OSError as error:
             raise storage_error(error, "a dataset shard", self.base + ".bin") from None
+        self.lengths: list[np.ndarray] = []
         self.documents = 0
         self.tokens = 0
         self.input_bytes = 0
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray, input_bytes: int) -> None:
-        """Append documents given as concatenated `tokens` and their `lengths`.
-
-        Goes through the builder's file and index lists in bulk: its add_document converts and
-        appends one document at a time, too slow in the single writing process for small documents.
-        """
-        builder = self.builder
+        """Append documents given as concatenated `tokens` (of the shard's dtype) and their `lengths`."""
         try:
-            builder.data_file.write(tokens.tobytes(order="C"))
+            self.data_file.write(memoryview(np.ascontiguousarray(tokens, dtype=self.dtype)).cast("B"))
         except OSError as error:
             raise storage_error(error, "a dataset shard", self.base + ".bin") from None
-        builder.sequence_lengths.extend(lengths.tolist())
-        start = len(builder.document_indices)
-        builder.document_indices.extend(range(start, start + len(lengths)))
+        self.lengths.append(np.asarray(lengths, dtype=np.int32))
         self.documents += len(lengths)
         self.tokens += int(tokens.size)
         self.input_bytes += input_bytes
+
+    def _write_index(self, path: str) -> None:
+        """megatron-core's .idx: header, then per document its length (int32) and byte offset in the
+        .bin (int64), then the document boundaries in sequences, [0, 1, ..., documents] (int64)."""
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int32)
+        pointers = np.zeros(lengths.size, dtype=np.int64)
+        np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
+        pointers *= self.dtype.itemsize
+        with open(path, "wb") as f:
+            f.write(IDX_HEADER.pack(IDX_MAGIC, 1, DTYPE_CODES[self.dtype.name], lengths.size, lengths.size + 1))
+            for array in (lengths, pointers, np.arange(lengths.size + 1, dtype=np.int64)):
+                f.write(memoryview(array).cast("B"))
 
     def finish(self) -> dict:
         """Write the index, rename both files to their final names and return the shard's record."""
         record = {"index": self.index, "prefix": os.path.basename(self.base)}
         try:
-            self.builder.finalize(self.base + ".idx.tmp")
+            self.data_file.close()
+            self._write_index(self.base + ".idx.tmp")
             for ext in (".bin", ".idx"):
                 _fsync(self.base + ext + ".tmp")
                 os.replace(self.base + ext + ".tmp", self.base + ext)
@@ -240,7 +251,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close and delete the unfinished shard."""
-        self.builder.data_file.close()
+        self.data_file.close()
         for ext in (".bin.tmp", ".idx.tmp"):
             if os.path.exists(self.base + ext):
                 os.remove(self.base + ext)
@@ -296,32 +307,20 @@ def _read_idx(path: str, fix: str) -> tuple[int, int, int]:
         if len(header) < IDX_HEADER.size:
             raise DataError(f"{path} is {size} bytes, shorter than an index header; {fix}")
         magic, version, code, sequences, documents = IDX_HEADER.unpack(header)
-        DType, _ = _megatron_indexed_dataset()
-        if magic != IDX_MAGIC or version != 1 or code not in {d.value for d in DType}:
+        if magic != IDX_MAGIC or version != 1 or code not in DTYPE_CODES.values():
             raise DataError(f"{path} does not start with a megatron-core index header; {fix}")
         expected = IDX_HEADER.size + 12 * sequences + 8 * documents
         if size not in (expected, expected + sequences):  # + one mode byte per sequence, if stored
             raise DataError(f"{path} has {size} bytes but its header implies {expected} (truncated or "
                             f"damaged); {fix}")
+        itemsize = np.dtype(CODE_DTYPES[code]).itemsize
         if sequences == 0:
-            return 0, DType.size(code), 0
+            return 0, itemsize, 0
         f.seek(IDX_HEADER.size + 4 * (sequences - 1))
         last_length = int(np.frombuffer(f.read(4), dtype="<i4")[0])
         f.seek(IDX_HEADER.size + 4 * sequences + 8 * (sequences - 1))
         last_pointer = int(np.frombuffer(f.read(8), dtype="<i8")[0])
-    return sequences, DType.size(code), last_pointer + last_length * DType.size(code)
-
-
-def _megatron_indexed_dataset():
-    """megatron-core's DType and IndexedDatasetBuilder, imported without its CPU-only warnings."""
-    import logging
-    import warnings
-
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-    return DType, IndexedDatasetBuilder
+    return sequences, itemsize, last_pointer + last_length * itemsize
 
 
 def write_progress(prefix: str, fingerprint: str, shards: list[dict]) -> None:

@@ -34,7 +34,8 @@ def encode_chunk(chunk, tokenizer, dtype, text_key: str, max_chars: int, templat
     """Parse and tokenize `chunk`; each document's ids (inside the tokenizer's template when
     `template`) are followed by the tokenizer's EOD."""
     parsed = parse_chunk(chunk, text_key, max_chars)
-    tokens_N, lengths_D = tokenizer.encode_flat(parsed.texts, dtype=dtype, template=template)
+    literal_D = tokenizer.special_documents(parsed.texts)  # once: the HF encoder needs it too
+    tokens_N, lengths_D = tokenizer.encode_flat(parsed.texts, dtype=dtype, template=template, literal_D=literal_D)
     return ChunkResult(
         index=chunk.index,
         size=chunk.size,
@@ -43,7 +44,7 @@ def encode_chunk(chunk, tokenizer, dtype, text_key: str, max_chars: int, templat
         skipped=parsed.skipped,
         examples=parsed.examples,
         first_bad=parsed.first_bad,
-        special_documents=int(tokenizer.special_documents(parsed.texts).sum()),
+        special_documents=int(literal_D.sum()),
     )
 
 

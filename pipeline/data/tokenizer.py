@@ -62,8 +62,10 @@ class Tokenizer:
         ids_N, lengths_D = self._encode_ids(texts)
         return [ids.tolist() for ids in np.split(ids_N, np.cumsum(lengths_D)[:-1])] if len(texts) else []
 
-    def _encode_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids_N, lengths_D): the texts' ids concatenated, and how many each has."""
+    def _encode_ids(self, texts: Sequence[str],
+                    literal_D: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids_N, lengths_D): the texts' ids concatenated, and how many each has. `literal_D`:
+        `special_documents(texts)` when the caller has it already."""
         raise NotImplementedError
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -78,11 +80,12 @@ class Tokenizer:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to `directory`."""
         raise NotImplementedError
 
-    def encode_flat(self, texts: Sequence[str], dtype=np.int64,
-                    template: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def encode_flat(self, texts: Sequence[str], dtype=np.int64, template: bool = False,
+                    literal_D: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
         """(tokens_N, lengths_D): each text's ids (inside `prefix`/`suffix` when `template`)
-        followed by EOD, all concatenated, and each document's length (EOD included)."""
-        ids_N, lengths_D = self._encode_ids(texts)
+        followed by EOD, all concatenated, and each document's length (EOD included). `literal_D`:
+        `special_documents(texts)` when the caller has it already (preprocessing counts them too)."""
+        ids_N, lengths_D = self._encode_ids(texts, literal_D)
         before, after = (self.prefix, self.suffix) if template else ([], [])
         return wrap(ids_N, lengths_D, before, after + [self.eod], dtype)
 
@@ -172,13 +175,14 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(texts, num_threads=1)
 
-    def _encode_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _encode_ids(self, texts: Sequence[str],
+                    literal_D: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
         if self._words is None:
             return _flat(self._encode_batch(list(texts)))
         return self._words.encode(list(texts), eod=None)
 
-    def encode_flat(self, texts: Sequence[str], dtype=np.int64,
-                    template: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def encode_flat(self, texts: Sequence[str], dtype=np.int64, template: bool = False,
+                    literal_D: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
         if self._words is None:
             return super().encode_flat(texts, dtype, template)
         return self._words.encode(list(texts), eod=self.eod, dtype=dtype)  # no template
@@ -250,11 +254,12 @@ class HFTokenizer(Tokenizer):
     def _library(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
 
-    def _encode_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _encode_ids(self, texts: Sequence[str],
+                    literal_D: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
         texts = list(texts)
         if self._fast is None:
             return _flat(self._library(texts))
-        literal_D = self.special_documents(texts)
+        literal_D = self.special_documents(texts) if literal_D is None else literal_D
         if not literal_D.any():
             return self._fast.encode(texts)
         # gigatoken would read the special-token strings as special tokens: the library does these.

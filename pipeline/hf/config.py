@@ -19,11 +19,21 @@ softplus(dt + dt_bias) < time_step_min; `import_hf` says so.
 
 The Mamba gated RMSNorm: megatron-core hard-codes eps 1e-5 while HF uses `layer_norm_epsilon`
 for it; they agree for the usual 1e-5.
+
+MoE (`E`) layers: transformers' `NemotronHTopkRouter` always computes sigmoid scores in fp32, adds
+`e_score_correction_bias` for the top-k choice only, takes the routing weights from the unbiased
+scores, divides them by their sum when `norm_topk_prob` and multiplies by `routed_scaling_factor`;
+it keeps the `n_group` x `topk_group` groups with the best top-2 score sums. megatron-core's
+sigmoid router (`topk_routing_with_score_function`) does the same, normalising exactly when
+top_k > 1 and ranking groups by their top-(top_k / topk_groups) sums. So a model exports when it
+routes by sigmoid, has a shared expert (HF always builds one) and its group ranking uses two
+experts per group (or there is one group); `moe_export_refusal` names the field otherwise. A model
+without expert bias exports a zero `e_score_correction_bias`.
 """
 
 from pipeline.errors import ConversionError
-from pipeline.model.config import ModelConfig
-from pipeline.model.pattern import ATTENTION, MAMBA, MLP, PIPE
+from pipeline.model.config import ModelConfig, MoEConfig
+from pipeline.model.pattern import ATTENTION, MAMBA, MLP, MOE, PIPE
 
 TIME_STEP_MIN = 1.1754943508222875e-38
 """torch.finfo(torch.float32).tiny: the HF dt clamp that changes nothing (see the module docstring)."""
@@ -55,7 +65,9 @@ FIXED = {
     "num_nextn_predict_layers": 0,
 }
 
-SYMBOL_HELP = "'M' (Mamba-2), '*' (attention) and '-' (FFN)"
+SYMBOL_HELP = "'M' (Mamba-2), '*' (attention), '-' (FFN) and 'E' (MoE)"
+HF_GROUP_TOPK = 2
+"""transformers ranks expert groups by the sum of their best two scores (NemotronHTopkRouter)."""
 
 
 def hf_config(
@@ -107,10 +119,97 @@ def hf_config(
         "pad_token_id": pad_token_id,
     }
     config.update({k: v for k, v in FIXED.items() if k not in config})
+    if MOE in pattern:
+        config.update(_hf_moe_config(model.moe))
     if d_inner % model.hidden_size == 0:
         # Informational (readers use mamba_num_heads * mamba_head_dim); not integral for Nano-2 shapes.
         config["expand"] = d_inner // model.hidden_size
     return config
+
+
+def _hf_moe_config(moe: MoEConfig) -> dict:
+    """The MoE fields of config.json (`moe_export_refusal` has passed)."""
+    return {
+        "n_routed_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "moe_intermediate_size": moe.ffn_hidden_size,
+        "moe_shared_expert_intermediate_size": moe.shared_ffn_hidden_size,
+        "n_shared_experts": 1,
+        "moe_latent_size": moe.latent_size,
+        # megatron-core divides the top-k sigmoid weights by their sum only for top_k > 1.
+        "norm_topk_prob": moe.top_k > 1,
+        "routed_scaling_factor": moe.scaling_factor or 1.0,
+        "n_group": moe.num_groups or 1,
+        "topk_group": moe.topk_groups or 1,
+    }
+
+
+def _group_routing_problem(experts: int, top_k: int, groups: int, topk_groups: int) -> str | None:
+    """Why transformers' group-limited routing differs from megatron-core's, or None."""
+    if experts // groups < HF_GROUP_TOPK:
+        return (
+            f"{experts // groups} expert(s) per group: transformers ranks groups by their best {HF_GROUP_TOPK} "
+            f"experts and needs at least {HF_GROUP_TOPK} per group"
+        )
+    if groups > 1 and topk_groups < groups and top_k // topk_groups != HF_GROUP_TOPK:
+        return (
+            f"megatron-core ranks expert groups by their best top_k // topk_groups = {top_k // topk_groups} "
+            f"scores, transformers by their best {HF_GROUP_TOPK}"
+        )
+    return None
+
+
+def transformers_has_latent_moe() -> bool:
+    """Whether the installed transformers' NemotronH reads `moe_latent_size` (latent MoE)."""
+    try:
+        from transformers import NemotronHConfig
+    except ImportError:
+        return False
+    return hasattr(NemotronHConfig(), "moe_latent_size")
+
+
+def moe_export_refusal(model: ModelConfig) -> None:
+    """ConversionError naming the model.moe field that transformers' NemotronH cannot represent
+    (see the module docstring); nothing for a model without `E` layers."""
+    if MOE not in model.parsed_pattern().layers:
+        return
+    moe = model.moe
+    if moe.score_function != "sigmoid":
+        raise ConversionError(
+            f"model.moe.score_function={moe.score_function!r}: transformers' NemotronH router only scores "
+            f"experts with a sigmoid, so this model cannot be exported; only score_function=sigmoid models export"
+        )
+    if not moe.shared_ffn_hidden_size:
+        raise ConversionError(
+            "model.moe.shared_ffn_hidden_size=0: transformers' NemotronH MoE layer always has a shared expert, "
+            "so a model without one cannot be exported"
+        )
+    problem = _group_routing_problem(moe.num_experts, moe.top_k, moe.num_groups or 1, moe.topk_groups or 1)
+    if problem:
+        raise ConversionError(
+            f"model.moe.num_groups={moe.num_groups}, topk_groups={moe.topk_groups}, top_k={moe.top_k}, "
+            f"num_experts={moe.num_experts}: {problem}; this group routing cannot be exported"
+        )
+    if moe.latent_size is not None and not transformers_has_latent_moe():
+        raise ConversionError(
+            f"model.moe.latent_size={moe.latent_size}: the installed transformers' NemotronH has no "
+            f"moe_latent_size (latent MoE); upgrade transformers to export this model"
+        )
+
+
+def moe_export_notes(model: ModelConfig) -> list[str]:
+    """Options that export but change what transformers computes a little (training-time behaviour)."""
+    if MOE not in model.parsed_pattern().layers:
+        return []
+    moe, notes = model.moe, []
+    if moe.capacity_factor is not None:
+        notes.append(
+            f"model.moe.capacity_factor={moe.capacity_factor}: the pipeline drops tokens beyond an expert's "
+            f"capacity, transformers never does (outputs differ only for dropped tokens)"
+        )
+    if moe.router_dtype != "fp32":
+        notes.append(f"model.moe.router_dtype={moe.router_dtype}: transformers computes the router in fp32")
+    return notes
 
 
 def hf_pattern(config: dict) -> str:
@@ -127,7 +226,7 @@ def hf_pattern(config: dict) -> str:
         pattern = "".join(BLOCK_TYPES[t] for t in config["layers_block_type"])
     else:
         raise ConversionError("HF config has neither hybrid_override_pattern nor layers_block_type; is it NemotronH?")
-    bad = sorted({c for c in pattern if c not in (MAMBA, ATTENTION, MLP)})
+    bad = sorted({c for c in pattern if c not in (MAMBA, ATTENTION, MLP, MOE)})
     if bad:
         names = {"E": " (MoE)", "G": " (gated delta net)", "D": " (DSA attention)"}
         listed = ", ".join(f"{c!r}{names.get(c, '')}" for c in bad)
@@ -200,6 +299,48 @@ def model_config_from_hf(config: dict, name: str) -> ModelConfig:
         seq_length=_optional(config, 4096, "max_position_embeddings"),
         layernorm_epsilon=_optional(config, 1e-5, "layer_norm_epsilon", "rms_norm_eps"),
         init_method_std=_optional(config, 0.02, "initializer_range"),
+        moe=moe_config_from_hf(config) if MOE in pattern else MoEConfig(),
+    )
+
+
+def moe_config_from_hf(config: dict) -> MoEConfig:
+    """The MoEConfig of an HF config with `moe` layers; ConversionError naming the HF field whose
+    routing megatron-core computes differently (see the module docstring).
+
+    The router is sigmoid with an expert bias (transformers always has `e_score_correction_bias`),
+    so training the import balances experts aux-loss free; the loss options, which config.json does
+    not record, keep the pipeline's defaults (set model.moe.* when training)."""
+    top_k = _required(config, "num_experts_per_tok")
+    experts = _required(config, "n_routed_experts", "num_local_experts")
+    normalise = _optional(config, True, "norm_topk_prob")
+    if normalise != (top_k > 1):
+        raise ConversionError(
+            f"HF config norm_topk_prob={normalise} with num_experts_per_tok={top_k}: megatron-core divides the "
+            f"top-k routing weights by their sum exactly when top-k > 1, so this routing cannot be imported"
+        )
+    groups, topk_groups = _optional(config, 1, "n_group"), _optional(config, 1, "topk_group")
+    problem = _group_routing_problem(experts, top_k, groups, topk_groups)
+    if problem:
+        raise ConversionError(f"HF config n_group={groups}, topk_group={topk_groups}: {problem}; it cannot be imported")
+    shared = _required(config, "moe_shared_expert_intermediate_size")
+    if shared <= 0:
+        raise ConversionError(
+            f"HF config moe_shared_expert_intermediate_size={shared}; transformers then builds a shared expert "
+            f"of intermediate_size, give its real width"
+        )
+    scaling = _optional(config, 1.0, "routed_scaling_factor")
+    grouped = groups > 1
+    return MoEConfig(
+        num_experts=experts,
+        top_k=top_k,
+        ffn_hidden_size=_required(config, "moe_intermediate_size"),
+        shared_ffn_hidden_size=shared,
+        score_function="sigmoid",
+        expert_bias=True,
+        scaling_factor=None if scaling == 1.0 else scaling,
+        num_groups=groups if grouped else None,
+        topk_groups=topk_groups if grouped else None,
+        latent_size=config.get("moe_latent_size"),
     )
 
 

@@ -1,10 +1,10 @@
-"""Export a pipeline checkpoint (any TP/PP/DP layout) to a Hugging Face NemotronH directory.
+"""Export a pipeline checkpoint (any TP/PP/DP/EP layout) to a Hugging Face NemotronH directory.
 
     python pipeline/convert.py export runs/tiny OUT_DIR [--dtype bf16|fp32] [--overwrite]
 
 Tensors are read straight from the torch_dist files (no process group, no model): the checkpoint
 stores global tensors (Mamba components separately) as chunks with global offsets, listed in the
-`torch.distributed.checkpoint` metadata, so any TP/PP/DP layout can be assembled
+`torch.distributed.checkpoint` metadata, so any TP/PP/DP/EP layout can be assembled
 (`pipeline.checkpoint.CheckpointTensors`). Every conversion only moves elements (`Conversion.pieces`),
 so when the dtype does not change and a tensor's chunks are plain blocks of rows, its HF bytes are
 copied file to file as byte ranges, as `cp` does (8B benchmark: 1.4-1.5x the time of `cp` when
@@ -32,12 +32,11 @@ import torch
 from pipeline.checkpoint import CheckpointTensors
 from pipeline.errors import CheckpointError, ConversionError
 from pipeline.fs import overlaps, replace_dir, temporary_sibling
-from pipeline.hf.config import hf_config
-from pipeline.hf.mapping import Conversion, conversions, hf_shapes
+from pipeline.hf.config import hf_config, moe_export_notes, moe_export_refusal
+from pipeline.hf.mapping import Conversion, conversions, megatron_shapes
 from pipeline.hf.safetensors_io import ShardWriter, plan_shards, shard_file_names, write_index
 from pipeline.model.config import ModelConfig
-from pipeline.model.params import EMBEDDING, checkpoint_shapes
-from pipeline.model.pattern import MOE
+from pipeline.model.params import EMBEDDING
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -58,11 +57,14 @@ class ExportResult:
     copied_tensors: int
     """HF tensors copied file to file as byte ranges (the others were computed in memory)."""
     seconds: float
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """Where transformers computes slightly differently from the pipeline (`moe_export_notes`)."""
 
 
 def check_shapes(model: ModelConfig, found: dict[str, tuple[int, ...]], where: Path) -> None:
-    """Every tensor the model needs is in the checkpoint with the shape the model config implies."""
-    for key, shape in checkpoint_shapes(model).items():
+    """Every tensor the model needs (the routers' expert bias too) is in the checkpoint with the shape
+    the model config implies."""
+    for key, shape in megatron_shapes(model).items():
         if key not in found:
             raise CheckpointError(
                 f"checkpoint {where} has no tensor {key}, which model {model.name!r} (pattern "
@@ -121,9 +123,11 @@ def _runs(ranges: list[tuple[int, int, int]], start: int, length: int) -> list[t
 
 def copy_plan(conversion: Conversion, byte_ranges, dtype: torch.dtype) -> list[list[tuple[int, int, int]]] | None:
     """For each HF tensor of `conversion`, the byte runs to copy it from, when every input is stored
-    in `dtype` with known byte ranges (`byte_ranges(key, dtype)`); None when it must be computed."""
+    in the output dtype (`dtype` unless the conversion fixes its own) with known byte ranges
+    (`byte_ranges(key, dtype)`); None when it must be computed."""
+    dtype = conversion.dtype or dtype
     inputs = [byte_ranges(key, dtype) for key, _ in conversion.megatron]
-    if any(ranges is None for ranges in inputs):
+    if not inputs or any(ranges is None for ranges in inputs):
         return None
     size = dtype.itemsize
     return [
@@ -159,16 +163,17 @@ def write_hf_weights(
                 tensors = c.to_hf([get(key) for key, _ in c.megatron])
                 yield from zip((name for name, _ in c.hf), tensors, strict=True)
 
-    shards = plan_shards(hf_shapes(model).items(), dtype, max_shard_bytes)
+    entries = [(name, shape, c.dtype or dtype) for c in conversions_ for name, shape in c.hf]
+    shards = plan_shards(entries, max_shard_bytes)
     names = shard_file_names(len(shards))
-    weight_map = {name: file for file, shard in zip(names, shards, strict=True) for name, _ in shard}
+    weight_map = {name: file for file, shard in zip(names, shards, strict=True) for name, _, _ in shard}
     total = copied = 0
     # Reading and converting the next computed tensors overlaps writing: reading costs about as much as
     # writing (8B benchmark); two tensors ahead keeps peak memory at a few tensors.
     with closing(prefetch(computed(), depth=2)) as stream:
         for file, shard in zip(names, shards, strict=True):
-            writer = ShardWriter(out_dir / file, shard, dtype)
-            for name, shape in shard:
+            writer = ShardWriter(out_dir / file, shard)
+            for name, shape, _ in shard:
                 if outputs[name] is not None:
                     writer.copy(name, shape, outputs[name])
                     copied += 1
@@ -260,11 +265,7 @@ def export_checkpoint(
     meta = reader.meta
     out_dir = check_out_dir(Path(out_dir), overwrite, Path(checkpoint))
     model = model_config_from_meta(meta.model)
-    if MOE in model.parsed_pattern().layers:
-        raise ConversionError(
-            f"checkpoint {ckpt_dir} has MoE ('E') layers, which the Hugging Face export does not convert yet; "
-            f"only Mamba, attention and FFN models export"
-        )
+    moe_export_refusal(model)
     check_shapes(model, reader.shapes, ckpt_dir)
     if dtype is None:
         dtype = "bf16" if reader.dtypes[EMBEDDING] == torch.bfloat16 else "fp32"
@@ -304,4 +305,5 @@ def export_checkpoint(
         bytes_written=written,
         copied_tensors=copied,
         seconds=time.perf_counter() - start,
+        notes=moe_export_notes(model),
     )

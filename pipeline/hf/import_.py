@@ -10,14 +10,16 @@ writes
 Use it to start training or as a teacher:
     python -m pipeline.train hydra.searchpath=[file://OUT_DIR] model=NAME checkpoint.init_from=OUT_DIR
 
-The model is built at the requested TP/PP (torchrun processes, or this process when tp*pp=1; this
-module's `main` is the worker), each rank copies its slice of every full tensor into its parameters
-(`sharding.local_slice`, component-aware for Mamba's fused tensors) and all ranks save together.
-The precision defaults to the HF checkpoint's dtype (bf16 or fp32).
+The model is built at the requested TP/PP/EP (torchrun processes, `import_world_size` of them, or
+this process when that is 1; this module's `main` is the worker), each rank copies its slice of every
+full tensor into its parameters (`sharding.local_slice`, component-aware for Mamba's fused tensors;
+its own routed experts by index) and the MoE routers' expert bias into its buffers, and all ranks
+save together. The precision defaults to the HF checkpoint's dtype (bf16 or fp32).
 """
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -32,9 +34,11 @@ from pipeline.errors import ConversionError, PipelineError
 from pipeline.fs import replace_dir, temporary_sibling
 from pipeline.hf.config import TIME_STEP_MIN, hf_dtype, model_config_from_hf, time_step_clamp
 from pipeline.hf.export import check_out_dir
-from pipeline.hf.mapping import conversions, hf_shapes
+from pipeline.hf.mapping import EXPERT_BIAS, PerExpert, conversions, hf_shapes
 from pipeline.hf.safetensors_io import HFTensors
 from pipeline.model.config import ModelConfig, write_model_option
+from pipeline.model.params import LAYER_PREFIX
+from pipeline.model.pattern import MOE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_FILES = (
@@ -89,6 +93,10 @@ class CanonicalHFTensors:
     def get(self, name: str) -> torch.Tensor:
         return self._tensors.get(self.names[name])
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype's safetensors code (F32, BF16, ...)."""
+        return self._tensors.dtype(self.names[name])
+
 
 def check_hf_tensors(model: ModelConfig, tensors: CanonicalHFTensors, hf_dir: Path) -> None:
     """The HF weights hold exactly the tensors `model` has, with the shapes its config implies."""
@@ -114,37 +122,63 @@ def check_hf_tensors(model: ModelConfig, tensors: CanonicalHFTensors, hf_dir: Pa
 
 def import_run_config(model: ModelConfig, hf_config: dict, overrides: list[str], out_dir: Path):
     """The RunConfig the import builds and saves with: `overrides` (parallel.*, precision, ...) with
-    the model from config.json and the precision of the HF weights unless overridden."""
-    from pipeline.config import load_run_config
+    the model from config.json and the precision of the HF weights unless overridden. The model is
+    put in before validation: layout checks (parallel.ep needs 'E' layers) are about this model."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from pipeline.config import CONF_DIR, register_configs, to_run_config
 
     if any(o.lstrip("+~").startswith("model") for o in overrides):
         raise ConversionError("model.* overrides are not allowed: the model comes from the HF config.json")
     precision = (
         [] if any(o.startswith("precision=") for o in overrides) else [f"precision={hf_dtype(hf_config) or 'bf16'}"]
     )
-    run = load_run_config([*precision, *overrides])
-    train = dataclasses.replace(run.train, seq_length=min(run.train.seq_length, model.seq_length))
-    return dataclasses.replace(run, model=model, train=train, run_dir=str(out_dir))
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=[*precision, *overrides])
+    cfg.model = OmegaConf.structured(model)
+    cfg.train.seq_length = min(cfg.train.seq_length, model.seq_length)
+    cfg.run_dir = str(out_dir)
+    return to_run_config(cfg)
 
 
 @torch.no_grad()
 def load_hf_into_chunks(chunks, model: ModelConfig, tensors: CanonicalHFTensors) -> None:
-    """Copy this rank's slice of every HF tensor into its model chunks' parameters."""
+    """Copy this rank's slice of every HF tensor into its model chunks' parameters, and the routers'
+    expert bias (a buffer) into each MoE layer."""
     from pipeline.model.init import load_full_tensors
 
     by_key = {key: c for c in conversions(model) for key, _ in c.megatron}
+    expert_keys = {key for key, c in by_key.items() if isinstance(c, PerExpert)}
     converted: dict[str, torch.Tensor] = {}
+    current_experts: list[str] = []
 
     def full_tensor(key: str) -> torch.Tensor:
-        # One HF tensor can hold several checkpoint tensors (QKV): convert each group once.
+        # One HF tensor can hold several checkpoint tensors (QKV): convert each group once. A routed
+        # experts' tensor serves each local expert's parameter in turn: keep the latest one only.
         if key not in converted:
+            if key in expert_keys:
+                for old in current_experts:
+                    converted.pop(old, None)
+                current_experts[:] = [key]
             c = by_key[key]
             converted.update(
                 zip((k for k, _ in c.megatron), c.to_megatron([tensors.get(n) for n, _ in c.hf]), strict=True)
             )
-        return converted.pop(key)
+        return converted[key] if key in expert_keys else converted.pop(key)
 
     load_full_tensors(chunks, full_tensor)
+    for chunk in chunks:
+        for layer in chunk.decoder.layers:
+            router = getattr(getattr(layer, "mlp", None), "router", None)
+            if router is not None and router.expert_bias is not None:
+                # A bf16 model's buffers were cast to bf16; megatron-core keeps this one in fp32 (it
+                # switches back before each forward and save), so switch first rather than round it.
+                router.expert_bias.data = router.expert_bias.data.float()
+                router.expert_bias.copy_(full_tensor(f"{LAYER_PREFIX}.{layer.layer_number - 1}.{EXPERT_BIAS}"))
 
 
 def save_imported(run, hf_dir: Path, tmp_root: Path, tokenizer: str | None) -> None:
@@ -194,6 +228,13 @@ def copy_tokenizer(hf_dir: Path, target: Path, model: ModelConfig) -> tuple[str 
     return str(target), []
 
 
+def import_world_size(parallel) -> int:
+    """Processes the import runs on: tp x pp, times the data-parallel ranks that expert parallelism
+    needs (megatron-core lays ep x etp over the tp x dp ranks of a pipeline stage)."""
+    experts = parallel.ep * parallel.etp
+    return parallel.tp * parallel.pp * (experts // math.gcd(experts, parallel.tp))
+
+
 def _launch_workers(nproc: int, args: list[str]) -> None:
     """Run `main` on nproc local processes with torchrun; ConversionError with the log tail on failure."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
@@ -232,6 +273,13 @@ def import_hf(
     out_dir = check_out_dir(out_dir, overwrite, hf_dir)
     run = import_run_config(model, hf_config, list(overrides), out_dir)
     notes = []
+    if MOE in model.pattern and run.precision.params_dtype == "bf16":
+        gates = [n for n in tensors.names if n.endswith(".mixer.gate.weight") and tensors.dtype(n) == "F32"]
+        if gates:
+            notes.append(
+                f"{len(gates)} router weight(s) (e.g. {gates[0]}) are stored in fp32 and are rounded to bf16, the "
+                f"pipeline's parameter dtype; import with precision=fp32 to keep them exact"
+            )
     clamp = time_step_clamp(hf_config)
     if clamp > TIME_STEP_MIN:
         notes.append(
@@ -243,7 +291,7 @@ def import_hf(
     try:
         tokenizer, tok_notes = copy_tokenizer(hf_dir, tmp / "tokenizer", model)
         final_tokenizer = str(out_dir / "tokenizer") if tokenizer else None
-        nproc = run.parallel.tp * run.parallel.pp
+        nproc = import_world_size(run.parallel)
         if nproc == 1:
             save_imported(run, hf_dir, tmp, final_tokenizer)
         else:

@@ -1,7 +1,7 @@
 """Tensor names and layouts: the pipeline's checkpoint keys (full, unsharded tensors) <-> HF NemotronH.
 
 The checkpoint side (keys, shapes, fused components) comes from the tensor table in
-`pipeline.model.params`; here are the HF names: one table of renames plus four named special cases:
+`pipeline.model.params`; here are the HF names: one table of renames plus six named special cases:
 - `Concat`: Mamba `in_proj.weight.{z,x,B,C,dt}` -> HF `in_proj.weight` (rows in that order), and
   `conv1d.{weight,bias}.{x,B,C}` -> HF `conv1d.{weight,bias}`. The checkpoint stores the components
   separately (each TP rank holds a slice of every component), so concatenating them here is right
@@ -11,13 +11,21 @@ The checkpoint side (keys, shapes, fused components) comes from the tensor table
 - `Vocab`: the embedding and output layer are padded to `padded_vocab_size` rows in the pipeline;
   the padding is trimmed on export and zero-filled on import.
 - The per-layer pre-norm: megatron fuses it into the first linear of the layer
-  (`in_proj`/`linear_qkv`/`linear_fc1.layer_norm_weight`), HF has `backbone.layers.{i}.norm.weight`.
+  (`in_proj`/`linear_qkv`/`linear_fc1.layer_norm_weight`), HF has `backbone.layers.{i}.norm.weight`
+  (an MoE layer's is megatron's separate `pre_mlp_layernorm`).
+- `PerExpert`: megatron stores each routed-expert projection as one [experts, out, in] tensor;
+  HF's files hold one tensor per expert, `mixer.experts.{j}.up_proj.weight` (transformers merges
+  them into its 3-D parameter when loading, as for the published Nemotron 3 checkpoints).
+- `ExpertBias`: the router's `expert_bias` buffer (fp32, checkpointed but not a parameter) is HF's
+  `mixer.gate.e_score_correction_bias`, written in fp32 whatever the export dtype (rounding it to
+  bf16 would change which experts are chosen); a model without expert bias gets zeros.
 
 Checkpoint keys use the global layer index (layer number - 1), as megatron-core's sharded state dict.
 
 Shapes: V vocab, Vp padded vocab, h hidden, f FFN width, n attention heads, g KV groups, d head dim,
 q query heads per KV group (n/g), R heads of one KV group's fused QKV rows (q + 2), E Mamba inner
-width (heads x head dim), H Mamba heads, G Mamba groups, N state size, K conv kernel.
+width (heads x head dim), H Mamba heads, G Mamba groups, N state size, K conv kernel; X routed
+experts, e one expert's FFN width, L the experts' input width (latent size, else h).
 """
 
 import itertools
@@ -31,12 +39,13 @@ from pipeline.model.config import ModelConfig
 from pipeline.model.params import (
     EMBEDDING,
     FINAL_NORM,
-    LAYER_TENSORS,
+    LAYER_PREFIX,
     OUTPUT_LAYER,
     checkpoint_shapes,
     layer_key,
+    layer_tensors,
 )
-from pipeline.model.pattern import ATTENTION, MAMBA, MLP
+from pipeline.model.pattern import ATTENTION, MAMBA, MLP, MOE
 
 Shape = tuple[int, ...]
 Named = tuple[tuple[str, Shape], ...]
@@ -62,8 +71,21 @@ LAYER_RENAMES = {
         "mlp.linear_fc1.weight": "mixer.up_proj.weight",
         "mlp.linear_fc2.weight": "mixer.down_proj.weight",
     },
+    MOE: {
+        "pre_mlp_layernorm.weight": "norm.weight",
+        "mlp.router.weight": "mixer.gate.weight",
+        "mlp.fc1_latent_proj.weight": "mixer.fc1_latent_proj.weight",
+        "mlp.fc2_latent_proj.weight": "mixer.fc2_latent_proj.weight",
+        "mlp.experts.experts.linear_fc1.weight": "mixer.experts.{}.up_proj.weight",
+        "mlp.experts.experts.linear_fc2.weight": "mixer.experts.{}.down_proj.weight",
+        "mlp.shared_experts.linear_fc1.weight": "mixer.shared_experts.up_proj.weight",
+        "mlp.shared_experts.linear_fc2.weight": "mixer.shared_experts.down_proj.weight",
+    },
 }
 QKV = "self_attention.linear_qkv.weight"
+EXPERT_BIAS = "mlp.router.expert_bias"
+"""The router's aux-loss-free balancing bias: a checkpointed fp32 buffer [X] (with model.moe.expert_bias)."""
+HF_EXPERT_BIAS = "mixer.gate.e_score_correction_bias"
 HF_EMBEDDING = "backbone.embeddings.weight"
 HF_FINAL_NORM = "backbone.norm_f.weight"
 HF_LM_HEAD = "lm_head.weight"
@@ -75,6 +97,8 @@ class Conversion:
 
     megatron: Named
     hf: Named
+    dtype: torch.dtype | None = None
+    """The HF tensors' dtype when it is not the export's."""
 
     def to_hf(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """HF tensors (in `hf` order) from the megatron ones (in `megatron` order)."""
@@ -156,16 +180,61 @@ class Vocab(Conversion):
         return [[(0, 0, math.prod(self.hf[0][1]))]]
 
 
+@dataclass(frozen=True)
+class PerExpert(Conversion):
+    """Megatron's routed-expert projection [X, out, in] <-> X HF tensors [out, in], one per expert."""
+
+    def to_hf(self, tensors):
+        (stacked,) = tensors
+        return list(stacked.unbind(0))
+
+    def to_megatron(self, tensors):
+        return [torch.stack(tensors)]
+
+    def pieces(self):
+        per_expert = math.prod(self.hf[0][1])
+        return [[(0, j * per_expert, per_expert)] for j in range(len(self.hf))]
+
+
+@dataclass(frozen=True)
+class ExpertBias(Conversion):
+    """The router's expert bias [X] <-> HF's `e_score_correction_bias` (fp32); zeros to HF and
+    dropped from HF when the model has no expert bias (no megatron tensor)."""
+
+    def to_hf(self, tensors):
+        if not self.megatron:
+            return [torch.zeros(self.hf[0][1], dtype=torch.float32)]
+        return list(tensors)
+
+    def to_megatron(self, tensors):
+        return list(tensors) if self.megatron else []
+
+    def pieces(self):
+        # Without an input there is nothing to copy (export computes the zeros).
+        return [[(0, 0, self.hf[0][1][0])]] if self.megatron else [[]]
+
+
+def _moe_extra(model: ModelConfig, index: int) -> list[Conversion]:
+    """The expert-bias conversion of the `E` layer at global `index` (it is not in the parameter table)."""
+    hf = ((f"backbone.layers.{index}.{HF_EXPERT_BIAS}", (model.moe.num_experts,)),)
+    megatron = ((f"{LAYER_PREFIX}.{index}.{EXPERT_BIAS}", (model.moe.num_experts,)),) if model.moe.expert_bias else ()
+    return [ExpertBias(megatron, hf, dtype=torch.float32)]
+
+
 def _layer_conversions(model: ModelConfig, index: int, symbol: str, shapes: dict[str, Shape]) -> list[Conversion]:
     """Conversions of the layer at global `index`, in the table's (HF's) order: a fused Mamba
     parameter's components are concatenated, the fused QKV split, everything else renamed."""
     hf_prefix = f"backbone.layers.{index}."
     out: list[Conversion] = []
-    for _, group in itertools.groupby(LAYER_TENSORS[symbol], key=lambda spec: spec.param):
+    for _, group in itertools.groupby(layer_tensors(model, symbol), key=lambda spec: spec.param):
         specs = list(group)
         megatron = tuple((layer_key(index, spec), shapes[layer_key(index, spec)]) for spec in specs)
         first = specs[0]
-        if first.component is not None:
+        if first.per_expert:
+            experts, *shape = megatron[0][1]
+            name = hf_prefix + LAYER_RENAMES[symbol][first.key]
+            out.append(PerExpert(megatron, tuple((name.format(j), tuple(shape)) for j in range(experts))))
+        elif first.component is not None:
             rows = sum(shape[0] for _, shape in megatron)
             fused = first.key.rsplit(".", 1)[0]  # mixer.in_proj.weight, mixer.conv1d.weight, ...
             out.append(Concat(megatron, ((hf_prefix + fused, (rows, *megatron[0][1][1:])),)))
@@ -177,6 +246,8 @@ def _layer_conversions(model: ModelConfig, index: int, symbol: str, shapes: dict
             out.append(SplitQKV(megatron, hf, groups=g, head_dim=d))
         else:
             out.append(Conversion(megatron, ((hf_prefix + LAYER_RENAMES[symbol][first.key], megatron[0][1]),)))
+        if first.key == "mlp.router.weight":
+            out += _moe_extra(model, index)
     return out
 
 
@@ -195,6 +266,11 @@ def conversions(model: ModelConfig) -> list[Conversion]:
 def hf_shapes(model: ModelConfig) -> dict[str, Shape]:
     """Shape of every tensor of the HF model, by name, in HF order."""
     return {name: shape for c in conversions(model) for name, shape in c.hf}
+
+
+def megatron_shapes(model: ModelConfig) -> dict[str, Shape]:
+    """Every checkpoint tensor the conversion reads (parameters plus the routers' expert bias), by key."""
+    return {key: shape for c in conversions(model) for key, shape in c.megatron}
 
 
 def to_hf(model: ModelConfig, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -32,19 +32,21 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return n
 
 
-def plan_shards(
-    entries: Iterable[tuple[str, tuple[int, ...]]], dtype: torch.dtype, max_shard_bytes: int
-) -> list[list[tuple[str, tuple[int, ...]]]]:
-    """Split (name, shape) entries, in order, into shards of at most `max_shard_bytes` (a larger
-    single tensor gets a shard of its own)."""
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+Entry = tuple[str, tuple[int, ...], torch.dtype]
+"""A tensor to write: (name, shape, dtype)."""
+
+
+def plan_shards(entries: Iterable[Entry], max_shard_bytes: int) -> list[list[Entry]]:
+    """Split (name, shape, dtype) entries, in order, into shards of at most `max_shard_bytes` (a
+    larger single tensor gets a shard of its own)."""
+    shards: list[list[Entry]] = [[]]
     size = 0
-    for name, shape in entries:
+    for name, shape, dtype in entries:
         n = _nbytes(shape, dtype)
         if shards[-1] and size + n > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append((name, shape))
+        shards[-1].append((name, shape, dtype))
         size += n
     return shards
 
@@ -55,16 +57,15 @@ def shard_file_names(count: int) -> list[str]:
 
 
 class ShardWriter:
-    """One .safetensors file whose tensors are given up front (name, shape) and written in that order,
-    each either from memory (`write`) or copied file to file from byte ranges (`copy`)."""
+    """One .safetensors file whose tensors are given up front (name, shape, dtype) and written in that
+    order, each either from memory (`write`) or copied file to file from byte ranges (`copy`)."""
 
-    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype):
+    def __init__(self, path: Path, entries: list[Entry]):
         self.path = path
-        self.dtype = dtype
         self._pending = list(entries)
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
-        for name, shape in entries:
+        for name, shape, dtype in entries:
             end = offset + _nbytes(shape, dtype)
             header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
             offset = end
@@ -76,20 +77,20 @@ class ShardWriter:
         self._write_all(struct.pack("<Q", len(text)) + text)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor's bytes (cast to the shard's dtype); name and shape must match the plan."""
-        self._next(name, tuple(tensor.shape))
+        """Append the next tensor's bytes (cast to its planned dtype); name and shape must match the plan."""
+        dtype = self._next(name, tuple(tensor.shape))
         flat = tensor.detach().cpu().contiguous().view(-1)
         # Cast block by block: a converted copy of the whole embedding would double peak memory.
-        step = COPY_BLOCK // self.dtype.itemsize
+        step = COPY_BLOCK // dtype.itemsize
         for start in range(0, flat.numel(), step):
-            block = flat[start : start + step].to(self.dtype)
+            block = flat[start : start + step].to(dtype)
             self._write_all(block.view(torch.uint8).numpy().data)
 
     def copy(self, name: str, shape: tuple[int, ...], runs: list[tuple[int, int, int]]) -> None:
         """Append the next tensor by copying (file descriptor, offset, length) runs of another file,
         in the kernel where the filesystem allows (copy_file_range), else through a small buffer."""
-        self._next(name, shape)
-        if sum(n for _, _, n in runs) != _nbytes(shape, self.dtype):
+        dtype = self._next(name, shape)
+        if sum(n for _, _, n in runs) != _nbytes(shape, dtype):
             raise ConversionError(f"internal: byte runs for {name} do not add up to its size")
         for fd, offset, length in runs:
             _copy_range(fd, offset, length, self._file.fileno())
@@ -100,11 +101,12 @@ class ShardWriter:
         if self._pending:
             raise ConversionError(f"internal: {self.path.name} is missing {len(self._pending)} tensors")
 
-    def _next(self, name: str, shape: tuple[int, ...]) -> None:
-        expected, planned = self._pending[0]
+    def _next(self, name: str, shape: tuple[int, ...]) -> torch.dtype:
+        expected, planned, dtype = self._pending[0]
         if name != expected or shape != planned:
             raise ConversionError(f"internal: tensor {name} {shape} written where {expected} {planned} was planned")
         self._pending.pop(0)
+        return dtype
 
     def _write_all(self, data) -> None:
         view = memoryview(data).cast("B")
@@ -186,6 +188,10 @@ class HFTensors:
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of tensor `name` (read from the header only)."""
         return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code of tensor `name` (F32, BF16, ...; read from the header only)."""
+        return self._handle(name).get_slice(name).get_dtype()
 
     def get(self, name: str) -> torch.Tensor:
         """Tensor `name` as stored."""

@@ -16,6 +16,7 @@ from pipeline.model.init import initialize_weights
 from pipeline.model.pattern import ATTENTION, MAMBA, MOE, megatron_pattern, split_stages
 from pipeline.model.precision import PrecisionConfig
 from pipeline.model.spec import stack_spec
+from pipeline.training.config import TrainConfig, recompute_modules
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -69,20 +70,31 @@ def check_moe_supported(model: ModelConfig, device: torch.device, backend: str) 
                           f"projections as TELinear; this run is on {device.type}); set model.moe.latent_size=null")
 
 
+def check_context_parallel_supported(model: ModelConfig, parallel: ParallelConfig, backend: str) -> None:
+    """The portable attention splits heads over context-parallel ranks (an all-to-all), so its heads
+    and KV groups per tensor-parallel rank must divide among them; Transformer Engine's ring does not
+    need that."""
+    if parallel.cp == 1 or backend == "te" or ATTENTION not in model.parsed_pattern().layers:
+        return
+    heads, groups = model.num_attention_heads // parallel.tp, model.num_query_groups // parallel.tp
+    if heads % parallel.cp or (groups % parallel.cp and parallel.cp % groups):
+        raise ConfigError(
+            f"parallel.cp={parallel.cp} on the portable backend splits the {heads} attention heads and "
+            f"{groups} KV groups of a tensor-parallel rank over the cp ranks; use a parallel.cp that divides "
+            f"{heads} and divides or is a multiple of {groups}"
+        )
+
+
 def moe_config(model: ModelConfig, parallel: ParallelConfig, on_gpu: bool, fp8: bool) -> dict:
     """megatron-core's TransformerConfig `moe_*` fields for the `E` layers (none without them)."""
     if MOE not in model.parsed_pattern().layers:
         return {}
     moe = model.moe
-    fused = {}
-    if on_gpu:
-        # Transformer Engine's fused top-k/score/aux-loss kernels and token permutation: the unfused
-        # router and permute are chains of small ops that cost several % of a bench_moe step.
-        fused = dict(moe_permute_fusion=True, moe_router_fusion=True)
-        if fp8 and moe.token_dispatcher == "alltoall":
-            # Route a multiple of 16 tokens to each expert, as FP8 GEMMs need, in the routing map
-            # instead of padding and unpadding every expert's input inside the grouped MLP.
-            fused["moe_router_padding_for_quantization"] = True
+    # Transformer Engine's fused token permutation on GPU: the unfused permute is a chain of small
+    # ops that costs several % of a bench_moe step. The fused router and FP8 routing-map padding
+    # stay off, as in Megatron-Bridge's H100 Nemotron 3 Nano recipe: with FP8 they failed the
+    # backward on an H100 (an in-place write to the routing map autograd still needed).
+    fused = dict(moe_permute_fusion=True) if on_gpu else {}
     return dict(
         **fused,
         num_moe_experts=moe.num_experts,
@@ -110,30 +122,43 @@ def moe_config(model: ModelConfig, parallel: ParallelConfig, on_gpu: bool, fp8: 
     )
 
 
-def graphed_modules(model: ModelConfig, precision: PrecisionConfig) -> list[str]:
+def graphed_modules(model: ModelConfig) -> list[str]:
     """What `train.cuda_graphs` captures: whole layers, or, with `E` layers, every static part.
 
     A dropless MoE layer's expert computation has a data-dependent shape, so megatron-core graphs
-    only the router there (and the dispatcher's preprocessing unless FP8 padding syncs with the host
-    in it); Mamba and attention layers are captured whole. Dense FFN (`-`) layers beside `E` layers
-    stay eager: megatron-core 0.19 refuses the "mlp" scope when `moe_layer_freq` is 1, which it always
-    is for hybrid models (the pattern places the MoE layers).
+    only the router there (and the dispatcher's preprocessing unless a capacity factor makes it sync
+    with the host before the permutation); Mamba and attention layers are captured whole. Dense FFN
+    (`-`) layers beside `E` layers stay eager: megatron-core 0.19 refuses the "mlp" scope when
+    `moe_layer_freq` is 1, which it always is for hybrid models (the pattern places the MoE layers).
     """
     layers = model.parsed_pattern().layers
     if MOE not in layers:
         return []
     modules = [name for symbol, name in ((MAMBA, "mamba"), (ATTENTION, "attn")) if symbol in layers]
     modules.append("moe_router")
-    if not (precision.fp8 and model.moe.token_dispatcher == "alltoall"):
+    if model.moe.capacity_factor is None:
         modules.append("moe_preprocess")
     return modules
 
 
+def recompute_config(model: ModelConfig, train: TrainConfig | None) -> dict:
+    """megatron-core's TransformerConfig `recompute_*` fields for `train.recompute` (none without it)."""
+    if train is None or train.recompute == "none":
+        return {}
+    if train.recompute == "full":
+        return dict(recompute_granularity="full", recompute_method=train.recompute_method,
+                    recompute_num_layers=train.recompute_num_layers)
+    layers = model.parsed_pattern().layers
+    return dict(recompute_granularity="selective", recompute_modules=recompute_modules(
+        train, layers, MOE in layers and model.moe.shared_ffn_hidden_size > 0))
+
+
 def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, device: torch.device, vp: int | None,
-    cuda_graphs: bool = False, fused_cross_entropy: bool = False,
+    cuda_graphs: bool = False, fused_cross_entropy: bool = False, train: TrainConfig | None = None,
 ) -> TransformerConfig:
-    """megatron-core's TransformerConfig for this model, layout and precision."""
+    """megatron-core's TransformerConfig for this model, layout and precision; `train` gives the
+    activation recompute (`train.recompute`)."""
     dtype = DTYPES[precision.params_dtype]
     on_gpu = device.type == "cuda"
     graphs = {}
@@ -145,7 +170,7 @@ def transformer_config(
         # "local": megatron-core's own per-layer graphs, the implementation whose graph inputs may be a
         # PackedSeqParams (Transformer Engine's make_graphed_callables path takes no packed sequences).
         # An empty module list graphs whole layers. The RNG tracker must be graph-safe (build_model).
-        graphs.update(cuda_graph_impl="local", cuda_graph_modules=graphed_modules(model, precision),
+        graphs.update(cuda_graph_impl="local", cuda_graph_modules=graphed_modules(model),
                       use_te_rng_tracker=True)
     fp8 = {}
     if precision.fp8:
@@ -188,6 +213,10 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=vp,
+        context_parallel_size=parallel.cp,
+        # Transformer Engine's ring exchange of K/V blocks: no condition on the heads (the portable
+        # attention exchanges heads instead; check_context_parallel_supported).
+        cp_comm_type="p2p" if parallel.cp > 1 else None,
         sequence_parallel=parallel.sequence_parallel,
         tp_comm_overlap=parallel.tp_comm_overlap,
         pipeline_dtype=dtype,
@@ -203,6 +232,7 @@ def transformer_config(
         **moe_config(model, parallel, on_gpu, bool(precision.fp8)),
         **fp8,
         **graphs,
+        **recompute_config(model, train),
     )
 
 
@@ -215,6 +245,7 @@ def build_model(
     backend: str | None = None,
     cuda_graphs: bool = False,
     fused_cross_entropy: bool = False,
+    recompute: TrainConfig | None = None,
     spec=None,
 ) -> list[HybridModel]:
     """This rank's model chunks (one per virtual pipeline stage), initialised from `seed`.
@@ -224,7 +255,8 @@ def build_model(
 
     `cuda_graphs` makes every layer a megatron-core CUDA graph module (captured by the schedule at
     the end of the first training step; `release_cuda_graphs` frees them); `fused_cross_entropy`
-    computes the loss with Transformer Engine's fused kernel. Both are GPU-only. Needs
+    computes the loss with Transformer Engine's fused kernel. Both are GPU-only. `recompute` (a
+    TrainConfig) sets the activation recompute of train.recompute. Needs
     `pipeline.distributed.distributed(...)` to be active.
     """
     from megatron.core import parallel_state
@@ -233,19 +265,20 @@ def build_model(
     backend = backend or default_backend(device)
     check_precision_supported(precision, device)
     check_moe_supported(model, device, backend)
+    check_context_parallel_supported(model, parallel, backend)
     check_gpu_only_options(device, cuda_graphs=cuda_graphs, fused_cross_entropy=fused_cross_entropy)
     vp = virtual_stages(model, parallel)
-    config = transformer_config(model, parallel, precision, device, vp, cuda_graphs, fused_cross_entropy)
+    config = transformer_config(model, parallel, precision, device, vp, cuda_graphs, fused_cross_entropy, recompute)
     pattern = megatron_pattern(model.parsed_pattern(), parallel.pp)
     spec = spec or stack_spec(model, backend)
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    if device.type == "cuda":
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-        # MambaMixer and TE layers draw (then we overwrite) weights under megatron's CUDA RNG tracker.
-        # Graphed layers need TE's graph-safe tracker; the reset replaces a tracker of the other kind
-        # that an earlier model in this process installed.
-        model_parallel_cuda_manual_seed(seed, te_rng_tracker=cuda_graphs, force_reset_rng=cuda_graphs)
+    # MambaMixer and TE layers draw (then we overwrite) weights under megatron's CUDA RNG tracker, and
+    # the embedding forks it under sequence parallel (on CPU too, where cpu_mode gives the tracker
+    # names without a generator). Graphed layers need TE's graph-safe tracker; the reset replaces a
+    # tracker of the other kind that an earlier model in this process installed.
+    model_parallel_cuda_manual_seed(seed, te_rng_tracker=cuda_graphs, force_reset_rng=cuda_graphs)
     chunks = []
     for stage in range(vp or 1):
         vp_stage = stage if vp else None
@@ -264,10 +297,29 @@ def build_model(
         )
         chunks.append(chunk.to(device))
     initialize_weights(chunks, model, seed)
+    _mark_routed_experts_expert_parallel(chunks)
     # Like megatron's Float16Module: every parameter in the compute dtype (Mamba's A_log and D are
     # created in fp32), the optimizer keeps fp32 main copies. One dtype also keeps the distributed
     # optimizer to a single grad buffer per chunk.
     return [chunk.to(config.params_dtype) for chunk in chunks]
+
+
+def _mark_routed_experts_expert_parallel(chunks: list) -> None:
+    """Put the routed experts' parameters in megatron's expert groups (`allreduce=False`) at every layout.
+
+    megatron-core does so only with EP > 1 or ETP != TP; otherwise the experts join the dense
+    parameters, the distributed optimizer becomes one optimizer instead of a dense + expert pair, and
+    its checkpointed state no longer matches one saved at another EP (so EP2 could not resume at EP1).
+    At EP1 with ETP = TP the expert groups hold the same ranks as the dense ones, so gradients, their
+    reduction and the norm are unchanged; only the bookkeeping is the same at every layout.
+    """
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, MoELayer):
+                for param in module.experts.parameters():
+                    param.allreduce = False
 
 
 def release_cuda_graphs() -> None:

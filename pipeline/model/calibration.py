@@ -36,6 +36,18 @@ MEASUREMENTS = (
 """The 8B-width rows: of what we measured, the layers closest in size to the published runs' per-GPU
 shards (a 56B layer at TP8 holds half an 8B-width layer's weights per GPU)."""
 
+MOE_MEASUREMENTS = (
+    Measurement("h100", "bench_moe", "bf16", 8192 / 50_906,
+                "docs/performance.md, 'Mixture of experts' table, bf16 eager: 50,906 tokens/s, full step, "
+                "H100, 2026-12-06"),
+    Measurement("h100", "bench_moe", "fp8", 8192 / 48_496,
+                "the same table, fp8 tensorwise (first/last 2 layers BF16) eager: 48,496 tokens/s"),
+)
+"""The MoE rows: Nemotron 3 Nano's layer widths with 32 experts, so its grouped GEMMs see 1,536 tokens
+per expert per micro-batch (the full model under EP8 gives each of a GPU's 16 experts ~3,072). The
+scaling model times `E` layers at the rate these give after the other layers are taken out at the
+dense rates."""
+
 
 @dataclass(frozen=True)
 class Links:

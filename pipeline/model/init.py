@@ -108,12 +108,12 @@ def initialize_weights(chunks: list[torch.nn.Module], model: ModelConfig, seed: 
 def load_full_tensors(chunks: list[torch.nn.Module], get_full_tensor: Callable[[str], torch.Tensor]) -> None:
     """Overwrite every parameter with this rank's slice of the full tensors `get_full_tensor(checkpoint key)`
     (any TP/PP/EP layout; a fused Mamba parameter is the concatenation of its stored components, a
-    routed expert's parameter its slice of the stored [experts, ...] tensor)."""
+    routed expert's parameter its row of the stored [experts, ...] tensor)."""
 
-    def full_value(name: str, param: torch.Tensor, tp_size: int) -> torch.Tensor:
+    def full(name: str, param: torch.Tensor, tp_size: int) -> torch.Tensor:
         expert = _EXPERT_PARAM.fullmatch(name)
         if expert:
             return get_full_tensor(param_keys(name)[0])[int(expert.group(2))]
         return torch.cat([get_full_tensor(k) for k in param_keys(name)])
 
-    _copy_full_values(chunks, full_value)
+    _copy_full_values(chunks, full)

@@ -2,12 +2,17 @@
 
     prediction = predict_step(model, parallel, train, precision, gpus=256, gpu="h100")
 
-A planning estimate from the config alone (docs/performance.md, Scaling), in four parts:
+A planning estimate from the config alone (docs/performance.md, Scaling), in these parts:
 
 - compute: the step's FLOPs per GPU (`sizes.training_flops`, Megatron's convention) at rates calibrated
   by our one-GPU measurements (`calibration.MEASUREMENTS`): one rate for the layers (FP8 or BF16 GEMMs)
   and the BF16 rate for the output layer and the layers kept in BF16, which never run in FP8;
 - the pipeline bubble, (pp - 1) / (micro-batches x virtual stages) of the compute (1F1B / interleaved);
+- activation recompute (`train.recompute`): the forward FLOPs it runs again, at the same rates (they
+  are not model FLOPs, so they lower MFU);
+- `E` layers at their own rate (`calibration.MOE_MEASUREMENTS`) and, with EP > 1, the all-to-all of
+  each layer's routed tokens (dispatch and combine, forward and backward; never overlapped here); the
+  routed experts' gradients and parameters reduced and gathered over the expert-data-parallel group;
 - the bytes each collective moves per GPU, as ring collectives do ((n - 1) / n of the data), over
   NVLink inside a node and InfiniBand across nodes (`calibration.LINKS`; a group wider than a node is
   bounded by InfiniBand): tensor parallel all-gather + reduce-scatter of BF16 activations (5 per layer
@@ -33,8 +38,8 @@ from pipeline.model import calibration
 from pipeline.model.config import ModelConfig
 from pipeline.model.pattern import split_stages
 from pipeline.model.precision import PrecisionConfig
-from pipeline.model.sizes import stage_param_counts, training_flops
-from pipeline.training.config import TrainConfig
+from pipeline.model.sizes import moe_forward_flops, stage_param_split, training_flops
+from pipeline.training.config import TrainConfig, recompute_modules
 
 MODEL_CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 ACTIVATION_BYTES = 2
@@ -100,6 +105,69 @@ def _bf16_layers(model: ModelConfig, precision: PrecisionConfig) -> int:
     return 0
 
 
+def _moe_flops(model: ModelConfig, tokens: int) -> float:
+    """The `E` layers' term of `training_flops`."""
+    moe_layers = model.parsed_pattern().counts()["moe"]
+    return 3 * moe_layers * moe_forward_flops(model, tokens) if moe_layers else 0.0
+
+
+def _recompute_forward_flops(model: ModelConfig, train: TrainConfig, tokens: int, seqlen_squared_sum: int,
+                             pp: int) -> tuple[float, float]:
+    """(dense, `E`-layer) forward FLOPs that `train.recompute` runs a second time in the backward.
+    Full: every layer's forward (uniform), or the first recompute_num_layers of each stage's layers
+    (block). Selective: per module, the forward of what it recomputes (`moe`: the E layer;
+    `shared_experts`: the shared expert; `mlp`: the `-` layers; `core_attn`: the attention scores);
+    `moe_act` and `layernorm` recompute elementwise work only, no GEMM FLOPs."""
+    counts = model.parsed_pattern().counts()
+    output = _output_flops(model, tokens) / 3
+    moe = _moe_flops(model, tokens) / 3
+    dense = training_flops(model, tokens, seqlen_squared_sum) / 3 - output - moe
+    if train.recompute == "full":
+        share = 1.0
+        if train.recompute_method == "block":
+            share = min(1.0, train.recompute_num_layers * pp / model.parsed_pattern().num_layers)
+        return dense * share, moe * share
+    modules = recompute_modules(train, model.parsed_pattern().layers, model.moe.shared_ffn_hidden_size > 0)
+    h, kv, n = model.hidden_size, model.kv_channels, model.num_attention_heads
+    extra_dense, extra_moe = 0.0, 0.0
+    if "core_attn" in modules:
+        extra_dense += counts["attention"] * 2 * seqlen_squared_sum * kv * n
+    if "mlp" in modules:
+        extra_dense += counts["mlp"] * 4 * tokens * h * model.ffn_hidden_size
+    if "moe" in modules:
+        extra_moe += moe
+    elif "shared_experts" in modules:
+        extra_moe += counts["moe"] * 4 * tokens * h * model.moe.shared_ffn_hidden_size
+    return extra_dense, extra_moe
+
+
+def _dense_seconds(model: ModelConfig, precision: str, flops: float, tokens: int, rates: dict[str, float]) -> float:
+    """Seconds of `flops` of layers plus the output layer at the dense rates (the BF16 share of the
+    layers under FP8 as the fp8_tensorwise preset keeps it)."""
+    output = _output_flops(model, tokens)
+    if precision == "bf16":
+        return (flops + output) / rates["bf16"]
+    bf16_share = 4 / model.parsed_pattern().num_layers
+    return flops * (1 - bf16_share) / rates["fp8"] + (flops * bf16_share + output) / rates["bf16"]
+
+
+def calibrated_moe_rates(gpu: str, rates: dict[str, float]) -> dict[str, float]:
+    """FLOP/s of the `E` layers per precision on `gpu`, from `calibration.MOE_MEASUREMENTS`: each row's
+    step less its other layers and output layer at the dense `rates`."""
+    rows = {m.precision: m for m in calibration.MOE_MEASUREMENTS if m.gpu == gpu}
+    if set(rows) != {"bf16", "fp8"}:
+        known = sorted({m.gpu for m in calibration.MOE_MEASUREMENTS})
+        raise ConfigError(f"--gpu {gpu}: no calibration of MoE ('E') layers for it; use one of {', '.join(known)}")
+    tokens = 8192
+    out = {}
+    for precision, row in rows.items():
+        model = _load_preset(row.model)
+        moe = _moe_flops(model, tokens)
+        other = training_flops(model, tokens, tokens**2) - moe - _output_flops(model, tokens)
+        out[precision] = moe / (row.step_s - _dense_seconds(model, precision, other, tokens, rates))
+    return out
+
+
 def calibrated_rates(gpu: str) -> dict[str, float]:
     """FLOP/s of the layers per precision (`bf16`, `fp8`) on `gpu`, from `calibration.MEASUREMENTS`:
     BF16 from its row; FP8 from its row after the output layer and the BF16 layers are taken out at the
@@ -131,6 +199,9 @@ def predict_step(model: ModelConfig, parallel: ParallelConfig, train: TrainConfi
                  gpus: int, gpu: str = "h100") -> Prediction:
     """The predicted step of this run on `gpus` GPUs of kind `gpu` (see the module docstring)."""
     tp, pp = parallel.tp, parallel.pp
+    if parallel.cp > 1:
+        raise ConfigError(f"the step-time prediction (--gpus) does not model context parallelism (parallel.cp="
+                          f"{parallel.cp}); drop --gpus or set parallel.cp=1")
     if gpus % (tp * pp):
         raise ConfigError(f"--gpus {gpus} not divisible by parallel.tp*parallel.pp={tp * pp}; use a multiple")
     dp = gpus // (tp * pp)
@@ -141,19 +212,28 @@ def predict_step(model: ModelConfig, parallel: ParallelConfig, train: TrainConfi
     tokens = train.global_batch_size * seq
     flops = training_flops(model, tokens, train.global_batch_size * seq**2)
 
-    # Compute of one GPU: its share of the step's FLOPs (pipeline stages assumed balanced).
+    # Compute of one GPU: its share of the step's FLOPs (pipeline stages assumed balanced), the `E`
+    # layers at their own calibrated rate.
     output = _output_flops(model, tokens)
     layers = model.parsed_pattern().num_layers
     bf16_share = _bf16_layers(model, precision) / layers
-    layer_flops = flops - output
+    moe_flops = _moe_flops(model, tokens)
+    layer_flops = flops - output - moe_flops
     layer_rate = rates["fp8"] if precision.fp8 else rates["bf16"]
     compute = ((layer_flops * (1 - bf16_share)) / layer_rate
                + (layer_flops * bf16_share + output) / rates["bf16"]) / gpus
+    moe_rate = calibrated_moe_rates(gpu, rates)["fp8" if precision.fp8 else "bf16"] if moe_flops else 0.0
+    if moe_flops:
+        compute += moe_flops / moe_rate / gpus
     per_micro = compute / micro_batches
     vp = len(split_stages(model.parsed_pattern(), pp)[0])
     terms = [Term("compute", compute, compute),
              Term("pipeline bubble", compute * (pp - 1) / (micro_batches * vp),
                   compute * (pp - 1) / (micro_batches * vp))]
+    if train.recompute != "none":
+        again_dense, again_moe = _recompute_forward_flops(model, train, tokens, train.global_batch_size * seq**2, pp)
+        seconds = (again_dense / layer_rate + (again_moe / moe_rate if again_moe else 0.0)) / gpus
+        terms.append(Term("recompute (forward again)", seconds, seconds))
 
     def link_of(group: int, stride: int) -> tuple[str, float]:
         # A group of `group` GPUs `stride` apart stays in a node if it spans no more than one node.
@@ -173,23 +253,40 @@ def predict_step(model: ModelConfig, parallel: ParallelConfig, train: TrainConfi
         exposed = max(0.0, seconds - compute) if parallel.tp_comm_overlap else seconds
         terms.append(Term("TP all-gather/reduce-scatter", seconds, exposed, sent, name))
 
+    # Expert parallel: each `E` layer's tokens go to their experts' GPUs and come back (dispatch and
+    # combine all-to-alls forward, the same backward): top_k BF16 copies of each token of the micro-batch,
+    # (ep - 1) / ep of them to other GPUs. megatron orders ranks tp, cp, ep, dp: EP neighbours are tp apart.
+    ep, etp = parallel.ep, parallel.etp
+    moe_layers = model.parsed_pattern().counts()["moe"]
+    if ep > 1 and moe_layers:
+        name, bandwidth = link_of(ep, tp)
+        routed = mbs * seq * model.moe.top_k * model.hidden_size * ACTIVATION_BYTES / tp
+        sent = routed * (ep - 1) / ep * 4 * moe_layers / pp * micro_batches
+        terms.append(Term("EP all-to-all", sent / bandwidth, sent / bandwidth, sent, name))
+
     # Data parallel: gradients reduce-scattered (all-reduced without the distributed optimizer: twice
-    # the bytes), parameters all-gathered; each over the GPUs holding the same shard.
-    if dp > 1:
-        params = max(stage_param_counts(model, tp, pp))
-        name, bandwidth = link_of(dp, tp * pp)
+    # the bytes), parameters all-gathered; each over the GPUs holding the same shard: the dense
+    # parameters over dp, the routed experts over the expert-data-parallel group (tp x dp / (ep x etp)).
+    dense, experts = max(stage_param_split(model, tp, pp, ep, etp), key=sum)
+    groups = [("DP", dense, dp, tp * pp)]
+    if experts:
+        groups.append(("expert-DP", experts, dp * tp // (ep * etp), ep * etp * pp))
+    for label, params, group, stride in groups:
+        if group < 2:
+            continue
+        name, bandwidth = link_of(group, stride)
         grad_bytes = 4 if parallel.grad_reduce_dtype == "fp32" else 2
-        sent, seconds = _ring_seconds(params * grad_bytes, dp, bandwidth)
+        sent, seconds = _ring_seconds(params * grad_bytes, group, bandwidth)
         if not parallel.distributed_optimizer:
             sent, seconds = 2 * sent, 2 * seconds
         backward = per_micro * 2 / 3
         exposed = max(0.0, seconds - backward) if parallel.overlap_grad_reduce else seconds
-        terms.append(Term("DP gradient reduce", seconds, exposed, sent, name))
+        terms.append(Term(f"{label} gradient reduce", seconds, exposed, sent, name))
         if parallel.distributed_optimizer:
             param_bytes = 1 if parallel.fp8_param_gather else (2 if precision.params_dtype == "bf16" else 4)
-            sent, seconds = _ring_seconds(params * param_bytes, dp, bandwidth)
+            sent, seconds = _ring_seconds(params * param_bytes, group, bandwidth)
             exposed = max(0.0, seconds - per_micro / 3) if parallel.overlap_param_gather else seconds
-            terms.append(Term("DP parameter all-gather", seconds, exposed, sent, name))
+            terms.append(Term(f"{label} parameter all-gather", seconds, exposed, sent, name))
 
     # Pipeline: one micro-batch's activations forward and its gradient backward per boundary.
     if pp > 1:

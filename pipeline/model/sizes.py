@@ -18,7 +18,7 @@ from pipeline.model import params
 from pipeline.model.config import ModelConfig
 from pipeline.model.pattern import ATTENTION, LAYER_SYMBOLS, MAMBA, MLP, MOE, SYMBOL_NAMES, split_stages
 from pipeline.model.precision import PrecisionConfig
-from pipeline.training.config import TrainConfig
+from pipeline.training.config import TrainConfig, recompute_modules
 
 # Adam keeps two fp32 moments per parameter, plus an fp32 master copy when the model is not fp32.
 ADAM_MOMENT_BYTES = 8
@@ -172,14 +172,15 @@ def stage_param_counts(model: ModelConfig, tp: int, pp: int, ep: int = 1, etp: i
 
 
 def activation_bytes_per_token(
-    model: ModelConfig, symbol: str, tp: int, sequence_parallel: bool, dtype_bytes: int = 2, etp: int = 1
+    model: ModelConfig, symbol: str, tp: int, sequence_parallel: bool, dtype_bytes: int = 2, etp: int = 1,
+    recompute_modules: tuple[str, ...] | list[str] = (),
 ) -> float:
     """Activation bytes one layer keeps for backward, per token of a micro-batch (estimate).
 
     Written in the style of Korthikanti et al., "Reducing Activation Recomputation in Large
     Transformer Models" (arXiv:2205.05198): list the tensors saved for backward, `dtype_bytes`
     per element; tensor-parallel regions divide by tp, the norm/residual region only with
-    sequence parallel. Assumes no recomputation, no dropout, flash/fused attention (no s x s
+    sequence parallel. Assumes no dropout, flash/fused attention (no s x s
     scores) and megatron-core's fused Mamba path, which keeps in_proj's output and the scan
     output and recomputes the conv. Small fp32 per-head tensors (softmax LSE, dt) are ignored.
 
@@ -192,9 +193,19 @@ def activation_bytes_per_token(
          `-` (2 * shared, /tp); every token's top_k routed copies: the permuted input (L, the
          latent or hidden width), fc1 and squared-ReLU outputs (2 * expert ffn, /etp) and the
          expert output (L). Averaged over experts: balanced routing, no dropped tokens.
+    Selective recompute (`recompute_modules`, megatron-core's names) drops what its modules
+    recompute: `mlp` leaves a `-` layer its input (h); `moe` leaves an `E` layer its norm input and
+    output; `moe_act` the squared-ReLU outputs of the routed experts, `layernorm` the normed input
+    of an `E` layer, `shared_experts` the shared expert's. `core_attn` saves nothing here: with
+    fused attention its inputs (q, k, v) are what the checkpoint keeps and its output is kept by
+    the projection after it.
     """
     sp = tp if sequence_parallel else 1
     norm_region = 2 * model.hidden_size / sp
+    if symbol == MLP and "mlp" in recompute_modules:
+        return dtype_bytes * norm_region / 2
+    if symbol == MOE and "moe" in recompute_modules:
+        return dtype_bytes * norm_region
     if symbol == MAMBA:
         tp_region = model.mamba_in_proj_width + 3 * model.mamba_d_inner
     elif symbol == ATTENTION:
@@ -205,8 +216,11 @@ def activation_bytes_per_token(
     elif symbol == MOE:
         moe = model.moe
         width = moe.latent_size or model.hidden_size
-        routed = moe.top_k * (2 * width + 2 * moe.ffn_hidden_size / etp)
-        return dtype_bytes * (norm_region + 4 * moe.num_experts + 2 * moe.shared_ffn_hidden_size / tp + routed)
+        ffn_outputs = 1 if "moe_act" in recompute_modules else 2
+        routed = moe.top_k * (2 * width + ffn_outputs * moe.ffn_hidden_size / etp)
+        shared = 0 if "shared_experts" in recompute_modules else 2 * moe.shared_ffn_hidden_size / tp
+        norm = norm_region / 2 if "layernorm" in recompute_modules else norm_region
+        return dtype_bytes * (norm + 4 * moe.num_experts + shared + routed)
     else:
         raise ValueError(f"unknown layer symbol {symbol!r}; use one of {''.join(LAYER_SYMBOLS)}")
     return dtype_bytes * (norm_region + tp_region / tp)
@@ -232,6 +246,28 @@ def _micro_batches_in_flight(rank: int, pp: int, vp: int, num_micro_batches: int
     return chunks / vp
 
 
+def _chunk_activation_bytes(symbols: str, full: dict, kept: dict, layer_input: float,
+                            train: TrainConfig) -> tuple[float, float]:
+    """Bytes per token one model chunk (a pipeline or virtual stage with layers `symbols`) holds for
+    its backward under train.recompute, and the most a recomputation rebuilds at once.
+
+    `full` is each layer type's bytes without recompute, `kept` with the selective modules; a layer
+    that full recompute checkpoints keeps only `layer_input` (per group for `uniform`, megatron-
+    core's recompute_method) and rebuilds its group's activations during that group's backward.
+    """
+    if train.recompute == "selective":
+        return sum(kept[s] for s in symbols), max(full[s] - kept[s] for s in symbols)
+    if train.recompute != "full":
+        return sum(full[s] for s in symbols), 0.0
+    n = train.recompute_num_layers
+    if train.recompute_method == "uniform":
+        groups = [symbols[i : i + n] for i in range(0, len(symbols), n)]
+        return len(groups) * layer_input, max(sum(full[s] for s in group) for group in groups)
+    recomputed, rest = symbols[:n], symbols[n:]
+    return (len(recomputed) * layer_input + sum(full[s] for s in rest),
+            max(full[s] for s in recomputed))
+
+
 def stage_memory_estimates(
     model: ModelConfig,
     parallel: ParallelConfig,
@@ -243,23 +279,40 @@ def stage_memory_estimates(
     tp, pp = parallel.tp, parallel.pp
     dtype_bytes = DTYPE_BYTES[precision.params_dtype]
     master = MASTER_WEIGHT_BYTES if precision.params_dtype != "fp32" else 0
-    optimizer_shards = dp if parallel.distributed_optimizer else 1
-    tokens = train.micro_batch_size * train.seq_length
+    cp = parallel.cp
+    # The distributed optimizer shards over the data- and context-parallel ranks together.
+    optimizer_shards = dp * cp if parallel.distributed_optimizer else 1
+    # Context parallelism splits every sequence over cp GPUs.
+    tokens = train.micro_batch_size * train.seq_length / cp
     num_micro_batches = max(1, train.global_batch_size // (train.micro_batch_size * dp))
     # Routed experts are replicated over, and their optimizer state sharded over, the expert-data-
-    # parallel ranks: world / (etp * ep * pp) = tp * dp / (etp * ep).
-    expert_shards = max(1, tp * dp // (parallel.etp * parallel.ep)) if parallel.distributed_optimizer else 1
+    # parallel ranks: world / (etp * ep * pp) = tp * cp * dp / (etp * ep).
+    expert_shards = max(1, tp * cp * dp // (parallel.etp * parallel.ep)) if parallel.distributed_optimizer else 1
     per_token = {
         s: activation_bytes_per_token(model, s, tp, parallel.sequence_parallel, dtype_bytes, parallel.etp)
         for s in LAYER_SYMBOLS
     }
+    layers_of_model = model.parsed_pattern().layers
+    modules = recompute_modules(train, layers_of_model, MOE in layers_of_model and model.moe.shared_ffn_hidden_size > 0)
+    kept = {
+        s: activation_bytes_per_token(model, s, tp, parallel.sequence_parallel, dtype_bytes, parallel.etp, modules)
+        for s in LAYER_SYMBOLS
+    }
+    # What a full recompute keeps of a layer: its input, [s/tp, b, h] with sequence parallel.
+    layer_input = dtype_bytes * model.hidden_size / (tp if parallel.sequence_parallel else 1)
     stages = split_stages(model.parsed_pattern(), pp)
     estimates = []
     for rank, (dense, experts) in enumerate(stage_param_split(model, tp, pp, parallel.ep, parallel.etp)):
         params = dense + experts
         in_flight = _micro_batches_in_flight(rank, pp, len(stages[rank]), num_micro_batches)
-        layers = sum(per_token[s] for stage in stages[rank] for s in stage.symbols)
-        activations = in_flight * layers * tokens
+        held, transient = 0.0, 0.0
+        for stage in stages[rank]:
+            stage_held, stage_transient = _chunk_activation_bytes(stage.symbols, per_token, kept, layer_input, train)
+            held += stage_held
+            transient = max(transient, stage_transient)
+        # Held for every micro-batch in flight; what a recompute rebuilds lives only during one
+        # layer's (or group's) backward.
+        activations = (in_flight * held + transient) * tokens
         if rank == pp - 1:
             # The last stage runs the loss and starts backward at once: one micro-batch of logits.
             activations += tokens * _output_activation_bytes_per_token(
@@ -296,13 +349,14 @@ def memory_estimate(
     - optimizer: Adam, fp32 master copy (unless params are fp32) + 2 fp32 moments = 12 bytes per
       parameter, divided by `dp` with the distributed optimizer (routed experts: by the expert
       data-parallel size tp * dp / (etp * ep));
-    - activations: one micro-batch of `train.micro_batch_size x train.seq_length` tokens times the
-      micro-batches the pipeline schedule keeps in flight (`activation_bytes_per_token`).
+    - activations: one micro-batch of `train.micro_batch_size x train.seq_length / parallel.cp` tokens times the
+      micro-batches the pipeline schedule keeps in flight (`activation_bytes_per_token`), less what
+      `train.recompute` recomputes (plus what one recomputation rebuilds during the backward).
     Tensor parallel shards every parameter but the RMSNorm weights (and the MoE router); the model is
     split over pipeline ranks by `split_stages` (embedding on the first, output layer on the last);
     each GPU holds num_experts / ep routed experts of every `E` layer, split over etp.
 
-    `dp` is the data-parallel size (world size / (tp * pp)).
+    `dp` is the data-parallel size (world size / (tp * pp * cp)).
     """
     return max(stage_memory_estimates(model, parallel, train, precision, dp), key=lambda e: e.total)
 

@@ -8,6 +8,13 @@ sample (step * G) without any iterator state to save.
 Document boundaries refer to `tokens`, the model's input: a document ends right after its EOD, so
 with tokens [a b EOD c d] the boundaries are cu_seqlens = [0, 3, 5].
 
+Context parallelism (`cp` > 1): each rank of a context-parallel group gets its part of every
+micro-batch (`pipeline.model.portable.context_parallel.rank_token_indices`): chunks r and 2*cp-1-r
+of 2*cp equal chunks of each sequence, or with packed documents of each document, padded first to
+a multiple of 2*cp with masked tokens at its end (Transformer Engine's THD layout; the boundaries
+stay in `cu_seqlens_q`, the padded ones in `cu_seqlens_q_padded`). The boundaries and Mamba's
+`seq_idx` describe the whole sequence on every rank.
+
 Shapes: B micro-batch, L sequence length, T = B*L packed tokens.
 
 CUDA graphs replay fixed shapes: with `documents_per_sequence=K` every sequence contributes exactly K
@@ -91,26 +98,65 @@ def collate(dataset, indices: list[int]) -> dict[str, torch.Tensor]:
             for key in ("tokens", "labels", "loss_mask")}
 
 
+def pad_documents(cu: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boundaries of the packed documents `cu` each padded at its end to a multiple of `multiple`,
+    and for every padded position the index of its token in the unpadded sequence (-1: padding)."""
+    lengths = cu[1:] - cu[:-1]
+    cu_padded = torch.zeros_like(cu)
+    cu_padded[1:] = torch.cumsum((lengths + multiple - 1) // multiple * multiple, 0)
+    positions = torch.arange(int(cu[-1]))
+    doc = torch.searchsorted(cu[1:].long(), positions, right=True)
+    source = torch.full((int(cu_padded[-1]),), -1, dtype=torch.long)
+    source[positions - cu[doc].long() + cu_padded[doc].long()] = positions
+    return cu_padded, source
+
+
+def _context_parallel_part(tensors: list[torch.Tensor], cu: torch.Tensor | None, cp: int, cp_rank: int
+                           ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """This context-parallel rank's tokens of [tokens, labels, mask, positions] ([B, L] each; with
+    packed documents [1, T] with boundaries `cu`, padded first): the tensors and the padded
+    boundaries (None without packed documents)."""
+    from pipeline.model.portable.context_parallel import rank_token_indices
+
+    cu_padded = None
+    if cu is not None:
+        cu_padded, source = pad_documents(cu, 2 * cp)
+        pad = source < 0
+        tensors = [t[:, source.clamp_min(0)] for t in tensors]
+        tensors[2] = tensors[2].masked_fill(pad, 0)  # padding is not trained on
+    mine = rank_token_indices(tensors[0].shape[1], cp, cp_rank, cu_padded)
+    return [t[:, mine] for t in tensors], cu_padded
+
+
 def to_model_inputs(batch: dict, eod: int, packed_documents: bool, device: torch.device,
-                    documents_per_sequence: int | None = None) -> ModelInputs:
+                    documents_per_sequence: int | None = None, cp: int = 1, cp_rank: int = 0) -> ModelInputs:
     """Model inputs for a [B, L] batch; with packed documents, one THD sequence of B*L tokens whose
     boundaries (every EOD, and every sample edge) reset Mamba state and attention.
-    `documents_per_sequence` fixes the shapes for CUDA graphs (module docstring)."""
+    `documents_per_sequence` fixes the shapes for CUDA graphs; `cp` > 1 keeps the tokens of
+    context-parallel rank `cp_rank` (module docstring)."""
     tokens_BL = batch["tokens"].long()
     labels_BL = batch["labels"].long()
     mask_BL = batch["loss_mask"].float()
-    packed, joined = None, 0
+    position_ids = torch.arange(tokens_BL.shape[1]).expand_as(tokens_BL)
+    packed, joined, cu = None, 0, None
     if packed_documents:
         batch_size, length = tokens_BL.shape
         cu, joined = cu_seqlens_for_batch(tokens_BL, eod, documents_per_sequence)
-        max_len = length if documents_per_sequence else int((cu[1:] - cu[:-1]).max())
-        cu = cu.to(device)
         tokens_BL, labels_BL, mask_BL = (t.reshape(1, -1) for t in (tokens_BL, labels_BL, mask_BL))
+        position_ids = torch.arange(tokens_BL.shape[1])[None]
+    cu_padded = None
+    if cp > 1:
+        (tokens_BL, labels_BL, mask_BL, position_ids), cu_padded = _context_parallel_part(
+            [tokens_BL, labels_BL, mask_BL, position_ids], cu, cp, cp_rank)
+    if packed_documents:
+        bounds = cu if cu_padded is None else cu_padded
+        max_len = length if documents_per_sequence else int((bounds[1:] - bounds[:-1]).max())
         packed = PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
-            max_seqlen_kv=max_len, total_tokens=batch_size * length,
+            qkv_format="thd", cu_seqlens_q=cu.to(device), cu_seqlens_kv=cu.to(device), max_seqlen_q=max_len,
+            max_seqlen_kv=max_len, total_tokens=int(bounds[-1]),
+            cu_seqlens_q_padded=None if cu_padded is None else cu_padded.to(device),
+            cu_seqlens_kv_padded=None if cu_padded is None else cu_padded.to(device),
         )
-    position_ids = torch.arange(tokens_BL.shape[1]).expand_as(tokens_BL)
     return ModelInputs(
         tokens=tokens_BL.to(device),
         position_ids=position_ids.to(device),
@@ -123,7 +169,9 @@ def to_model_inputs(batch: dict, eod: int, packed_documents: bool, device: torch
 
 def step_batches(dataset, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp: int,
                  eod: int, packed_documents: bool, device: torch.device,
-                 documents_per_sequence: int | None = None) -> Iterator[ModelInputs]:
-    """The micro-batches of one global step for this rank, as model inputs."""
+                 documents_per_sequence: int | None = None, cp: int = 1, cp_rank: int = 0) -> Iterator[ModelInputs]:
+    """The micro-batches of one global step for this rank, as model inputs (this context-parallel
+    rank's part of each with `cp` > 1)."""
     for indices in micro_batch_indices(step, global_batch, micro_batch, dp_rank, dp):
-        yield to_model_inputs(collate(dataset, indices), eod, packed_documents, device, documents_per_sequence)
+        yield to_model_inputs(collate(dataset, indices), eod, packed_documents, device, documents_per_sequence,
+                              cp, cp_rank)

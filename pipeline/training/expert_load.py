@@ -3,7 +3,7 @@
 Reported with the step's other metrics (console, JSONL, TensorBoard, W&B through `pipeline.metrics`):
 - `moe_load_max_over_mean`: tokens routed to the busiest expert over the mean per expert, in the
   worst `E` layer, over the whole global batch (1.0 = perfectly balanced; counted from the routers'
-  choices by forward hooks);
+  choices by forward hooks, so absent under `train.cuda_graphs`, whose replayed routers run none);
 - `moe_expert_bias_range`: max - min of the aux-loss-free expert bias, in the widest layer (only
   with `model.moe.expert_bias`; read after the step's bias update);
 - `moe_aux_loss`: the load-balancing loss without its coefficient, mean over `E` layers and
@@ -60,10 +60,13 @@ class ExpertLoad:
         self.enabled = bool(config.num_moe_experts)
         self.routers = _routers(chunks) if self.enabled else {}
         self.counts_LE = None
+        self.present_L = None
         if self.enabled:
             _tracker_for(config.num_layers)
             device = next(getattr(chunks[0], "module", chunks[0]).parameters()).device
             self.counts_LE = torch.zeros(config.num_layers, config.num_moe_experts, device=device)
+            self.present_L = torch.zeros(config.num_layers, device=device)
+            self.present_L[list(self.routers)] = 1.0
         self._hooks = []
 
     def __enter__(self) -> "ExpertLoad":
@@ -90,10 +93,14 @@ class ExpertLoad:
         # Every rank routes its own tokens (TP ranks the same ones without sequence parallel: a
         # uniform factor that cancels in max/mean); layers on other pipeline ranks are zero here.
         dist.all_reduce(self.counts_LE)
+        present_L = self.present_L.clone()
+        dist.all_reduce(present_L, op=dist.ReduceOp.MAX)
         routed_L = self.counts_LE.sum(dim=1)
         used = routed_L > 0
-        mean_L = routed_L[used] / self.config.num_moe_experts
-        out = {"moe_load_max_over_mean": (self.counts_LE[used].max(dim=1).values / mean_L).max().item()}
+        out = {}
+        if used.any():
+            mean_L = routed_L[used] / self.config.num_moe_experts
+            out["moe_load_max_over_mean"] = (self.counts_LE[used].max(dim=1).values / mean_L).max().item()
         if self.config.moe_router_enable_expert_bias:
             range_L = torch.zeros(self.config.num_layers, device=self.counts_LE.device)
             for index, router in self.routers.items():
@@ -102,7 +109,7 @@ class ExpertLoad:
             out["moe_expert_bias_range"] = range_L.max().item()
         name = _AUX_LOSS_NAMES.get(self.config.moe_router_load_balancing_type)
         if name is not None and self.config.moe_aux_loss_coeff:
-            out["moe_aux_loss"] = self._aux_loss(name, num_microbatches, int(used.sum()))
+            out["moe_aux_loss"] = self._aux_loss(name, num_microbatches, int(present_L.sum()))
         return out
 
     def _aux_loss(self, name: str, num_microbatches: int, moe_layers: int) -> float:

@@ -9,7 +9,7 @@ checkpoint is in `state`; SIGTERM, SIGUSR1 and Ctrl-C save at the end of the ste
 """
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from pipeline import checkpoint as ckpt
 from pipeline.config import RunConfig
 from pipeline.data.blend import build_datasets
+from pipeline.data.phases import Phase, phase_at, wsd_decay_iters
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.distributed import World, distributed, use_expandable_segments
 from pipeline.errors import ConfigError
@@ -30,7 +31,7 @@ from pipeline.training.kernel_cache import KernelCache
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.prepare import build_training_chunks, check_machine, gather_params
 from pipeline.training.run_lock import run_dir_owner
-from pipeline.training.state import Saver, pick_checkpoint, resume, warn
+from pipeline.training.state import Saver, phases_of, pick_checkpoint, resume, warn
 from pipeline.training.step import eval_step, train_step
 from pipeline.training.stop import StopRequest, stop_requests
 
@@ -70,6 +71,11 @@ def train(run: RunConfig, objective=None) -> TrainResult:
     (distillation: pipeline/compress/distill.py); its other keys are logged with the loss.
     """
     entered = time.time()  # a later run of this process times its start-up from here (StartupTiming)
+    if objective is not None and run.parallel.cp > 1:
+        # An objective's loss function sees this rank's part of each sequence only (step._loss_func
+        # is the one that averages over the context-parallel group).
+        raise ConfigError(f"parallel.cp={run.parallel.cp} is for pretraining: a training objective such as "
+                          f"distillation needs parallel.cp=1")
     if run.train.expandable_segments and torch.cuda.is_available():
         use_expandable_segments()
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
@@ -97,18 +103,17 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
     run.model.check_tokenizer(tokenizer.vocab_size)
     eval_batches = run.train.eval_iters if run.train.eval_interval else 0
     eval_windows = eval_batches * run.train.global_batch_size
-    datasets = build_datasets(
-        run.data, run.train.seq_length, run.train.seed,
-        (run.train.iters * run.train.global_batch_size, max(eval_batches, 1) * run.train.global_batch_size, 0),
-        run_dir=str(run_dir), model_vocab_size=run.model.vocab_size,
-    )
-    train_data, valid_data = datasets[0], datasets[1]
+    phases = phases_of(run)
+    # Every phase's datasets now, so that a missing or damaged dataset of a later phase fails at the start.
+    phase_data = [_phase_datasets(run, phase, eval_batches) for phase in phases]
     chunks = build_training_chunks(run.model, run.parallel, run.precision, run.train, world.device)
     kernels = KernelCache.open(run.train.kernel_cache or run_dir / "kernel_cache", lambda m: warn(world, m))
     if kernels.primed:
         log.info(f"kernel cache {kernels.directory}: {kernels.primed} autotune choices reused")
     optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
-    scheduler = build_scheduler(optimizer, run.optim, run.train.iters)
+    decay = wsd_decay_iters(phases, run.train.iters)
+    scheduler = build_scheduler(optimizer, replace(run.optim, wsd_decay_iters=decay) if decay else run.optim,
+                                run.train.iters)
     # Before resume: building a teacher draws weights, the RNG state restored must come after.
     objective = make_objective(run, world, log, chunks) if make_objective else None
     state = resume(run, found, chunks, optimizer, scheduler, world, log)
@@ -124,31 +129,42 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
     def batches(dataset, step: int) -> list:
         return list(step_batches(
             dataset, step, run.train.global_batch_size, run.train.micro_batch_size, dp_rank, world.dp,
-            tokenizer.eod, run.train.packed_documents, world.device, documents_per_sequence))
+            tokenizer.eod, run.train.packed_documents, world.device, documents_per_sequence, world.cp,
+            world.cp_rank))
 
     def validate() -> dict:
+        phase = phase_at(phases, max(state.step - 1, 0))  # the phase just trained (the first before step 1)
+        valid_data = phase_data[phase.index][1]
         gather_params(chunks)
         results = [eval_step(chunks, batches(valid_data, i), world.device, objective) for i in range(eval_batches)]
         means = {key.replace(" ", "_"): float(np.mean([r[key] for r in results])) for key in results[0]}
         val = means.pop(next(iter(means)))
         extra = means if objective else {"ppl": float(np.exp(min(val, 50)))}
         record = {"loss": val, **extra}
-        log.log(state.step, {**record, "windows": eval_windows, "tokens": eval_windows * run.train.seq_length},
-                kind="valid")
+        log.log(state.step, {**record, "windows": eval_windows, "tokens": eval_windows * phase.seq_length,
+                             **_phase_field(phase)}, kind="valid")
         if world.rank == 0:
             kernels.save()
         return record
 
     log.info(f"training {run.model.name} for {run.train.iters} steps from step {state.step} "
-             f"(tp={world.tp} pp={world.pp} dp={world.dp} vp={world.vp or 1}, {world.device.type})")
+             f"(tp={world.tp} pp={world.pp} cp={world.cp} dp={world.dp} vp={world.vp or 1}, {world.device.type})")
     last_loss, last_val = float("nan"), None
     exit_at = state.step + run.train.exit_after_steps if run.train.exit_after_steps else None
     if state.step == 0 and eval_batches:
         last_val = validate()
     timing = StartupTiming(log, entered)
+    phase = phase_at(phases, state.step)
+    if phase.name and state.step < run.train.iters and state.step > phase.start:
+        log.info(f"continuing phase {_describe(phase, len(phases))}")
     while state.step < run.train.iters:
         started = time.perf_counter()
-        micro_batches = batches(train_data, state.step)
+        phase = phase_at(phases, state.step)
+        if phase.name and state.step == phase.start:
+            log.info(f"starting phase {_describe(phase, len(phases))}")
+            log.log(state.step, {"phase": phase.name, "index": phase.index, "seq_length": phase.seq_length},
+                    kind="phase")
+        micro_batches = batches(phase_data[phase.index][0], state.step - phase.start)
         joined_documents += sum(m.joined_documents for m in micro_batches)
         result = train_step(chunks, optimizer, scheduler, micro_batches, world.device, objective)
         state.step += 1
@@ -167,8 +183,9 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
                       **{key.replace(" ", "_"): value for key, value in result.metrics.items()}}
             if documents_per_sequence and run.train.packed_documents:
                 record["joined_documents"] = joined_documents
-            record.update(step_throughput(run.model, run.train.seq_length, run.train.global_batch_size,
+            record.update(step_throughput(run.model, phase.seq_length, run.train.global_batch_size,
                                           world.world_size, world.device, time.perf_counter() - started))
+            record.update(_phase_field(phase))
             log.log(state.step, record)
         if state.nonfinite_in_row >= run.train.max_nonfinite_steps:
             raise RuntimeError(
@@ -176,7 +193,7 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
                 f"(last loss {result.loss}); stopping. Lower optim.lr or check the data, then resume "
                 f"from the last checkpoint in {run_dir / 'checkpoints'}"
             )
-        if eval_batches and (state.step % run.train.eval_interval == 0 or state.step == run.train.iters):
+        if eval_batches and (state.step % run.train.eval_interval == 0 or state.step in (phase.end, run.train.iters)):
             last_val = validate()
         stopping = (stop.agreed(world.device) or state.step == exit_at) and state.step < run.train.iters
         saver.poll(state.step)
@@ -193,3 +210,27 @@ def _train(run: RunConfig, world: World, log: MetricsLogger, stop: StopRequest, 
     if world.rank == 0:
         (run_dir / DONE).write_text(f"{state.step}\n")
     return TrainResult(state.step, last_loss, last_val, done=True)
+
+
+def _phase_datasets(run: RunConfig, phase: Phase, eval_batches: int) -> tuple:
+    """(train, valid) megatron datasets of one phase: its own blend, sequence length and seed
+    (train.seed + phase index), train holding exactly the phase's samples."""
+    batch = run.train.global_batch_size
+    data = replace(run.data, paths=list(phase.paths), weights=list(phase.weights), phases=[])
+    datasets = build_datasets(
+        data, phase.seq_length, run.train.seed + phase.index,
+        ((phase.end - phase.start) * batch, max(eval_batches, 1) * batch, 0),
+        run_dir=run.run_dir, model_vocab_size=run.model.vocab_size,
+    )
+    return datasets[0], datasets[1]
+
+
+def _phase_field(phase: Phase) -> dict:
+    """The metrics key naming the phase of a record (none for a run without data.phases)."""
+    return {"phase": phase.name} if phase.name else {}
+
+
+def _describe(phase: Phase, count: int) -> str:
+    blend = ", ".join(f"{path} x{weight:g}" for path, weight in zip(phase.paths, phase.weights))
+    return (f"{phase.name} ({phase.index + 1}/{count}): steps {phase.start}-{phase.end - 1}, seq_length "
+            f"{phase.seq_length}, blend {blend}")

@@ -28,13 +28,15 @@ def check_parallel_supported(parallel: ParallelConfig, device) -> None:
                           f"on {device.type}); set parallel.tp_comm_overlap=false")
 
 
-def _initialize_tp_comm_overlap(model: ModelConfig, precision: PrecisionConfig, train: TrainConfig, tp: int) -> None:
+def _initialize_tp_comm_overlap(model: ModelConfig, precision: PrecisionConfig, train: TrainConfig,
+                                parallel: ParallelConfig) -> None:
     """Transformer Engine's userbuffers for TP communication overlap, sized for one micro-batch's
-    activations (what Megatron-LM's `_initialize_tp_communicators` does with its default configs)."""
+    activations on this rank, 1/cp of each sequence (what Megatron-LM's `_initialize_tp_communicators`
+    does with its default configs)."""
     from transformer_engine.pytorch.module.base import initialize_ub
 
-    tokens = train.seq_length * train.micro_batch_size
-    initialize_ub(shape=[tokens, model.hidden_size], tp_size=tp, use_fp8=precision.fp8 is not None,
+    tokens = train.seq_length * train.micro_batch_size // parallel.cp
+    initialize_ub(shape=[tokens, model.hidden_size], tp_size=parallel.tp, use_fp8=precision.fp8 is not None,
                   bootstrap_backend="nccl")
 
 
@@ -45,7 +47,8 @@ def build_training_chunks(model: ModelConfig, parallel: ParallelConfig, precisio
     1. with `parallel.tp_comm_overlap`, Transformer Engine's userbuffers set up (before the layers
        that use them are built);
     2. built and initialised from `train.seed` (`build_model`: one chunk per virtual pipeline stage,
-       `train.cuda_graphs`, `train.fused_cross_entropy`, `parallel.fp8_param_gather` applied);
+       `train.cuda_graphs`, `train.fused_cross_entropy`, `train.recompute`, `parallel.fp8_param_gather`
+       applied);
     3. each wrapped in megatron-core's DistributedDataParallel: gradient buffers in
        `parallel.grad_reduce_dtype`, laid out for the distributed optimizer when
        `parallel.distributed_optimizer`; with `parallel.overlap_grad_reduce` reduced bucket by bucket
@@ -62,9 +65,10 @@ def build_training_chunks(model: ModelConfig, parallel: ParallelConfig, precisio
 
     check_parallel_supported(parallel, device)
     if parallel.tp_comm_overlap:
-        _initialize_tp_comm_overlap(model, precision, train, parallel.tp)
+        _initialize_tp_comm_overlap(model, precision, train, parallel)
     chunks = build_model(model, parallel, precision, train.seed, device,
-                         cuda_graphs=train.cuda_graphs, fused_cross_entropy=train.fused_cross_entropy)
+                         cuda_graphs=train.cuda_graphs, fused_cross_entropy=train.fused_cross_entropy,
+                         recompute=train)
     config = chunks[0].config
     wrapped = [
         DistributedDataParallel(config=config, ddp_config=_ddp_config(parallel), module=c, disable_bucketing=i > 0)

@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import RunConfig
+from pipeline.data.phases import Phase, check_started_phases_unchanged, resolve_phases
 from pipeline.distributed import World
 from pipeline.errors import CheckpointError
 from pipeline.training.prepare import gather_params
@@ -95,14 +96,20 @@ def sharded_state(chunks, optimizer, scheduler, state: TrainState, world: World,
     return sharded
 
 
+def phases_of(run: RunConfig) -> list[Phase]:
+    """The run's data phases, resolved (one implicit phase without data.phases)."""
+    return resolve_phases(run.data.phases, run.data.paths, run.data.weights, run.train.seq_length, run.train.iters)
+
+
 def checkpoint_meta(run: RunConfig, state: TrainState, world: World) -> ckpt.CheckpointMeta:
     """The meta.json of a training checkpoint at `state.step`."""
     return ckpt.CheckpointMeta(
         step=state.step,
         consumed_samples=state.step * run.train.global_batch_size,
         model=asdict(run.model),
-        parallel={"tp": world.tp, "pp": world.pp, "dp": world.dp, "world_size": world.world_size},
+        parallel={"tp": world.tp, "pp": world.pp, "cp": world.cp, "dp": world.dp, "world_size": world.world_size},
         tokenizer=run.data.tokenizer,
+        phases=[phase.record() for phase in phases_of(run)],
     )
 
 
@@ -187,7 +194,9 @@ def pick_checkpoint(run: RunConfig, world: World) -> Path | None:
                     f"run_dir with checkpoint.init_from={Path(run.run_dir)}"
                 )
             if found is not None:
-                ckpt.check_compatible(ckpt.read_meta(found), asdict(run.model), found)
+                meta = ckpt.read_meta(found)
+                ckpt.check_compatible(meta, asdict(run.model), found)
+                _check_phases(run, meta)
             choice = [str(found) if found else None]
         except CheckpointError as e:
             choice = [e]
@@ -196,6 +205,15 @@ def pick_checkpoint(run: RunConfig, world: World) -> Path | None:
     if isinstance(choice[0], CheckpointError):
         raise choice[0]
     return Path(choice[0]) if choice[0] else None
+
+
+def _check_phases(run: RunConfig, meta: ckpt.CheckpointMeta) -> None:
+    """With data.phases, refuse to resume with a phase changed that the checkpoint has started (its data
+    order would no longer be the one trained); without, the blend may change as it always could."""
+    if run.data.phases and meta.phases is not None:
+        why = check_started_phases_unchanged(meta.phases, phases_of(run), meta.step)
+        if why:
+            raise CheckpointError(why)
 
 
 def _adopt_configured_schedule(saved_optimizer: dict, optimizer) -> None:
@@ -260,7 +278,9 @@ def resume(run: RunConfig, found: Path | None, chunks, optimizer, scheduler, wor
         set_rng_state(loaded["rng"])
     state = TrainState(**loaded["train_state"])
     if not same_layout:
-        note = f" (saved at tp={meta.parallel.get('tp')} pp={meta.parallel.get('pp')}, RNG states not restored)"
+        saved = meta.parallel
+        note = (f" (saved at tp={saved.get('tp')} pp={saved.get('pp')} cp={saved.get('cp', 1)}, "
+                f"RNG states not restored)")
     else:
         note = "" if with_rng else f" (a format-{meta.format} checkpoint: RNG states not restored)"
     log.info(f"resumed from {found} at step {state.step}{note}")

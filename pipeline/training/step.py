@@ -7,6 +7,7 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from pipeline.training.batches import ModelInputs
@@ -32,12 +33,24 @@ class Objective(Protocol):
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Summed token loss and token count: megatron divides by the global count (per-token loss)."""
+    """Summed token loss and token count: megatron divides the first by the second (the micro-batch's
+    per-token loss). The record (third) holds this rank's sum and count.
+
+    With context parallelism this rank holds part of the micro-batch: the count is the whole
+    micro-batch's (summed over the context-parallel group) and the sum is scaled by cp, because the
+    gradient all-reduce averages over the cp ranks; the gradients are then those of cp=1.
+    """
     losses = output.float().reshape(-1)
     mask = loss_mask.reshape(-1)
     total = (losses * mask).sum()
     count = mask.sum()
-    return total, count.to(torch.int), {"lm loss": torch.stack([total.detach(), count.detach()])}
+    record = {"lm loss": torch.stack([total.detach(), count.detach()])}
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp > 1:
+        count = count.detach().clone()
+        dist.all_reduce(count, group=parallel_state.get_context_parallel_group())
+        total = total * cp
+    return total, count.to(torch.int), record
 
 
 def _forward_step(data_iterator, model):
@@ -95,7 +108,8 @@ def run_schedule(chunks, micro_batches: list[ModelInputs], forward_only: bool, o
     else:
         # Interleaved schedule: each virtual stage consumes every micro-batch in order.
         iterator, model = [iter(micro_batches) for _ in chunks], chunks
-    tokens_per_micro = micro_batches[0].tokens.shape[-1]
+    # megatron's schedule takes the whole sequence and divides it by cp for the stages' messages.
+    tokens_per_micro = micro_batches[0].tokens.shape[-1] * parallel_state.get_context_parallel_world_size()
     return forward_backward(
         forward_step_func=forward_step,
         data_iterator=iterator,

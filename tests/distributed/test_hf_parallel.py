@@ -3,7 +3,8 @@
 Export: the HF model computes the logits that the pipeline computed at TP=2 x PP=2 (fp32, <= 1e-4),
 so the per-component merge of Mamba's fused tensors, the QKV split and the vocabulary trim are right
 for sharded checkpoints. Import: an HF model imported at TP=2 x PP=2 and exported again is bit for bit
-the original.
+the original. MoE: `tiny_moe` trained a few steps with its experts split over two ranks (EP=2), so the
+expert bias has moved, exports to what the pipeline computes from that checkpoint.
 """
 
 import json
@@ -18,7 +19,14 @@ import torch
 from pipeline.checkpoint import CheckpointTensors
 from pipeline.hf.export import export_checkpoint
 from tests.distributed.launch import REPO, torchrun
-from tests.distributed.worker_hf_checkpoint import make_hf_model, make_tokenizer, read_all
+from tests.distributed.training import train
+from tests.distributed.worker_hf_checkpoint import (
+    make_hf_model,
+    make_tokenizer,
+    pipeline_logits,
+    read_all,
+    reference_tokens,
+)
 
 WORKER = Path(__file__).with_name("worker_hf_checkpoint.py")
 LAYOUT = ["parallel.tp=2", "parallel.pp=2"]
@@ -93,3 +101,52 @@ def test_import_at_tp2_pp2_round_trips_bit_for_bit(tmp_path):
     assert original.keys() == back.keys()
     changed = [name for name in original if not torch.equal(original[name], back[name])]
     assert not changed, f"changed by the TP=2 x PP=2 round trip: {changed}"
+
+
+MOE_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def trained_moe(tmp_path_factory):
+    """tiny_moe trained MOE_STEPS steps at EP=2 (2 processes), exported, and the logits the pipeline
+    computes from that checkpoint (loaded here at EP=1)."""
+    from pipeline.checkpoint import load_model
+    from pipeline.config import load_run_config
+    from pipeline.distributed import distributed
+    from pipeline.model.build import build_model
+
+    root = tmp_path_factory.mktemp("hf_moe_ep2")
+    # One micro-batch per rank and step; squared ReLU uncompiled (compiling costs each process ~20 s).
+    train(root / "run", 2, "model=tiny_moe", "parallel.ep=2", f"train.iters={MOE_STEPS}", "train.global_batch_size=4",
+          env={"TORCH_COMPILE_DISABLE": "1"})
+    step = root / "run" / "checkpoints" / f"step_{MOE_STEPS:07d}"
+    export_checkpoint(root / "run", root / "hf")
+    run = load_run_config(["model=tiny_moe", "precision=fp32"])
+    tokens_BL = reference_tokens(run.model.vocab_size)
+    with distributed(run.parallel, None, "cpu") as world:
+        chunks = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
+        load_model(step, chunks)
+        logits = pipeline_logits(chunks[0], tokens_BL)
+    return {"root": root, "step": step, "tokens": tokens_BL, "logits": logits}
+
+
+def test_moe_checkpoint_was_trained_at_ep2_with_a_moving_expert_bias(trained_moe):
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(trained_moe["step"] / "run_config.yaml").parallel.ep == 2
+    ckpt = CheckpointTensors(trained_moe["step"])
+    biases = [ckpt.get(k) for k in ckpt.shapes if k.startswith("decoder.") and k.endswith("router.expert_bias")]
+    assert len(biases) == 3 and all(b.abs().max() > 0 for b in biases), "training should move every expert bias"
+    experts = [k for k in ckpt.shapes if k.startswith("decoder.") and k.endswith(".experts.experts.linear_fc1.weight")]
+    assert experts and all(len(ckpt.chunks[k]) == 8 for k in experts), "each expert should be its own chunk"
+
+
+def test_moe_logits_match_the_pipeline_after_ep2_training(trained_moe):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(trained_moe["root"] / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(trained_moe["tokens"]).logits
+    vocab = logits.shape[-1]
+    diff = (logits - trained_moe["logits"][..., :vocab]).abs().max().item()
+    assert diff <= 1e-4, f"HF logits differ from the pipeline's (EP=2-trained checkpoint) by {diff:.3g}"

@@ -1,12 +1,10 @@
 """Mixture-of-experts layers train the same under every expert layout: `tiny_moe` (packed documents, the default)
 from one seed and global batch gives the single-process losses within 1e-5 with its experts split over two
-ranks (EP2) or each expert split over two ranks (ETP2), and a checkpoint saved at EP2 resumes at ETP2 (fp32, CPU,
-gloo).
+ranks (EP2), each expert split over two ranks (ETP2), or tensor parallel with sequence parallel beside EP2 on four
+ranks (TP2 x EP2), and a checkpoint saved at EP2 resumes at ETP2 and at EP1 (fp32, CPU, gloo).
 
-Not covered on CPU: TP>1 (MoE needs sequence parallelism there, which the CPU backend does not run) and EP2 x ETP2
-(gloo's all_gather cannot gather the uneven token counts the dispatcher sends; NCCL can). A full resume between
-EP=1 (with etp=tp) and EP>1 does not load: megatron-core then builds one optimizer instead of a dense + expert
-pair, so the optimizer state's keys differ (`checkpoint.init_from` moves the weights)."""
+Not covered on CPU: EP2 x ETP2 (gloo's all_gather cannot gather the uneven token counts the dispatcher sends; NCCL
+can)."""
 
 import json
 import sys
@@ -20,6 +18,7 @@ STEPS = ["model=tiny_moe", "train.iters=6"]
 LAYOUTS = {
     "ep2": (2, ["parallel.ep=2"]),
     "etp2": (2, ["parallel.etp=2"]),
+    "tp2xep2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2"]),
 }
 
 
@@ -76,6 +75,16 @@ def test_checkpoint_from_ep2_resumes_at_etp2(reference, tmp_path):
     resumed = {s: v for s, v in losses(tmp_path).items() if s > 3}
     diff = max_rel_diff(resumed, {s: v for s, v in reference.items() if s > 3})
     assert diff <= 1e-5, f"EP=2 -> ETP=2 resume drifts from the EP=1 run by {diff:.2e}: {resumed} vs {reference}"
+
+
+def test_checkpoint_from_ep2_resumes_at_ep1(reference, tmp_path):
+    """The optimizer is a dense + expert pair at every layout (build.py), so its state loads across EP."""
+    train(tmp_path, 2, *STEPS, "parallel.ep=2", "train.exit_after_steps=3")
+    second = train(tmp_path, 1, *STEPS)
+    assert "at step 3" in second.stdout, second.stdout[-2000:]
+    resumed = {s: v for s, v in losses(tmp_path).items() if s > 3}
+    diff = max_rel_diff(resumed, {s: v for s, v in reference.items() if s > 3})
+    assert diff <= 1e-5, f"EP=2 -> EP=1 resume drifts from the EP=1 run by {diff:.2e}: {resumed} vs {reference}"
 
 
 def test_gpu_only_moe_option_on_cpu_exits_2_with_one_line(tmp_path):

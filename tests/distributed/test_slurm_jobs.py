@@ -93,6 +93,8 @@ CONVERT = ("export", "/runs/8b", "/hf/8b", "--dtype", "bf16")
 PREPROCESS = ("--input", "a.jsonl", "--tokenizer", "tok", "--output", "o")
 PER_TASK_SHARD = ("--input", "in/part-{task:03}.jsonl", "--tokenizer", "tok", "--output", "out/web_{task}")
 SEARCH = ("search", "compress.parent=/runs/p", "run_dir=/runs/c")
+NANO3 = ("model=nemotron3_nano_30b_a3b", "parallel=nemotron3_nano_30b_a3b_16gpu", "precision=fp8_tensorwise",
+         "run_dir={run_dir}")
 
 
 SCENARIOS = [
@@ -134,6 +136,13 @@ SCENARIOS = [
         "pretrain_outside_the_repository",
         "slurm/pretrain.sbatch", ("model=tiny",), root="",
         exit_codes=(1,), output=("submit from the repository root or export PIPELINE_ROOT",),
+    ),
+    Scenario(
+        # slurm/README.md's Nemotron 3 Nano example: 2 nodes x 8 GPUs, one rank per GPU, the EP8 layout.
+        "pretrain_nemotron3_nano_on_two_nodes",
+        "slurm/pretrain.sbatch", NANO3, ("--nodes=2", "--ntasks-per-node=8"), record=True, done_before=True,
+        restart_logs=(("=== pretrain {job_id}, restart 0", "run complete"),),
+        calls=(Call("pipeline.train", NANO3, tasks=16),),
     ),
     Scenario(
         "convert_forwards_its_arguments",

@@ -47,6 +47,10 @@ PROMPT_LENGTH, NEW_TOKENS = 8, 20
 SMALL_DT_BIAS = -8.0
 """Every other Mamba head gets this dt_bias: softplus(dt + dt_bias) then falls below HF's default
 time_step_min (1e-3), so the parity checks see whether the HF side clamps dt or not."""
+# The MoE case: tiny_moe (sigmoid router with expert bias, top-2 of 8, scaling 2.5, shared expert)
+# with a vocabulary to trim; the expert bias is set large enough to change which experts are chosen.
+MOE_MODEL_OVERRIDES = ["model=tiny_moe", "precision=fp32", "model.vocab_size=1000", "train.seed=1234"]
+EXPERT_BIAS_STD = 0.05
 
 
 def read_all(directory: Path) -> dict[str, torch.Tensor]:
@@ -101,19 +105,33 @@ HF_CONFIG = dict(
     max_position_embeddings=512,
 )
 """The same shapes as MODEL_OVERRIDES, as a transformers NemotronHConfig."""
+MOE_HF_CONFIG = dict(
+    hybrid_override_pattern="ME*EM-E",
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    moe_shared_expert_intermediate_size=48,
+    routed_scaling_factor=2.5,
+)
+"""HF_CONFIG with MoE layers (and one of each other type) for the MoE import tests."""
 
 
 @torch.no_grad()
 def make_hf_model(directory: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **config) -> Path:
     """A Hugging Face NemotronH directory made by transformers itself (save_pretrained), every
-    parameter random (norms, A_log, D and dt_bias too), with a tokenizer."""
+    parameter random (norms, A_log, D and dt_bias too) and so the MoE routers' expert bias, which
+    stays fp32 as transformers keeps it, with a tokenizer."""
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     torch.manual_seed(seed)
     model = NemotronHForCausalLM(NemotronHConfig(**{**HF_CONFIG, **config}))
     for param in model.parameters():
         param.normal_(0.0, 0.05)
-    model.to(dtype).save_pretrained(directory)
+    model.to(dtype)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.data = torch.randn(buffer.shape) * EXPERT_BIAS_STD
+    model.save_pretrained(directory)
     make_tokenizer(directory, model.config.vocab_size)
     return directory
 
@@ -147,10 +165,23 @@ def lower_dt_bias(chunk) -> None:
             param[::2] = SMALL_DT_BIAS
 
 
-def write_checkpoint(run_dir: Path, tokenizer: Path, overrides: list[str], reference: bool = True) -> None:
-    """All ranks: build the model from the seed, save it at step 0 and, with `reference`, write the
-    reference logits (and, with pp=1, the pipeline's greedy continuation of the first tokens) to
-    run_dir/reference.pt."""
+@torch.no_grad()
+def randomize_expert_bias(chunk) -> None:
+    """Give every MoE router a random expert bias (the same for a layer at any layout), as training
+    would; zero, it would not show whether the HF side uses it."""
+    for layer in chunk.decoder.layers:
+        router = getattr(getattr(layer, "mlp", None), "router", None)
+        if router is not None and router.expert_bias is not None:
+            gen = torch.Generator().manual_seed(layer.layer_number)
+            router.expert_bias.copy_(torch.randn(router.expert_bias.shape, generator=gen) * EXPERT_BIAS_STD)
+
+
+def write_checkpoint(
+    run_dir: Path, tokenizer: Path, overrides: list[str], reference: bool = True, base: list[str] = MODEL_OVERRIDES
+) -> None:
+    """All ranks: build the model (`base` overrides) from the seed, save it at step 0 and, with
+    `reference`, write the reference logits (and, with pp=1, the pipeline's greedy continuation of the
+    first tokens) to run_dir/reference.pt."""
     from omegaconf import OmegaConf
 
     from pipeline.checkpoint import CheckpointMeta, model_sharded_state, save_checkpoint
@@ -158,10 +189,11 @@ def write_checkpoint(run_dir: Path, tokenizer: Path, overrides: list[str], refer
     from pipeline.distributed import distributed
     from pipeline.model.build import build_model, virtual_stages
 
-    run = load_run_config([*MODEL_OVERRIDES, *overrides, f"run_dir={run_dir}"])
+    run = load_run_config([*base, *overrides, f"run_dir={run_dir}"])
     with distributed(run.parallel, virtual_stages(run.model, run.parallel), "cpu") as world:
         (chunk,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         lower_dt_bias(chunk)
+        randomize_expert_bias(chunk)
         meta = CheckpointMeta(
             step=0,
             model=dataclasses.asdict(run.model),
@@ -183,9 +215,17 @@ def write_checkpoint(run_dir: Path, tokenizer: Path, overrides: list[str], refer
             ref["generated"] = greedy_generate(chunk, prompt_BL, NEW_TOKENS, run.model.vocab_size)
         from megatron.core import parallel_state as ps
 
-        if ref["logits"] is not None and ps.get_tensor_model_parallel_rank() == 0:
+        # Every data-parallel rank (EP layouts have several) computed the same logits: one writes them.
+        if ref["logits"] is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
             torch.save(ref, run_dir / "reference.pt")
 
 
 if __name__ == "__main__":
-    write_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:])
+    # `moe` as the third argument selects MOE_MODEL_OVERRIDES.
+    moe = sys.argv[3:4] == ["moe"]
+    write_checkpoint(
+        Path(sys.argv[1]),
+        Path(sys.argv[2]),
+        sys.argv[4 if moe else 3 :],
+        base=MOE_MODEL_OVERRIDES if moe else MODEL_OVERRIDES,
+    )

@@ -81,6 +81,32 @@ def test_tokens_are_the_tokenizer_output_plus_eod(reference, tokenizer, docs):
     assert summary["documents"] == len(docs) and summary["tokens"] == len(expected)
 
 
+def test_shards_are_what_megatron_cores_builder_writes(reference, tokenizer, docs, tmp_path):
+    """Our own .idx writer (no torch import, no per-document loop) against IndexedDatasetBuilder,
+    byte for byte, for every shard; and our dtype rule and codes against megatron-core's."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from pipeline.data.shards import DTYPE_CODES, token_dtype
+
+    prefix, summary = reference
+    ours = output_bytes(prefix, summary)
+    tok = load_tokenizer(tokenizer)
+    encoded = iter(tok.encode(docs))
+    for shard in summary["shards"]:
+        base = str(tmp_path / shard["prefix"])
+        builder = IndexedDatasetBuilder(base + ".bin", dtype=np.uint16)
+        for _ in range(shard["documents"]):
+            ids = np.array(next(encoded) + [tok.eod], dtype=np.uint16)
+            builder.add_document(ids, [ids.size])
+        builder.finalize(base + ".idx")
+        for ext in (".bin", ".idx"):
+            with open(base + ext, "rb") as f:
+                assert f.read() == ours[shard["prefix"] + ext], f"{shard['prefix']}{ext} differs from megatron-core's"
+    assert DTYPE_CODES == {d.name: d.value for d in DType}
+    for vocab in (4096, 65499, 65500, 131072):
+        assert token_dtype(vocab) == DType.optimal_dtype(vocab)
+
+
 def test_output_is_identical_for_one_and_two_workers(tmp_path, corpus, tokenizer, reference):
     one_prefix, one = reference
     two = run([corpus], tmp_path / "two" / "out", tokenizer, workers=2)
@@ -249,6 +275,41 @@ DIRTY_LINES = [
     (b'{"text": "' + b"x" * 101 + b'"}', "too_long"),
     (b'{"text": "good two"}', None),
 ]
+
+
+# Valid UTF-8 lines that look like records (the fast path of record_parsing._parse_jsonl) but are not
+# all good: each must come out as json.loads and the checks would have it (text, or skip reason).
+RECORD_LIKE_LINES = [
+    ('{"text": "plain"}', "plain"),
+    ('{"text": "crlf"}\r', "crlf"),
+    ('{"text": "spaces after"} \t ', "spaces after"),
+    ('{"text": "first", "text": "last"}', "last"),
+    ('{"text": "caf\\u00e9 \u00e9t\u00e9"}', "caf\u00e9 \u00e9t\u00e9"),
+    ('{"text": "extra"} {"text": "data"}', "malformed_json"),
+    ('{"text": "cut', "malformed_json"),
+    ('{"text": "lone \\udfff"}', "invalid_utf8"),
+    ('{"text": " \\u00a0\\u2003 "}', "empty"),
+    ('{"text": ""}', "empty"),
+    ('{"text": 7}', "not_string"),
+    ('{"other": "x"}', "missing_field"),
+    ('{"text": "' + "y" * 101 + '"}', "too_long"),
+    ('{' * 100000 + '}' * 100000, "malformed_json"),
+]
+
+
+def test_record_like_lines_parse_as_json_loads_would():
+    from pipeline.data.record_parsing import parse_chunk
+    from pipeline.data.sources import Chunk
+
+    data = "".join(line + "\n" for line, _ in RECORD_LIKE_LINES).encode("utf-8")
+    parsed = parse_chunk(Chunk("jsonl", "r.jsonl", 1, data, len(data)), "text", max_chars=100)
+    reasons = {"malformed_json", "invalid_utf8", "empty", "not_string", "missing_field", "too_long"}
+    assert parsed.texts == [want for _, want in RECORD_LIKE_LINES if want not in reasons]
+    expected = {}
+    for number, (_, want) in enumerate(RECORD_LIKE_LINES, start=1):
+        if want in reasons:
+            expected.setdefault(want, []).append(f"r.jsonl:{number}")
+    assert parsed.examples == expected and sum(parsed.skipped.values()) == sum(map(len, expected.values()))
 
 
 def write_dirty_inputs(directory):

@@ -127,10 +127,10 @@ def test_new_style_layers_block_type_is_read():
 
 BAD_CONFIGS = {
     "other model type": ({"model_type": "llama"}, ["model_type='llama'", "nemotron_h"]),
-    "MoE layer": ({"hybrid_override_pattern": "M*E-M-M"}, ["'E' (MoE)", "cannot represent"]),
-    "MoE in block list": (
-        {"layers_block_type": ["linear_attention", "moe"], "hybrid_override_pattern": None},
-        ["'E' (MoE)"],
+    "gated delta net layer": ({"hybrid_override_pattern": "M*G-M-M"}, ["'G' (gated delta net)", "cannot represent"]),
+    "MoE layer without its sizes": (
+        {"layers_block_type": ["linear_attention", "moe"], "hybrid_override_pattern": None, "num_hidden_layers": None},
+        ["num_experts_per_tok"],
     ),
     "unknown block type": (
         {"layers_block_type": ["mamba", "cross_attention"], "hybrid_override_pattern": None},

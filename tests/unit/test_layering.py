@@ -23,14 +23,15 @@ PACKAGE = REPO / "pipeline"
 
 ENTRY, STAGE, CORE, BASE = 3, 2, 1, 0
 LAYER_NAMES = {ENTRY: "entry point", STAGE: "stage", CORE: "model/config", BASE: "errors/fs"}
-STAGES = ("pipeline.training", "pipeline.hf", "pipeline.data", "pipeline.compress")
+STAGES = ("pipeline.training", "pipeline.hf", "pipeline.data", "pipeline.compress", "pipeline.migrate")
 BASE_MODULES = {"pipeline", "pipeline.errors", "pipeline.fs", "pipeline.processes"}
 # The glue every command uses (Hydra apps, one-line errors): a layer with the commands, not below them.
 ENTRY_LIBRARIES = {"pipeline.cli"}
 # Worker processes started by a command (torchrun), with a `__main__` block beside the work they do.
-WORKERS = {"pipeline.hf.import_"}
+WORKERS = {"pipeline.hf.import_", "pipeline.migrate.import_"}
 # Only a stage's entry may take the whole RunConfig; everything below takes its slices.
-MAY_IMPORT_RUN_CONFIG = {"pipeline.training.loop", "pipeline.training.state"}
+MAY_IMPORT_RUN_CONFIG = {"pipeline.training.loop", "pipeline.training.state",
+                         "pipeline.data.__main__"}  # a command: `lengths --config` composes a training config
 NO_RUN_CONFIG_PACKAGES = ("pipeline.model", "pipeline.data", "pipeline.training", "pipeline.checkpoint")
 
 

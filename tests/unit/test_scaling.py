@@ -107,3 +107,92 @@ def test_describe_prints_prediction(tmp_path):
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --gpus x: give a positive number of GPUs"
+
+
+# Megatron-Bridge's published Nemotron 3 Nano pretraining throughput on 16 H100s (FP8, EP8): issue 24's anchor.
+NANO3_ANCHOR_TOKENS_PER_GPU = 14_900
+
+
+def nano3_run():
+    return load_run_config(["parallel=nemotron3_nano_30b_a3b_16gpu", "model=nemotron3_nano_30b_a3b",
+                            "precision=fp8_tensorwise"])
+
+
+def test_expert_parallel_all_to_all_and_expert_data_parallel_bytes_by_hand():
+    """EP8 at TP1: 4 all-to-alls (dispatch and combine, forward and backward) per E layer and micro-batch
+    of top-6 BF16 copies of 8192 tokens of width 2688, 7/8 of them leaving the GPU, over NVLink (8 GPUs of
+    one node); the routed experts' gradients reduced over expert-DP = 16 / 8 = 2 GPUs a node apart."""
+    run = nano3_run()
+    p = scaling.predict_step(run.model, run.parallel, run.train, run.precision, 16)
+    terms = {t.name: t for t in p.terms}
+    micro_batches = 1024 // 16
+    a2a = terms["EP all-to-all"]
+    assert a2a.bytes == pytest.approx(8192 * 6 * 2688 * 2 * 7 / 8 * 4 * 23 * micro_batches)
+    assert a2a.link == "NVLink" and a2a.exposed == a2a.seconds
+    dense, experts = sizes.stage_param_split(run.model, 1, 1, 8, 1)[0]
+    assert experts == 23 * 16 * 2 * 2688 * 1856  # fc1 and fc2 of 16 local experts in each of 23 E layers
+    assert terms["expert-DP gradient reduce"].bytes == pytest.approx(experts * 4 / 2)
+    assert terms["expert-DP gradient reduce"].link == "InfiniBand"
+    assert terms["DP gradient reduce"].bytes == pytest.approx(dense * 4 * 15 / 16)
+
+
+def test_moe_layers_run_at_their_calibrated_rate():
+    """BF16: the E layers' FLOPs at the rate the bench_moe rows give, the rest (output layer included) at
+    the dense rate; the E layers are slower per FLOP (small grouped GEMMs, routing and permutation)."""
+    rates = scaling.calibrated_rates("h100")
+    moe_rates = scaling.calibrated_moe_rates("h100", rates)
+    assert moe_rates["bf16"] < rates["bf16"] and moe_rates["fp8"] < rates["fp8"]
+    run = load_run_config(["parallel=nemotron3_nano_30b_a3b_16gpu", "model=nemotron3_nano_30b_a3b", "precision=bf16"])
+    p = scaling.predict_step(run.model, run.parallel, run.train, run.precision, 16)
+    tokens = 1024 * 8192
+    moe = 3 * 23 * sizes.moe_forward_flops(run.model, tokens)
+    total = sizes.training_flops(run.model, tokens, 1024 * 8192**2)
+    expected = ((total - moe) / rates["bf16"] + moe / moe_rates["bf16"]) / 16
+    assert next(t for t in p.terms if t.name == "compute").seconds == pytest.approx(expected)
+
+
+def test_nano3_prediction_against_the_published_throughput():
+    """The preset recomputes its E layers (Bridge's H100 FP8 layout), so they run 4/3 of their FLOPs. The
+    prediction falls short of the published throughput; the E-layer rate that would close the gap, all
+    other terms kept, must lie between our one-GPU bench_moe rate and the dense FP8 rate (were it above
+    the dense rate, another term of the model would be wrong)."""
+    run = nano3_run()
+    p = scaling.predict_step(run.model, run.parallel, run.train, run.precision, 16)
+    error = p.tokens_per_s_per_gpu() / NANO3_ANCHOR_TOKENS_PER_GPU - 1
+    rates = scaling.calibrated_rates("h100")
+    moe_rate = scaling.calibrated_moe_rates("h100", rates)["fp8"]
+    tokens = 1024 * 8192
+    moe_work = 3 * 23 * sizes.moe_forward_flops(run.model, tokens) * 4 / 3 / 16
+    anchor_step = tokens / NANO3_ANCHOR_TOKENS_PER_GPU / 16
+    needed = moe_work / (anchor_step - (p.step_s - moe_work / moe_rate))
+    print(f"Nemotron 3 Nano, 16 H100, EP8: {p.tokens_per_s_per_gpu():,.0f} tokens/s/GPU predicted vs "
+          f"{NANO3_ANCHOR_TOKENS_PER_GPU:,} published ({error:+.1%}); E layers at {moe_rate / 1e12:.0f} TFLOP/s "
+          f"(bench_moe); the anchor needs {needed / 1e12:.0f} (dense FP8 rate {rates['fp8'] / 1e12:.0f})")
+    assert p.tokens_per_s_per_gpu() < NANO3_ANCHOR_TOKENS_PER_GPU
+    assert moe_rate < needed < rates["fp8"]
+
+
+def test_h200_has_no_moe_calibration():
+    run = nano3_run()
+    with pytest.raises(ConfigError, match="no calibration of MoE"):
+        scaling.predict_step(run.model, run.parallel, run.train, run.precision, 16, gpu="h200")
+
+
+@pytest.mark.parametrize("recompute, share", [
+    (["train.recompute=full", "train.cuda_graphs=false"], "layers"),
+    (["train.recompute=selective", "train.recompute_modules=[core_attn]"], "scores"),
+])
+def test_recompute_runs_its_forward_flops_again(recompute, share):
+    """Full: every layer's forward again (all but the output layer's FLOPs / 3); core_attn: the attention
+    scores' forward, 2 S2 kv n per attention layer. BF16, 8B on 8 GPUs at TP2."""
+    run = load_run_config(["parallel=nemotron_h_8b_8gpu", "model=nemotron_h_8b", "precision=bf16",
+                           "parallel.fp8_param_gather=false", *recompute])
+    p = scaling.predict_step(run.model, run.parallel, run.train, run.precision, 8)
+    tokens, s2 = 128 * 8192, 128 * 8192**2
+    if share == "layers":
+        again = (sizes.training_flops(run.model, tokens, s2) - 6 * tokens * 4096 * run.model.padded_vocab_size) / 3
+    else:
+        again = run.model.parsed_pattern().counts()["attention"] * 2 * s2 * 128 * 32
+    rate = scaling.calibrated_rates("h100")["bf16"]
+    term = next(t for t in p.terms if t.name.startswith("recompute"))
+    assert term.seconds == pytest.approx(again / rate / 8)

@@ -33,7 +33,21 @@ def gated_rms_norm(
         )
     dtype = torch.promote_types(y_BLD.dtype, torch.float32)
     gated_BLD = y_BLD.to(dtype) * F.silu(z_BLD.to(dtype))
-    gated_BLGE = gated_BLD.unflatten(-1, (channels // group_size, group_size))
-    rstd_BLG1 = torch.rsqrt(gated_BLGE.square().mean(dim=-1, keepdim=True) + eps)
-    out_BLD = (gated_BLGE * rstd_BLG1).flatten(-2) * weight_D.to(dtype)
-    return out_BLD.to(y_BLD.dtype)
+    return grouped_rms_norm(gated_BLD, weight_D, group_size, eps).to(y_BLD.dtype)
+
+
+def gate(y_BLD: torch.Tensor, z_BLD: torch.Tensor) -> torch.Tensor:
+    """y * silu(z) in at least float32, returned in y's dtype: the first half of `gated_rms_norm`,
+    for context parallelism, which normalises after gathering each group's heads (megatron-core
+    gates inside the scan kernel and normalises after its context-parallel exchange)."""
+    dtype = torch.promote_types(y_BLD.dtype, torch.float32)
+    return (y_BLD.to(dtype) * F.silu(z_BLD.to(dtype))).to(y_BLD.dtype)
+
+
+def grouped_rms_norm(x_BLD: torch.Tensor, weight_D: torch.Tensor, group_size: int, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm over each group of `group_size` channels, times `weight_D`, in at least float32 (the
+    result stays in that dtype)."""
+    dtype = torch.promote_types(x_BLD.dtype, torch.float32)
+    x_BLGE = x_BLD.to(dtype).unflatten(-1, (x_BLD.shape[-1] // group_size, group_size))
+    rstd_BLG1 = torch.rsqrt(x_BLGE.square().mean(dim=-1, keepdim=True) + eps)
+    return (x_BLGE * rstd_BLG1).flatten(-2) * weight_D.to(dtype)

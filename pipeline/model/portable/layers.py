@@ -25,6 +25,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from pipeline.model.portable.context_parallel import head_blocks, to_heads, to_sequence
+from pipeline.model.portable.gated_norm import grouped_rms_norm
 from pipeline.model.portable.mixer_ops import mamba2_mix
 
 
@@ -90,6 +92,20 @@ class PortableNormColumnParallelLinear(ColumnParallelLinear):
         return super().forward(rms_norm(x, self.layer_norm_weight, self.eps), weight, runtime_gather_output)
 
 
+def _cu_padded(packed_seq_params) -> torch.Tensor | None:
+    """Document boundaries of the padded packed sequence (context parallelism pads every document
+    to a multiple of 2*CP), None without packed documents."""
+    if packed_seq_params is None:
+        return None
+    if packed_seq_params.cu_seqlens_q_padded is not None:
+        return packed_seq_params.cu_seqlens_q_padded
+    return packed_seq_params.cu_seqlens_q
+
+
+def _is_thd(packed_seq_params) -> bool:
+    return packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+
+
 def _doc_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Document index of each of `total` packed tokens, from cumulative lengths [0, l0, l0+l1, ...]."""
     positions = torch.arange(total, device=cu_seqlens.device)
@@ -112,6 +128,7 @@ class PortableCoreAttention(MegatronModule):
     ):
         super().__init__(config=config)
         self.softmax_scale = softmax_scale
+        self.cp_group = pg_collection.cp
 
     def forward(
         self,
@@ -123,11 +140,30 @@ class PortableCoreAttention(MegatronModule):
         attention_bias=None,
         packed_seq_params=None,
     ):
-        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+        if self.cp_group.size() == 1:
+            return self._attend(query, key, value, packed_seq_params)
+        # Context parallel: every token of 1/CP of the heads here (Transformer Engine's "a2a").
+        cp, thd = self.cp_group.size(), _is_thd(packed_seq_params)
+        cu_padded = _cu_padded(packed_seq_params)
+
+        def to_my_heads(t):
+            t_LBNP = t.unsqueeze(1) if thd else t
+            if t_LBNP.shape[2] < cp:  # fewer KV groups than ranks: each rank takes its heads' group
+                t_LBNP = t_LBNP.repeat_interleave(cp // t_LBNP.shape[2], dim=2)
+            heads, headdim = t_LBNP.shape[2:]
+            t_TBNP = to_heads(t_LBNP.flatten(2), self.cp_group, cu_padded).unflatten(2, (heads // cp, headdim))
+            return t_TBNP.squeeze(1) if thd else t_TBNP
+
+        out = self._attend(*(to_my_heads(t) for t in (query, key, value)), packed_seq_params)
+        out_LBF = to_sequence(out.unsqueeze(1) if thd else out, self.cp_group, cu_padded)
+        return out_LBF.squeeze(1) if thd else out_LBF
+
+    def _attend(self, query, key, value, packed_seq_params):
+        if _is_thd(packed_seq_params):
             # [T, N, P]: one packed sequence; mask out cross-document pairs.
             q_NTP, k_GTP, v_GTP = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
             total = query.shape[0]
-            doc_T = _doc_ids(packed_seq_params.cu_seqlens_q, total)
+            doc_T = _doc_ids(_cu_padded(packed_seq_params), total)
             causal_TT = torch.ones(total, total, dtype=torch.bool, device=query.device).tril()
             mask_TT = causal_TT & (doc_T[:, None] == doc_T[None, :])
             out = F.scaled_dot_product_attention(
@@ -193,6 +229,7 @@ class PortableMambaMixer(MambaMixer):
         self.pp_layer_offset = pp_layer_offset
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
+        self.cp_group = pg_collection.cp
         tp = self.tp_group.size()
 
         self.d_state = config.mamba_state_dim
@@ -274,6 +311,9 @@ class PortableMambaMixer(MambaMixer):
                     "packed_seq_params without seq_idx: set total_tokens so Mamba can reset state "
                     "at document starts"
                 )
+        if self.cp_group.size() > 1:
+            y_LBD = self._mix_context_parallel(zxbcdt_LBF, seq_idx_BL, packed_seq_params)
+            return self.out_proj(y_LBD)
         y_BLD = mamba2_mix(
             rearrange(zxbcdt_LBF, "l b f -> b l f"),
             rearrange(self.conv1d_weight, "c 1 k -> c k"),
@@ -290,6 +330,48 @@ class PortableMambaMixer(MambaMixer):
             seq_idx_BL=seq_idx_BL,
         )
         return self.out_proj(rearrange(y_BLD, "b l d -> l b d"))
+
+    def _mix_context_parallel(self, zxbcdt_LBF, seq_idx_BL, packed_seq_params):
+        """The mixer under context parallelism, as megatron-core's MambaContextParallel: all-to-all
+        from this rank's tokens to 1/CP of the heads over the whole sequence, conv + scan + gate
+        there with this rank's slice of the per-head parameters, back, then the grouped norm over
+        whole groups (module docstring of `context_parallel`)."""
+        cp, rank = self.cp_group.size(), self.cp_group.rank()
+        heads, groups, state = self.nheads_local_tp, self.ngroups_local_tp, self.d_state
+        inner = self.d_inner_local_tp
+        # Groups with fewer than CP members are repeated: each rank gets the one of its heads.
+        repeat = cp // groups if groups < cp else 1
+        groups_cp = max(groups // cp, 1)
+        cu_padded = _cu_padded(packed_seq_params)
+        blocks_LBF = head_blocks(zxbcdt_LBF, [inner, inner, groups * state, groups * state, heads], cp,
+                                 [1, 1, repeat, repeat, 1])
+        mine_TBF = to_heads(blocks_LBF, self.cp_group, cu_padded)
+        width, group_width, group = inner // cp, groups_cp * state, rank // repeat
+
+        def conv_slice(param):
+            x_part, b_part, c_part = param.split([inner, groups * state, groups * state])
+            return torch.cat([x_part[rank * width : (rank + 1) * width],
+                              b_part[group * group_width : (group + 1) * group_width],
+                              c_part[group * group_width : (group + 1) * group_width]])
+
+        head_slice = slice(rank * heads // cp, (rank + 1) * heads // cp)
+        y_BTD = mamba2_mix(
+            rearrange(mine_TBF, "t b f -> b t f"),
+            rearrange(conv_slice(self.conv1d_weight), "c 1 k -> c k"),
+            conv_slice(self.conv1d_bias),
+            self.dt_bias[head_slice],
+            self.A_log[head_slice],
+            self.D[head_slice],
+            None,
+            nheads=heads // cp,
+            headdim=self.headdim,
+            ngroups=groups_cp,
+            d_state=state,
+            chunk_size=self.chunk_size,
+            seq_idx_BL=seq_idx_BL,
+        )
+        gated_LBD = to_sequence(rearrange(y_BTD, "b t d -> t b d"), self.cp_group, cu_padded)
+        return grouped_rms_norm(gated_LBD, self.norm.weight, inner // groups).to(gated_LBD.dtype)
 
 
 class PortableHybridStack(HybridStack):

@@ -9,7 +9,7 @@ P head dim, G groups, N state size, C conv channels (D + 2*G*N), K conv kernel.
 import torch
 
 from pipeline.model.portable.conv import causal_conv1d
-from pipeline.model.portable.gated_norm import gated_rms_norm
+from pipeline.model.portable.gated_norm import gate, gated_rms_norm
 from pipeline.model.portable.ssd import ssd_scan
 
 
@@ -20,7 +20,7 @@ def mamba2_mix(
     dt_bias_H: torch.Tensor,
     A_log_H: torch.Tensor,
     D_H: torch.Tensor,
-    norm_weight_D: torch.Tensor,
+    norm_weight_D: torch.Tensor | None,
     *,
     nheads: int,
     headdim: int,
@@ -33,6 +33,7 @@ def mamba2_mix(
     """Split in_proj's output into [z, x, B, C, dt], causal conv + SiLU over [x, B, C], SSD scan
     (A = -exp(A_log), dt = softplus(dt + dt_bias), no dt clamping, y += D*x), then
     RMSNorm(y * silu(z)) per group of D // ngroups channels. Returns y_BLD in zxbcdt's dtype.
+    Without `norm_weight_D`, returns y * silu(z) (context parallelism normalises later).
 
     `seq_idx_BL` (nondecreasing document index per token) resets conv and SSM state at document
     starts, as megatron-core does for packed (THD) sequences.
@@ -62,6 +63,7 @@ def mamba2_mix(
         dt_softplus=True,
         seq_idx_BL=seq_idx_BL,
     )
-    return gated_rms_norm(
-        y_BLHP.reshape(batch, length, inner), z_BLD, norm_weight_D, inner // ngroups, eps
-    )
+    y_BLD = y_BLHP.reshape(batch, length, inner)
+    if norm_weight_D is None:
+        return gate(y_BLD, z_BLD)
+    return gated_rms_norm(y_BLD, z_BLD, norm_weight_D, inner // ngroups, eps)

@@ -1,0 +1,228 @@
+"""Import a Megatron-LM, NeMo 2 or Megatron-Bridge checkpoint as a pipeline checkpoint.
+
+    python pipeline/convert.py import-megatron SRC OUT_DIR [--source-kind K] [--weights-only] [parallel.tp=2 ...]
+
+writes
+    OUT_DIR/checkpoints/step_N/   N = the source's iteration; meta.json records the source
+    OUT_DIR/model/NAME.yaml       the model config, a Hydra `model` option
+
+With the optimizer state (a `fully_reshardable` distributed-optimizer state, and no --weights-only)
+OUT_DIR is a run directory that training resumes like one of its own, at any layout:
+    python -m pipeline.train hydra.searchpath=[file://OUT_DIR] model=NAME run_dir=OUT_DIR
+otherwise it holds weights only, to start from:
+    python -m pipeline.train hydra.searchpath=[file://OUT_DIR] model=NAME checkpoint.init_from=OUT_DIR
+
+The pipeline's checkpoints use megatron-core's sharded keys, as the sources do (NeMo 2 adds
+`module.`), so each rank builds its part of the model (and optimizer) at the requested TP/PP, asks
+`dist_checkpointing.load` for the source's keys, and saves. The scheduler continues at the source's
+iteration counted in steps (Megatron-LM counts samples); the data position is the step, as in the
+pipeline's own runs; RNG states are not carried over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import (
+    EXIT_USER_ERROR,
+    CheckpointError,
+    ConversionError,
+    PipelineError,
+    UnsafeCheckpointError,
+    find_cause,
+)
+from pipeline.fs import replace_dir, temporary_sibling
+from pipeline.migrate.source import Source, open_source
+from pipeline.model.config import ModelConfig, write_model_option
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """What an import wrote, and how to continue from it."""
+
+    out_dir: Path
+    checkpoint: Path
+    model: ModelConfig
+    source: Source
+    with_optimizer: bool
+    notes: list[str]
+
+
+def import_run_config(source: Source, overrides: list[str], out_dir: Path):
+    """The RunConfig the import builds and saves with: the overrides (parallel.*, precision, optim.*,
+    train.*) with the source's model and, unless overridden, its precision."""
+    from pipeline.config import load_run_config
+
+    if any(o.lstrip("+~").startswith("model") for o in overrides):
+        raise ConversionError("model.* overrides are not allowed: the model comes from the source checkpoint")
+    precision = [] if any(o.startswith("precision=") for o in overrides) else [f"precision={source.precision}"]
+    run = load_run_config([*precision, *overrides])
+    if source.model.padded_vocab_size % run.parallel.tp:
+        raise ConversionError(f"parallel.tp={run.parallel.tp} does not divide the source's {source.model.vocab_size} "
+                              f"embedding rows; use a parallel.tp that divides it")
+    train = dataclasses.replace(run.train, seq_length=min(run.train.seq_length, source.model.seq_length))
+    return dataclasses.replace(run, model=source.model, train=train, run_dir=str(out_dir))
+
+
+def source_keys(sharded_state: dict, prefix: str, renamed: dict[str, str]) -> dict:
+    """`sharded_state` with every sharded key as the source stored it (in place): `prefix` before the
+    model key (also inside the optimizer's `optimizer.state.<kind>.<model key>`), aliases applied."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    for value in nested_values(sharded_state):
+        if not hasattr(value, "key"):
+            continue
+        head = ""
+        if value.key.startswith("optimizer.state."):
+            kind, _, key = value.key[len("optimizer.state."):].partition(".")
+            head = f"optimizer.state.{kind}."
+        else:
+            key = value.key
+        value.key = head + prefix + renamed.get(key, key)
+    return sharded_state
+
+
+def load_source(source: Source, sharded_state: dict) -> dict:
+    """`dist_checkpointing.load` of the source's keys (pickles through the allow-list)."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from pipeline.checkpoint import safe_checkpoint_loading
+    from pipeline.checkpoint.load import drop_missing_extra_state
+    from pipeline.migrate.source import _tensor_shapes
+
+    keys = set(_tensor_shapes(source.ckpt_dir))
+    sharded_state = drop_missing_extra_state(source_keys(sharded_state, source.prefix, source.renamed), keys)
+    try:
+        with safe_checkpoint_loading():
+            return dist_checkpointing.load(sharded_state, str(source.ckpt_dir))
+    except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
+        unsafe = find_cause(exc, lambda e: isinstance(e, UnsafeCheckpointError))
+        if unsafe is not None:
+            raise unsafe from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise CheckpointError(f"cannot load {source.ckpt_dir}: {type(exc).__name__}: {first}") from exc
+
+
+def save_imported(run, source: Source, tmp_root: Path, with_optimizer: bool) -> None:
+    """All ranks: build the model (and optimizer) at run.parallel, load the source into them and save
+    checkpoint step_<iteration> under tmp_root/checkpoints."""
+    from omegaconf import OmegaConf
+
+    from pipeline import checkpoint as ckpt
+    from pipeline.distributed import distributed
+    from pipeline.model.build import build_model, virtual_stages
+    from pipeline.training.optim import build_optimizer, build_scheduler
+    from pipeline.training.prepare import build_training_chunks, gather_params
+    from pipeline.training.state import TrainState, _adopt_configured_schedule, checkpoint_meta, sharded_state
+
+    run_yaml = OmegaConf.to_yaml(OmegaConf.structured(run))
+    with distributed(run.parallel, virtual_stages(run.model, run.parallel), run.device) as world:
+        state = TrainState(step=source.iteration)
+        meta = dataclasses.replace(
+            # The source's tokenizer is not the pipeline's default: training names one (data.tokenizer).
+            checkpoint_meta(run, state, world), tokenizer=None, weights_only=not with_optimizer,
+            source=str(source.path.resolve()), imported_from=source.record(),
+        )
+        if not with_optimizer:
+            chunks = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
+            ckpt.apply_model_state(chunks, load_source(source, ckpt.model_sharded_state(chunks)))
+            ckpt.save_checkpoint(tmp_root / "checkpoints", source.iteration, ckpt.model_sharded_state(chunks),
+                                 meta, run_yaml)
+            return
+        chunks = build_training_chunks(run.model, run.parallel, run.precision, run.train, world.device)
+        optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
+        scheduler = build_scheduler(optimizer, run.optim, run.train.iters)
+        model_state = ckpt.model_sharded_state(chunks)
+        wanted = {**model_state, "optimizer": ckpt.optimizer_sharded_state(optimizer, model_state, loading=True)}
+        loaded = load_source(source, wanted)
+        ckpt.apply_model_state(chunks, loaded)
+        _adopt_configured_schedule(loaded["optimizer"], optimizer)
+        ckpt.load_optimizer_state(optimizer, loaded["optimizer"])
+        # The schedule continues where the source's left off, in steps (Megatron-LM counts samples).
+        scheduler.step(increment=source.iteration)
+        gather_params(chunks)
+        full = sharded_state(chunks, optimizer, scheduler, state, world, with_rng=True, loading=False)
+        ckpt.save_checkpoint(tmp_root / "checkpoints", source.iteration, full, meta, run_yaml)
+
+
+def _launch_workers(nproc: int, args: list[str]) -> None:
+    """Run `main` on nproc local processes with torchrun; ConversionError with the log tail on failure."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "pipeline.migrate.import_", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        said = [line[len("error: "):] for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        if said:  # a worker's own one-line error (`main`)
+            raise ConversionError(said[0])
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-20:]
+        raise ConversionError(f"import workers failed (exit {proc.returncode}): " + " | ".join(tail))
+
+
+def import_megatron(
+    src: str | Path,
+    out_dir: str | Path,
+    overrides: list[str] = (),
+    source_kind: str | None = None,
+    weights_only: bool = False,
+    overwrite: bool = False,
+    name: str | None = None,
+) -> MigrationResult:
+    """Import SRC into OUT_DIR (module docstring). Every check runs before anything is written; on
+    failure OUT_DIR is untouched."""
+    from pipeline.hf.export import check_out_dir
+    from pipeline.hf.import_ import default_name
+
+    src = Path(src)
+    source = open_source(src, source_kind, name or default_name(src if src.name != "weights" else src.parent))
+    out_dir = check_out_dir(Path(out_dir), overwrite, src)
+    run = import_run_config(source, list(overrides), out_dir)
+    notes = []
+    with_optimizer = source.resumable and not weights_only
+    if not weights_only and not source.resumable:
+        what = ("no optimizer state" if source.optimizer_format is None else
+                f"optimizer state in the {source.optimizer_format} format, which loads only at its own layout")
+        notes.append(f"{src} has {what}: imported the weights only; start from them with checkpoint.init_from")
+    tmp = temporary_sibling(out_dir)
+    try:
+        nproc = run.parallel.tp * run.parallel.pp
+        if nproc == 1:
+            save_imported(run, source, tmp, with_optimizer)
+        else:
+            _launch_workers(nproc, [str(src), str(tmp), str(out_dir), source.kind, source.model.name,
+                                    "1" if with_optimizer else "0", *overrides])
+        write_model_option(source.model, tmp, f"Imported from {source.kind} checkpoint {source.path.resolve()} "
+                                              f"(iteration {source.iteration}) by pipeline/convert.py import-megatron.")
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    from pipeline.checkpoint import latest_checkpoint
+
+    return MigrationResult(out_dir=out_dir, checkpoint=latest_checkpoint(out_dir / "checkpoints"), model=source.model,
+                           source=source, with_optimizer=with_optimizer, notes=notes)
+
+
+def main(argv: list[str]) -> None:
+    """torchrun worker: SRC TMP_ROOT FINAL_ROOT KIND NAME WITH_OPTIMIZER [overrides...] (from `import_megatron`)."""
+    src, tmp_root, final_root, kind, name, with_optimizer, *overrides = argv
+    try:
+        source = open_source(Path(src), kind, name)
+        run = import_run_config(source, overrides, Path(final_root))
+        save_imported(run, source, Path(tmp_root), with_optimizer == "1")
+    except PipelineError as error:  # one line for `_launch_workers` to pass on
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

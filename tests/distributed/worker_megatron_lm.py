@@ -1,0 +1,240 @@
+"""Write a genuine Megatron-LM checkpoint with the megatron-core wheel's own `megatron/training` (its
+`parse_args`, `validate_args` and `save_checkpoint`), on CPU, as `pretrain_hybrid.py` would at the end
+of a run: a tiny hybrid model, a few AdamW steps on fixed batches, then the save. Used by
+tests/distributed/test_import_megatron.py as the source to import.
+
+    python tests/distributed/worker_megatron_lm.py OUT_DIR [megatron flags...]          # TP1/PP1
+    torchrun --nproc_per_node=4 tests/distributed/worker_megatron_lm.py OUT_DIR --tensor-model-parallel-size 2 \
+        --pipeline-model-parallel-size 2 --hybrid-layer-pattern "M-M*|-M-"
+    python tests/distributed/worker_megatron_lm.py check IMPORTED REFERENCE RESULT [overrides...]
+
+Writes OUT_DIR/ckpt (the Megatron-LM save dir), the same weights as NeMo 2 stores them (NEMO_DIR/weights)
+and OUT_DIR/reference.pt (rank 0): the batch that
+follows the saved iteration and the loss megatron's forward gives on it at the saved weights, and the
+loss after one more step on it (the optimizer continuing).
+
+The model is the pipeline's portable HybridModel (same parameter names and checkpoint keys as
+megatron's TE spec), built at the layout the flags name. megatron/training assumes a GPU in two
+places the save passes: `torch.cuda.get_rng_state` (the RNG state it stores; a CPU stand-in here) and
+the CUDA RNG tracker's states (empty on CPU); and validate_args asks the GPU's architecture when tp > 1.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+# Megatron-LM's defaults where our tiny config does not say otherwise; flags the test passes win.
+TINY_FLAGS = [
+    "--hybrid-layer-pattern", "M-M*-M-",
+    "--hidden-size", "128", "--ffn-hidden-size", "512",
+    "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2", "--kv-channels", "32",
+    "--mamba-num-heads", "16", "--mamba-head-dim", "16", "--mamba-num-groups", "2", "--mamba-state-dim", "16",
+    "--seq-length", "64", "--max-position-embeddings", "64", "--position-embedding-type", "none",
+    "--normalization", "RMSNorm", "--disable-bias-linear", "--squared-relu",
+    "--untie-embeddings-and-output-weights", "--attention-dropout", "0", "--hidden-dropout", "0",
+    "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "10",
+    "--lr", "1e-3", "--min-lr", "1e-3", "--lr-decay-style", "constant", "--weight-decay", "0.1",
+    "--clip-grad", "1.0", "--init-method-std", "0.02",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "4095",
+    "--ckpt-format", "torch_dist", "--use-distributed-optimizer",
+    "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
+    "--no-bias-dropout-fusion", "--use-cpu-initialization",
+    "--transformer-impl", "local", "--seed", "1234", "--save-interval", "2",
+]
+STEPS = 2
+NEMO_DIR = f"nemo/tiny--val_loss=7.0-step={STEPS}-consumed_samples=8"
+MICRO = 2
+"""Optimizer steps before the save (the Adam moments are then not trivial)."""
+
+
+def batch(step: int, args, rank_of_dp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch for `step` (this data-parallel rank's micro-batch): tokens, labels."""
+    g = torch.Generator().manual_seed(1000 + step)
+    full = torch.randint(0, args.vocab_size, (args.global_batch_size, args.seq_length + 1), generator=g)
+    mine = full.chunk(args.data_parallel_size)[rank_of_dp]
+    return mine[:, :-1].contiguous(), mine[:, 1:].contiguous()
+
+
+def main(out: Path, flags: list[str]) -> None:
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.training import arguments
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.checkpointing import save_checkpoint
+    from megatron.training.global_vars import set_global_variables
+
+    from pipeline.distributed import ParallelConfig, distributed
+    from pipeline.model.build import build_model
+    from pipeline.model.config import ModelConfig
+    from pipeline.model.precision import PrecisionConfig
+
+    sys.argv = ["pretrain_hybrid.py", *TINY_FLAGS, "--save", str(out / "ckpt"), *flags]
+    # validate_args asks the GPU's architecture with tp > 1 (only to choose what to warn about).
+    arguments.get_device_arch_version = lambda: 9
+    args = parse_args()
+    validate_args(args, {})
+    set_global_variables(args, build_tokenizer=True)  # pads the vocabulary as Megatron-LM does (128 * TP)
+    parallel = ParallelConfig(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size)
+    torch.cuda.get_rng_state = lambda device="cuda": torch.zeros(16, dtype=torch.uint8)
+    with distributed(parallel, None, "cpu"):
+        model = ModelConfig(
+            name="megatron", pattern=args.hybrid_layer_pattern, hidden_size=args.hidden_size,
+            ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=args.num_attention_heads,
+            num_query_groups=args.num_query_groups, kv_channels=args.kv_channels,
+            mamba_num_heads=args.mamba_num_heads, mamba_head_dim=args.mamba_head_dim,
+            mamba_num_groups=args.mamba_num_groups, mamba_state_dim=args.mamba_state_dim,
+            vocab_size=args.padded_vocab_size, make_vocab_size_divisible_by=args.padded_vocab_size,
+            seq_length=args.seq_length, mamba_chunk_size=128,
+        )
+        chunks = build_model(model, parallel, PrecisionConfig(name="fp32", params_dtype="fp32"), args.seed,
+                             torch.device("cpu"))
+        ddp = [DistributedDataParallel(chunks[0].config, DistributedDataParallelConfig(
+            use_distributed_optimizer=True, grad_reduce_in_fp32=True), chunks[0])]
+        optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+            use_distributed_optimizer=True, params_dtype=torch.float32), ddp)
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=args.lr, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=0,
+            lr_decay_steps=args.train_iters * args.global_batch_size, lr_decay_style="constant",
+            start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
+        dp_rank = parallel_state.get_data_parallel_rank()
+        for step in range(STEPS + 1):
+            loss = train_step(ddp, optimizer, batch(step, args, dp_rank), update=step < STEPS)
+            if step < STEPS:
+                scheduler.step(args.global_batch_size)
+        save_checkpoint(STEPS, ddp, optimizer, scheduler, 0)
+        save_nemo_weights(chunks[0], out / NEMO_DIR / "weights")
+        # The loss on the next batch at the saved weights, then after one more step on it.
+        next_loss = loss
+        train_step(ddp, optimizer, batch(STEPS, args, dp_rank), update=True)
+        after = train_step(ddp, optimizer, batch(STEPS + 1, args, dp_rank), update=False)
+        writer = (parallel_state.is_pipeline_last_stage(ignore_virtual=True) and dp_rank == 0
+                  and parallel_state.get_tensor_model_parallel_rank() == 0)
+        if writer:  # the losses are known on the last stage
+            torch.save({"loss": next_loss, "loss_after_step": after, "step": STEPS,
+                        "batches": [batch(s, args, 0) for s in (STEPS, STEPS + 1)]}, out / "reference.pt")
+
+
+def save_nemo_weights(model, weights: Path) -> None:
+    """The same weights as NeMo 2 stores them: torch_dist, every key prefixed `module.` (no optimizer:
+    NeMo 2 recipes save it in the fully_sharded_model_space format)."""
+    from megatron.core import dist_checkpointing
+
+    from pipeline.migrate.import_ import source_keys
+
+    if torch.distributed.get_rank() == 0:
+        weights.mkdir(parents=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(source_keys({"model": model.sharded_state_dict()}, "module.", {}), str(weights))
+
+
+def train_step(ddp, optimizer, tokens_labels, update: bool) -> float | None:
+    """Megatron's forward (and, with `update`, backward and optimizer step) on one batch; the mean loss
+    over the global batch on the last pipeline stage (None elsewhere)."""
+    from functools import partial
+
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    tokens, labels = tokens_labels
+    module = ddp[0]
+
+    def forward_step(iterator, model):
+        t, lab = next(iterator)
+        position_ids = torch.arange(t.shape[1]).unsqueeze(0).expand_as(t)
+        out = model(t, position_ids, None, labels=lab)
+
+        def loss_func(per_token):
+            return per_token.float().mean(), {"loss": per_token.float().mean().detach()}
+
+        return out, partial(loss_func)
+
+    for m in ddp:
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
+    micro = list(zip(tokens.split(MICRO), labels.split(MICRO), strict=True))
+    results = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro), model=ddp, num_microbatches=len(micro),
+        seq_length=tokens.shape[1], micro_batch_size=MICRO, forward_only=not update)
+    if update:
+        optimizer.step()
+    loss = None
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        local = torch.stack([r["loss"] for r in results]).mean()
+        torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
+        loss = (local / parallel_state.get_data_parallel_world_size()).item()
+    return loss if module is not None else None
+
+
+def check(imported: Path, reference: Path, result: Path, overrides: list[str]) -> None:
+    """Resume the import as `run_dir=` does (pipeline.training.state; a weights-only import: start from it
+    as `checkpoint.init_from=` does) at the layout of `overrides`, run
+    the pipeline's own train step on the reference batch and evaluate the next one; write both losses
+    (rank 0) to `result` as JSON."""
+    import json
+
+    from megatron.core import parallel_state
+
+    from pipeline.checkpoint import latest_checkpoint, read_meta
+    from pipeline.config import load_run_config
+    from pipeline.distributed import distributed
+    from pipeline.model.build import virtual_stages
+    from pipeline.training.batches import ModelInputs
+    from pipeline.training.optim import build_optimizer, build_scheduler
+    from pipeline.training.prepare import build_training_chunks
+    from pipeline.training.state import pick_checkpoint, resume
+    from pipeline.training.step import eval_step, train_step
+
+    ref = torch.load(reference)
+    name = next((imported / "model").glob("*.yaml")).stem
+    # A weights-only import is started from (checkpoint.init_from), a full one resumed (run_dir).
+    weights_only = read_meta(latest_checkpoint(imported / "checkpoints")).weights_only
+    start = [f"run_dir={result.parent / 'run'}", f"checkpoint.init_from={imported}"] if weights_only else [
+        f"run_dir={imported}"]
+    run = load_run_config([f"hydra.searchpath=[file://{imported}]", f"model={name}", *start,
+                           "precision=fp32", *RESUME_OPTIM, *overrides])
+
+    class Log:
+        def info(self, message):
+            print(message, flush=True)
+
+    with distributed(run.parallel, virtual_stages(run.model, run.parallel), "cpu") as world:
+        chunks = build_training_chunks(run.model, run.parallel, run.precision, run.train, world.device)
+        optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
+        scheduler = build_scheduler(optimizer, run.optim, run.train.iters)
+        state = resume(run, pick_checkpoint(run, world), chunks, optimizer, scheduler, world, Log())
+        dp, dp_rank = world.dp, parallel_state.get_data_parallel_rank()
+
+        def inputs(tokens, labels):
+            mine = zip(tokens.chunk(dp)[dp_rank].split(MICRO), labels.chunk(dp)[dp_rank].split(MICRO), strict=True)
+            return [ModelInputs(t, torch.arange(t.shape[1]).expand_as(t), lab, torch.ones_like(lab, dtype=torch.float),
+                                None) for t, lab in mine]
+
+        first = train_step(chunks, optimizer, scheduler, inputs(*ref["batches"][0]), world.device)
+        after = eval_step(chunks, inputs(*ref["batches"][1]), world.device)["lm loss"]
+        if world.rank == 0:
+            result.write_text(json.dumps({"step": state.step, "loss": first.loss, "loss_after_step": after}))
+
+
+RESUME_OPTIM = ["optim.lr=1e-3", "optim.min_lr=1e-3", "optim.schedule=constant", "optim.warmup_iters=0",
+                "optim.weight_decay=0.1", "optim.clip_grad=1.0", "optim.beta1=0.9", "optim.beta2=0.999",
+                "optim.eps=1e-8", "train.global_batch_size=4", f"train.micro_batch_size={MICRO}", "train.iters=10",
+                "train.seq_length=64"]
+"""The fixture's optimizer settings (TINY_FLAGS), for the step after the import."""
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # what Megatron-LM's launch scripts set for tp > 1
+    if sys.argv[1] == "check":
+        check(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5:])
+    else:
+        main(Path(sys.argv[1]), sys.argv[2:])
