@@ -151,7 +151,7 @@ def _validate_phases(run: RunConfig) -> None:
             raise ConfigError(f"data.phases[{i}].lr_decay=true sets WSD's decay length itself; remove "
                               f"optim.wsd_decay_iters={run.optim.wsd_decay_iters}")
         cp = run.parallel.cp
-        if phase.seq_length is not None and phase.seq_length % (2 * cp):
+        if phase.seq_length is not None and cp > 1 and phase.seq_length % (2 * cp):
             raise ConfigError(f"data.phases[{i}].seq_length={phase.seq_length} not divisible by "
                               f"2*parallel.cp={2 * cp}; use a multiple of {2 * cp}")
         fixed = [name for name, on in (("train.cuda_graphs", run.train.cuda_graphs),

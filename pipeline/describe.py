@@ -139,6 +139,9 @@ def format_report(run: RunConfig, world_size: int, world_size_source: str) -> st
     mem = sizes.memory_estimate(m, par, train, prec, dp)
     optimizer_note = (f"sharded over dp={dp}" + (f" x cp={par.cp}" if par.cp > 1 else "")
                       if par.distributed_optimizer else "not sharded")
+    if par.distributed_optimizer and counts["moe"]:
+        expert_dp = dp * par.cp * par.tp // (par.ep * par.etp)
+        optimizer_note += f"; routed experts over expert dp={expert_dp}"
     lines.append(
         f"memory     per GPU, ESTIMATE for pipeline rank {mem.pp_rank} (the largest); "
         f"{format_count(mem.params)} parameters on it; excludes CUDA context, comm buffers, fragmentation"

@@ -349,7 +349,7 @@ class _KeptImportance:
             MAMBA: [("mamba_heads", w["mamba_heads_per_group"], p.mamba_num_groups),
                     ("mamba_channels", w["mamba_head_dim"], 1)],
             # Expert neurons within each expert (over all of the parent's experts: a proxy).
-            MOE: [("experts", w["num_experts"], p.moe.num_groups or 1),
+            MOE: [("experts", w["num_experts"] // (p.moe.num_groups or 1), p.moe.num_groups or 1),  # per group
                   ("expert_ffn", w["moe_ffn_hidden_size"], p.moe.num_experts)]
             + ([("shared_ffn", w["shared_ffn_hidden_size"], 1)] if p.moe.shared_ffn_hidden_size else []),
         }

@@ -212,8 +212,8 @@ class SentencePieceTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A Hugging Face fast tokenizer: `tokenizer.json`, or a directory with it and tokenizer_config.json
     (whose eos_token is the EOD). Encoding runs single-threaded: preprocessing parallelises over
-    processes. `gigatoken`: use it where it is exact (pipeline.data.gigatoken_encoder), rebuilt every
-    `reload_chars` characters."""
+    processes. `gigatoken`: use it where it is exact (pipeline.data.gigatoken_encoder), rebuilt when its
+    caches have grown, or after `reload_chars` characters."""
 
     kind = "huggingface"
 

@@ -156,6 +156,7 @@ def to_model_inputs(batch: dict, eod: int, packed_documents: bool, device: torch
             max_seqlen_kv=max_len, total_tokens=int(bounds[-1]),
             cu_seqlens_q_padded=None if cu_padded is None else cu_padded.to(device),
             cu_seqlens_kv_padded=None if cu_padded is None else cu_padded.to(device),
+            pad_between_seqs=True if cu_padded is not None else None,
         )
     return ModelInputs(
         tokens=tokens_BL.to(device),

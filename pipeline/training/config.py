@@ -180,5 +180,7 @@ def validate_recompute(train: TrainConfig, layers: str, chunk_layers: list[int],
             raise ConfigError("train.recompute_modules has shared_experts and model.moe.shared_ffn_hidden_size=0 "
                               "(no shared expert); remove shared_experts")
         if name in ("moe_act", "layernorm") and fp8_recipe == "delayed":
-            raise ConfigError(f"train.recompute_modules has {name}, which megatron-core cannot recompute under "
-                              f"delayed FP8 scaling; remove it or use precision=fp8_tensorwise")
+            where = "train.recompute_modules has" if train.recompute_modules is not None else \
+                "train.recompute=selective (its default modules) includes"
+            raise ConfigError(f"{where} {name}, which megatron-core cannot recompute under delayed FP8 scaling; "
+                              f"list train.recompute_modules without it or use precision=fp8_tensorwise")

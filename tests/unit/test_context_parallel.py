@@ -62,6 +62,9 @@ BAD = {
     "cuda graphs": (["parallel.cp=2", "train.cuda_graphs=true"], ["parallel.cp", "train.cuda_graphs"]),
     "packed with pp": (["parallel.cp=2", "parallel.pp=2"], ["parallel.pp=1", "train.packed_documents=false"]),
     "cp < 1": (["parallel.cp=0"], ["parallel.cp=0"]),
+    "phase sequence % 2cp": (["parallel.cp=2", "data.phases=[{name: a, start_step: 0}, "
+                                               "{name: b, start_step: 2, seq_length: 250}]"],
+                             ["data.phases[1].seq_length=250", "2*parallel.cp=4"]),
 }
 
 

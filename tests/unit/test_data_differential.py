@@ -101,3 +101,22 @@ def test_huggingface_matches_library(tmp_path, texts, strings, kind, gigatoken):
     assert got == expected, first_difference(got, expected, strings)
     uses_gigatoken = kind != "sentencepiece_export" and gigatoken and gigatoken_version() is not None
     assert ours.encoder.startswith("gigatoken") == uses_gigatoken, ours.encoder
+
+
+def test_gigatoken_is_rebuilt_when_the_process_grows(tmp_path, texts, strings, monkeypatch):
+    """The memory bound: past `cache_bytes` of growth since the last build (here any growth at all, the
+    resident size faked to grow by a page per call) the encoder is rebuilt, and the ids stay exact."""
+    from pipeline.data import gigatoken_encoder
+
+    pages = iter(range(1, 10**6))
+    monkeypatch.setattr(gigatoken_encoder, "resident_bytes", lambda: next(pages) * 4096)
+    directory = byte_level_bpe(texts, str(tmp_path), llama3=False)
+    spec = open(os.path.join(directory, "tokenizer.json"), "rb").read()
+    encoder = gigatoken_encoder.GigatokenEncoder(spec, cache_bytes=0)
+    builds = []
+    monkeypatch.setattr(encoder, "_build", lambda original=encoder._build: builds.append(1) or original())
+    reference = gigatoken_encoder.GigatokenEncoder(spec, cache_bytes=1 << 40)
+    for start in range(0, 40, 10):
+        got, want = encoder.encode(strings[start:start + 10]), reference.encode(strings[start:start + 10])
+        assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
+    assert len(builds) == 4, "rebuilt before every batch once the process grew"

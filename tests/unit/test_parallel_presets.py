@@ -101,3 +101,9 @@ def test_bf16_gradient_buffers_halve_the_gradient_memory():
     bf16 = dataclasses.replace(run.parallel, grad_reduce_dtype="bf16")
     half = sizes.memory_estimate(run.model, bf16, run.train, run.precision, 32)
     assert half.grads * 2 == fp32.grads == fp32.params * 4
+
+
+def test_describe_names_the_expert_data_parallel_sharding():
+    """Nemotron 3 Nano on 16 GPUs at EP8: dense optimizer state over DP16, the routed experts' over 16 / 8 = 2."""
+    report = format_report(load("nemotron3_nano_30b_a3b_16gpu"), 16, "test")
+    assert "sharded over dp=16; routed experts over expert dp=2" in report, report

@@ -339,7 +339,7 @@ class PortableMambaMixer(MambaMixer):
         cp, rank = self.cp_group.size(), self.cp_group.rank()
         heads, groups, state = self.nheads_local_tp, self.ngroups_local_tp, self.d_state
         inner = self.d_inner_local_tp
-        # Groups with fewer than CP members are repeated: each rank gets the one of its heads.
+        # Fewer groups than CP ranks: B and C of each group are repeated, so every rank gets its heads' group.
         repeat = cp // groups if groups < cp else 1
         groups_cp = max(groups // cp, 1)
         cu_padded = _cu_padded(packed_seq_params)
