@@ -27,6 +27,7 @@ from pipeline.model.init import global_param_names
 from pipeline.model.precision import PrecisionConfig
 from pipeline.model.sizes import active_param_count, param_counts
 from pipeline.training.batches import ModelInputs
+from tests.unit.compress_parents import logits, spread_norms
 from tests.unit.compress_scores import random_scores
 
 MOE_LAYERS = (1, 3)
@@ -42,12 +43,6 @@ PARENT = [
 ]
 
 
-def _logits(chunk, tokens):
-    chunk.eval()
-    with torch.no_grad():
-        return chunk(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None).float()
-
-
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory):
     """(run, chunk, saved original state, checkpoint step dir, reader, tokens, world) in a world of one."""
@@ -55,12 +50,8 @@ def parent(tmp_path_factory):
     with distributed(run.parallel, None, "cpu") as world:
         (chunk,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         gen = torch.Generator().manual_seed(5)
+        spread_norms(chunk, gen)
         with torch.no_grad():
-            for name, p in chunk.named_parameters():
-                if name.endswith(("norm.weight", "layer_norm_weight", "mixer.D")):
-                    p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-                elif name.endswith("mixer.in_proj.weight"):
-                    p.mul_(6)
             for i in MOE_LAYERS:  # a trained-looking bias: it changes which experts win
                 chunk.decoder.layers[i].mlp.router.expert_bias.copy_(0.2 * torch.randn(6, generator=gen))
         root = tmp_path_factory.mktemp("moe_parent")
@@ -98,7 +89,7 @@ def test_expert_importance_equals_a_hand_computation(parent):
         lambda m, a, out, i=i: normed.__setitem__(i, out.detach().reshape(-1, out.shape[-1])))
         for i in MOE_LAYERS]
     try:
-        _logits(chunk, tokens)
+        logits(chunk, tokens)
     finally:
         for h in hooks:
             h.remove()
@@ -150,7 +141,7 @@ def _masked_logits(parent, mask):
     with torch.no_grad():
         mask(tensors)
     try:
-        return _logits(chunk, parent["tokens"])
+        return logits(chunk, parent["tokens"])
     finally:
         chunk.load_state_dict(parent["state"], strict=False)
 
@@ -213,9 +204,9 @@ def test_pruned_moe_model_equals_the_parent_without_those_units(parent, case):
     student; neurons, layers, hidden channels: the parent with them masked equals the student."""
     mask, kept = CASES[case]
     plan = make_plan(parent["run"].model, **kept)
-    student = _logits(_student(parent, plan), parent["tokens"])
+    student = logits(_student(parent, plan), parent["tokens"])
     masked = _masked_logits(parent, mask)
-    full = _logits(parent["chunk"], parent["tokens"])
+    full = logits(parent["chunk"], parent["tokens"])
     assert (masked - full).abs().max() > 1e-3 * full.abs().max(), f"masking {case} did not change the parent"
     err = ((student - masked).abs().max() / masked.abs().max()).item()
     assert err < 2e-5, f"{case}: pruned model differs from the parent without those units by {err:.2e}"
@@ -248,7 +239,7 @@ def test_pruned_checkpoint_keeps_the_best_experts_with_their_router_rows_and_bia
     assert run.model == plan.student
     (chunk,) = build_model(run.model, run.parallel, run.precision, run.train.seed, parent["world"].device)
     ckpt.load_model(step, [chunk])  # strict
-    assert torch.equal(_logits(chunk, parent["tokens"]), _logits(_student(parent, plan), parent["tokens"]))
+    assert torch.equal(logits(chunk, parent["tokens"]), logits(_student(parent, plan), parent["tokens"]))
     assert sum(p.numel() for p in chunk.parameters()) == param_counts(plan.student)["total"]
     assert dict(shape for shape in params.checkpoint_shapes(plan.student).items()) == {
         k: tuple(t.shape) for k, t in prune_tensors(get, m, plan)}
@@ -318,7 +309,7 @@ def test_modelopt_parent_with_sequential_experts_loads_the_same_checkpoint(paren
     (chunk,) = build_model(run.model, run.parallel, run.precision, run.train.seed, parent["world"].device, spec=spec)
     assert type(chunk.decoder.layers[1].mlp.experts).__name__ == "SequentialMLP"
     ckpt.load_model(parent["step_dir"], [chunk])
-    torch.testing.assert_close(_logits(chunk, parent["tokens"]), _logits(parent["chunk"], parent["tokens"]),
+    torch.testing.assert_close(logits(chunk, parent["tokens"]), logits(parent["chunk"], parent["tokens"]),
                                rtol=1e-5, atol=1e-5)
 
 

@@ -31,6 +31,7 @@ from pipeline.model import params
 from pipeline.model.build import build_model
 from pipeline.model.init import global_param_names, load_full_tensors
 from pipeline.model.sizes import param_counts
+from tests.unit.compress_parents import logits, spread_norms
 from tests.unit.compress_scores import random_scores
 
 PARENT = [
@@ -43,12 +44,6 @@ PARENT = [
 # Layers of M*-M-*: 0 M, 1 *, 2 -, 3 M, 4 -, 5 *.
 
 
-def _logits(chunk, tokens):
-    chunk.eval()
-    with torch.no_grad():
-        return chunk(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None).float()
-
-
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory):
     """(run, chunk, saved original state, checkpoint step dir, reader, tokens) inside a world of one."""
@@ -56,12 +51,7 @@ def parent(tmp_path_factory):
     with distributed(run.parallel, None, "cpu") as world:
         (chunk,) = build_model(run.model, run.parallel, run.precision, run.train.seed, world.device)
         gen = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for name, p in chunk.named_parameters():
-                if name.endswith(("norm.weight", "layer_norm_weight", "mixer.D")):
-                    p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-                elif name.endswith("mixer.in_proj.weight"):
-                    p.mul_(6)  # gated-norm inputs far above its fixed epsilon (1e-5)
+        spread_norms(chunk, gen)
         root = tmp_path_factory.mktemp("parent")
         meta = ckpt.CheckpointMeta(step=7, model=dataclasses.asdict(run.model),
                                    parallel={"tp": 1, "pp": 1, "dp": 1, "world_size": 1})
@@ -76,7 +66,7 @@ def _student_logits(parent, plan):
     run = dataclasses.replace(parent["run"], model=plan.student)
     (chunk,) = build_model(run.model, run.parallel, run.precision, run.train.seed, parent["world"].device)
     load_full_tensors([chunk], lambda key: prune_tensor(parent["reader"].get, plan, key))
-    return _logits(chunk, parent["tokens"])
+    return logits(chunk, parent["tokens"])
 
 
 def _masked_logits(parent, mask):
@@ -85,7 +75,7 @@ def _masked_logits(parent, mask):
     with torch.no_grad():
         mask(global_param_names(chunk), parent["run"].model)
     try:
-        return _logits(chunk, parent["tokens"])
+        return logits(chunk, parent["tokens"])
     finally:
         with torch.no_grad():
             for name, p in chunk.named_parameters():
@@ -175,7 +165,7 @@ def test_pruned_model_equals_parent_with_those_units_masked(parent, case):
 
 def test_masking_changes_the_parent(parent):
     """The comparisons above would pass vacuously if masking did nothing."""
-    full = _logits(parent["chunk"], parent["tokens"])
+    full = logits(parent["chunk"], parent["tokens"])
     for case, (mask, _) in CASES.items():
         masked = _masked_logits(parent, mask)
         assert (masked - full).abs().max() > 1e-3 * full.abs().max(), f"masking {case} did not change the logits"
@@ -213,7 +203,7 @@ class _Unscaled:
 
 def test_pruning_to_the_parents_own_sizes_is_the_identity(parent):
     plan = keep_plan(parent["run"].model, random_scores(parent["run"].model), Candidate())
-    assert torch.equal(_student_logits(parent, plan), _logits(parent["chunk"], parent["tokens"]))
+    assert torch.equal(_student_logits(parent, plan), logits(parent["chunk"], parent["tokens"]))
 
 
 def test_pruned_tensors_have_the_shapes_the_student_config_implies(parent):
@@ -255,7 +245,7 @@ def test_pruned_checkpoint_loads_strictly_and_its_parameter_count_is_exact(paren
     assert run.model == plan.student
     (chunk,) = build_model(run.model, run.parallel, run.precision, run.train.seed, parent["world"].device)
     ckpt.load_model(step, [chunk])  # strict: raises on a missing or unexpected tensor
-    assert torch.equal(_logits(chunk, parent["tokens"]), _student_logits(parent, plan))
+    assert torch.equal(logits(chunk, parent["tokens"]), _student_logits(parent, plan))
     assert sum(p.numel() for p in chunk.parameters()) == param_counts(plan.student)["total"]
     meta = json.loads((step / "meta.json").read_text())
     assert meta["weights_only"] and meta["pruned_from"]["step"] == 7
