@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from pipeline.cli import config_error_line
 from pipeline.config import load_run_config
 from pipeline.errors import ConfigError
 from pipeline.model.build import check_moe_supported, check_precision_supported
+from tests.unit.config_errors import assert_refused_in_one_line
 
 # (overrides, substrings the one-line message must contain)
 BAD_CONFIGS = {
@@ -108,14 +108,7 @@ BAD_CONFIGS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
 def test_bad_config_gives_one_line_error(case):
-    overrides, expected = BAD_CONFIGS[case]
-    with pytest.raises(Exception) as info:
-        load_run_config(overrides)
-    line = config_error_line(info.value)
-    assert line is not None, f"{case}: {type(info.value).__name__} is not reported as a config error: {info.value}"
-    assert "\n" not in line, f"{case}: message is not one line: {line!r}"
-    for text in expected:
-        assert text in line, f"{case}: {text!r} missing from {line!r}"
+    assert_refused_in_one_line(case, *BAD_CONFIGS[case])
 
 
 def test_good_config_loads():

@@ -5,12 +5,12 @@ none to selective to full; impossible choices are refused in one line."""
 import pytest
 import torch
 
-from pipeline.cli import config_error_line
 from pipeline.config import load_run_config
 from pipeline.distributed import distributed
 from pipeline.model.build import build_model
 from pipeline.model.sizes import memory_estimate
 from pipeline.training.batches import to_model_inputs
+from tests.unit.config_errors import assert_refused_in_one_line
 
 EOD = 0
 CHOICES = {
@@ -107,10 +107,4 @@ BAD = {
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_impossible_recompute_is_one_line(case):
-    overrides, expected = BAD[case]
-    with pytest.raises(Exception) as info:
-        load_run_config(overrides)
-    line = config_error_line(info.value)
-    assert line is not None and "\n" not in line, f"{case}: {info.value!r}"
-    for text in expected:
-        assert text in line, f"{case}: {text!r} missing from {line!r}"
+    assert_refused_in_one_line(case, *BAD[case])
