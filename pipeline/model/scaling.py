@@ -141,14 +141,15 @@ def _recompute_forward_flops(model: ModelConfig, train: TrainConfig, tokens: int
     return extra_dense, extra_moe
 
 
-def _dense_seconds(model: ModelConfig, precision: str, flops: float, tokens: int, rates: dict[str, float]) -> float:
-    """Seconds of `flops` of layers plus the output layer at the dense rates (the BF16 share of the
-    layers under FP8 as the fp8_tensorwise preset keeps it)."""
-    output = _output_flops(model, tokens)
-    if precision == "bf16":
-        return (flops + output) / rates["bf16"]
-    bf16_share = 4 / model.parsed_pattern().num_layers
-    return flops * (1 - bf16_share) / rates["fp8"] + (flops * bf16_share + output) / rates["bf16"]
+def _dense_seconds(layer_flops: float, output_flops: float, bf16_share: float, layer_rate: float,
+                   bf16_rate: float) -> float:
+    """Seconds of dense layers' FLOPs at `layer_rate` (FP8 or BF16), except their `bf16_share` kept in
+    BF16, and of the output layer, always BF16."""
+    return layer_flops * (1 - bf16_share) / layer_rate + (layer_flops * bf16_share + output_flops) / bf16_rate
+
+
+# The calibration rows' FP8 runs kept their first and last 2 layers in BF16 (the fp8_tensorwise preset).
+_CALIBRATION_BF16_LAYERS = 4
 
 
 def calibrated_moe_rates(gpu: str, rates: dict[str, float]) -> dict[str, float]:
@@ -164,7 +165,10 @@ def calibrated_moe_rates(gpu: str, rates: dict[str, float]) -> dict[str, float]:
         model = _load_preset(row.model)
         moe = _moe_flops(model, tokens)
         other = training_flops(model, tokens, tokens**2) - moe - _output_flops(model, tokens)
-        out[precision] = moe / (row.step_s - _dense_seconds(model, precision, other, tokens, rates))
+        layers = model.parsed_pattern().num_layers
+        share = 1.0 if precision == "bf16" else _CALIBRATION_BF16_LAYERS / layers
+        other_s = _dense_seconds(other, _output_flops(model, tokens), share, rates[precision], rates["bf16"])
+        out[precision] = moe / (row.step_s - other_s)
     return out
 
 
@@ -183,8 +187,7 @@ def calibrated_rates(gpu: str) -> dict[str, float]:
     total = training_flops(model, tokens, tokens**2)
     output = _output_flops(model, tokens)
     layers = model.parsed_pattern().num_layers
-    # The FP8 row kept its first and last 2 layers in BF16 (the fp8_tensorwise preset).
-    bf16_layer_flops = (total - output) * 4 / layers
+    bf16_layer_flops = (total - output) * _CALIBRATION_BF16_LAYERS / layers
     fp8_seconds = rows["fp8"].step_s - (output + bf16_layer_flops) / bf16
     return {"bf16": bf16, "fp8": (total - output - bf16_layer_flops) / fp8_seconds}
 
@@ -220,8 +223,7 @@ def predict_step(model: ModelConfig, parallel: ParallelConfig, train: TrainConfi
     moe_flops = _moe_flops(model, tokens)
     layer_flops = flops - output - moe_flops
     layer_rate = rates["fp8"] if precision.fp8 else rates["bf16"]
-    compute = ((layer_flops * (1 - bf16_share)) / layer_rate
-               + (layer_flops * bf16_share + output) / rates["bf16"]) / gpus
+    compute = _dense_seconds(layer_flops, output, bf16_share, layer_rate, rates["bf16"]) / gpus
     moe_rate = calibrated_moe_rates(gpu, rates)["fp8" if precision.fp8 else "bf16"] if moe_flops else 0.0
     if moe_flops:
         compute += moe_flops / moe_rate / gpus
