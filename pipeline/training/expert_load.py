@@ -15,6 +15,8 @@ Shapes: L layers of the whole model, E routed experts.
 import torch
 import torch.distributed as dist
 
+from pipeline.model.pattern import MOE
+
 # megatron-core 0.19 names the tracked loss by `moe_router_load_balancing_type` (moe/router.py).
 _AUX_LOSS_NAMES = {
     "aux_loss": "load_balancing_loss",
@@ -60,13 +62,13 @@ class ExpertLoad:
         self.enabled = bool(config.num_moe_experts)
         self.routers = _routers(chunks) if self.enabled else {}
         self.counts_LE = None
-        self.present_L = None
+        self.moe_layers = 0
         if self.enabled:
+            # Every rank's chunks carry the whole model's pattern (megatron's hybrid_layer_pattern).
+            self.moe_layers = getattr(chunks[0], "module", chunks[0]).hybrid_layer_pattern.count(MOE)
             _tracker_for(config.num_layers)
             device = next(getattr(chunks[0], "module", chunks[0]).parameters()).device
             self.counts_LE = torch.zeros(config.num_layers, config.num_moe_experts, device=device)
-            self.present_L = torch.zeros(config.num_layers, device=device)
-            self.present_L[list(self.routers)] = 1.0
         self._hooks = []
 
     def __enter__(self) -> "ExpertLoad":
@@ -93,8 +95,6 @@ class ExpertLoad:
         # Every rank routes its own tokens (TP ranks the same ones without sequence parallel: a
         # uniform factor that cancels in max/mean); layers on other pipeline ranks are zero here.
         dist.all_reduce(self.counts_LE)
-        present_L = self.present_L.clone()
-        dist.all_reduce(present_L, op=dist.ReduceOp.MAX)
         routed_L = self.counts_LE.sum(dim=1)
         used = routed_L > 0
         out = {}
@@ -109,7 +109,7 @@ class ExpertLoad:
             out["moe_expert_bias_range"] = range_L.max().item()
         name = _AUX_LOSS_NAMES.get(self.config.moe_router_load_balancing_type)
         if name is not None and self.config.moe_aux_loss_coeff:
-            out["moe_aux_loss"] = self._aux_loss(name, num_microbatches, int(present_L.sum()))
+            out["moe_aux_loss"] = self._aux_loss(name, num_microbatches, self.moe_layers)
         return out
 
     def _aux_loss(self, name: str, num_microbatches: int, moe_layers: int) -> float:
