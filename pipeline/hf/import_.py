@@ -235,21 +235,17 @@ def import_world_size(parallel) -> int:
     return parallel.tp * parallel.pp * (experts // math.gcd(experts, parallel.tp))
 
 
-def _launch_workers(nproc: int, args: list[str]) -> None:
-    """Run `main` on nproc local processes with torchrun; ConversionError with the log tail on failure."""
+def launch_import_workers(module: str, nproc: int, args: list[str]) -> None:
+    """Run `python -m module args...` on nproc local processes with torchrun (an import at tp*pp > 1 or
+    with expert parallelism); ConversionError with a worker's own `error:` line, else the log tail."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "pipeline.hf.import_",
-        *args,
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", module, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
+        said = [line[len("error: "):] for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        if said:
+            raise ConversionError(said[0])
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-20:]
         raise ConversionError(f"import workers failed (exit {proc.returncode}): " + " | ".join(tail))
 
@@ -295,8 +291,9 @@ def import_hf(
         if nproc == 1:
             save_imported(run, hf_dir, tmp, final_tokenizer)
         else:
-            _launch_workers(
-                nproc, [str(hf_dir), str(tmp), str(out_dir), model.name, final_tokenizer or "-", *overrides]
+            launch_import_workers(
+                "pipeline.hf.import_", nproc,
+                [str(hf_dir), str(tmp), str(out_dir), model.name, final_tokenizer or "-", *overrides],
             )
         model_yaml = write_model_option(model, tmp, "Imported from Hugging Face by pipeline/convert.py import.")
         replace_dir(tmp, out_dir)

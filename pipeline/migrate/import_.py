@@ -24,9 +24,7 @@ pipeline's own runs; RNG states are not carried over.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +40,6 @@ from pipeline.errors import (
 from pipeline.fs import replace_dir, temporary_sibling
 from pipeline.migrate.source import Source, open_source
 from pipeline.model.config import ModelConfig, write_model_option
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -157,20 +153,6 @@ def save_imported(run, source: Source, tmp_root: Path, with_optimizer: bool, tok
         ckpt.save_checkpoint(tmp_root / "checkpoints", source.iteration, full, meta, run_yaml)
 
 
-def _launch_workers(nproc: int, args: list[str]) -> None:
-    """Run `main` on nproc local processes with torchrun; ConversionError with the log tail on failure."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pipeline.migrate.import_", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        said = [line[len("error: "):] for line in proc.stderr.splitlines() if line.startswith("error: ")]
-        if said:  # a worker's own one-line error (`main`)
-            raise ConversionError(said[0])
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-20:]
-        raise ConversionError(f"import workers failed (exit {proc.returncode}): " + " | ".join(tail))
-
-
 def import_megatron(
     src: str | Path,
     out_dir: str | Path,
@@ -183,7 +165,7 @@ def import_megatron(
     """Import SRC into OUT_DIR (module docstring). Every check runs before anything is written; on
     failure OUT_DIR is untouched."""
     from pipeline.hf.export import check_out_dir
-    from pipeline.hf.import_ import copy_tokenizer, default_name
+    from pipeline.hf.import_ import copy_tokenizer, default_name, launch_import_workers
 
     src = Path(src)
     source = open_source(src, source_kind, name or default_name(src if src.name != "weights" else src.parent))
@@ -213,8 +195,9 @@ def import_megatron(
         if nproc == 1:
             save_imported(run, source, tmp, with_optimizer, tokenizer)
         else:
-            _launch_workers(nproc, [str(src), str(tmp), str(out_dir), source.kind, source.model.name,
-                                    "1" if with_optimizer else "0", tokenizer or "-", *overrides])
+            launch_import_workers("pipeline.migrate.import_", nproc,
+                                  [str(src), str(tmp), str(out_dir), source.kind, source.model.name,
+                                   "1" if with_optimizer else "0", tokenizer or "-", *overrides])
         write_model_option(source.model, tmp, f"Imported from {source.kind} checkpoint {source.path.resolve()} "
                                               f"(iteration {source.iteration}) by pipeline/convert.py import-megatron.")
         replace_dir(tmp, out_dir)
@@ -235,7 +218,7 @@ def main(argv: list[str]) -> None:
         source = open_source(Path(src), kind, name)
         run = import_run_config(source, overrides, Path(final_root))
         save_imported(run, source, Path(tmp_root), with_optimizer == "1", None if tokenizer == "-" else tokenizer)
-    except PipelineError as error:  # one line for `_launch_workers` to pass on
+    except PipelineError as error:  # one line for `launch_import_workers` to pass on
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
 
