@@ -7,7 +7,7 @@ what the recompute costs: tokens/s and peak memory per (preset, choice, sequence
 
 For each preset and choice, the pipeline's training step (`bench/train.py --one`, one subprocess per
 row, the whole GPU each) runs at every length of --lengths in turn, until one fails (out of memory,
-or any other error: its last line is kept); micro-batch 1, global batch 8, BF16 (--run), packed
+or any other error: its last line is kept); micro-batch 1, global batch 8 (--global-batch), BF16 (--run), packed
 documents, fused cross entropy. `selective` is train.recompute=selective with its default modules;
 `full` is uniform over 1 layer. The table gives each row's tokens/s and peak memory
 (torch.cuda.max_memory_allocated), the longest length per choice, and each choice's step time over
@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--choices", default=",".join(CHOICES), help="comma-separated subset of " + ",".join(CHOICES))
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="sequence lengths, tried in order")
     parser.add_argument("--run", default="bf16", help="a bench/train.py run: precision and +graphs")
+    parser.add_argument("--global-batch", type=int, default=train_bench.GLOBAL,
+                        help="sequences per step (micro-batch 1); fewer keep the longest rows short")
     parser.add_argument("--steps", type=int, default=5, help="training steps per row (the first two are not timed)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/bench_recompute")))
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
@@ -84,6 +86,7 @@ def main() -> None:
     if args.run not in train_bench.RUNS:
         raise SystemExit(f"error: unknown run {args.run}; choose from {', '.join(train_bench.RUNS)}")
     args.lengths = [int(n) for n in args.lengths.split(",")]
+    train_bench.GLOBAL = args.global_batch
     if args.steps <= train_bench.SKIP_STEPS:
         raise SystemExit(f"error: --steps must be > {train_bench.SKIP_STEPS}")
     import torch

@@ -161,7 +161,8 @@ def measure(args, preset: str, run_name: str, part: str, tag: str = "") -> dict:
     (the 8B-width model fits once, not twice), its log kept in --out; {"error": ...} if it failed."""
     name = f"{preset}-{run_name}{tag}-{part}".replace("+", "_")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", preset, run_name, "--part", part,
-           "--steps", str(args.steps), "--data", str(args.data), "--out", str(args.out), "--seq", str(SEQ)]
+           "--steps", str(args.steps), "--data", str(args.data), "--out", str(args.out), "--seq", str(SEQ),
+           "--global-batch", str(GLOBAL)]
     if tag:
         cmd.append(f"--tag={tag}")
     cmd += [f"--set={override}" for override in args.set]
@@ -253,7 +254,7 @@ def check_arguments(args) -> None:
 
 
 def main() -> None:
-    global SEQ
+    global SEQ, GLOBAL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO / "data" / "build")
     parser.add_argument("--presets", default=",".join(PRESETS))
@@ -262,6 +263,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/bench_train")))
     parser.add_argument("--seq", type=int, default=8192,
                         help="tokens per sequence (with --set train.recompute=...: the longest that fits per choice)")
+    parser.add_argument("--global-batch", type=int, default=GLOBAL,
+                        help=f"sequences per step, in micro-batches of {MICRO} (default {GLOBAL})")
     parser.add_argument("--no-bare", action="store_true", help="skip bare megatron-core")
     parser.add_argument("--no-restart", action="store_true", help="skip the time-to-first-step restart")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -274,7 +277,7 @@ def main() -> None:
                         help="only print the tables of earlier benchmarks' --out directories, merged per preset "
                              "(runs split over several GPUs, one benchmark per GPU)")
     args = parser.parse_args()
-    SEQ = args.seq
+    SEQ, GLOBAL = args.seq, args.global_batch
     if args.tables:
         print_merged_tables(args.tables)
         return
