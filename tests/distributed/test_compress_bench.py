@@ -100,3 +100,17 @@ def test_moe_parent_is_pruned_to_a_fraction_of_its_active_parameters(tmp_path):
     assert row["side_by_side"]["ours"]["val_loss"] == pytest.approx(row["loss_before"], rel=1e-6)
     assert "modelopt" in row["side_by_side"]["modelopt"]["error"], row["side_by_side"]
     assert "80% of its active parameters" in proc.stdout
+
+
+def test_no_modelopt_skips_the_side_by_side_and_reuses_the_runs(bench):
+    """--no-modelopt on the same --out: the finished runs are reused (same quality rows), the quality
+    table is printed once, and there is no modelopt side by side."""
+    _, row, runs = bench
+    out = runs.parent.parent
+    proc = run_cpu([sys.executable, "bench/compress.py", "--tiny", "--out", str(out), "--iters", str(ITERS),
+                    "--parent", str(out / "parent"), "--parent-iters", str(PARENT_ITERS),
+                    "--seeds", ",".join(map(str, SEEDS)), "--no-modelopt"], timeout=1200)
+    again = json.loads((out / "bench_compress.json").read_text())["runs"]["fp32"]
+    assert "side_by_side" not in again and "side by side at" not in proc.stdout, proc.stdout[-2000:]
+    assert proc.stdout.count("quality at fp32") == 1, proc.stdout[-2000:]
+    assert [r["loss"] for r in again["quality"]] == [r["loss"] for r in row["quality"]]
