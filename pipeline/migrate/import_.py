@@ -82,6 +82,8 @@ def source_keys(sharded_state: dict, prefix: str, renamed: dict[str, str]) -> di
         if value.key.startswith("optimizer.state."):
             kind, _, key = value.key[len("optimizer.state."):].partition(".")
             head = f"optimizer.state.{kind}."
+        elif value.key.startswith("optimizer."):  # dp_reshardable buckets: no model key in them
+            continue
         else:
             key = value.key
         value.key = head + prefix + renamed.get(key, key)
@@ -97,10 +99,14 @@ def load_source(source: Source, sharded_state: dict) -> dict:
     from pipeline.checkpoint.load import drop_missing_extra_state
     from pipeline.migrate.source import tensor_shapes
 
-    keys = set(tensor_shapes(source.ckpt_dir))
-    sharded_state = drop_missing_extra_state(source_keys(sharded_state, source.prefix, source.renamed), keys)
+    shapes = tensor_shapes(source.ckpt_dir)
+    sharded_state = drop_missing_extra_state(source_keys(sharded_state, source.prefix, source.renamed), set(shapes))
     try:
         with safe_checkpoint_loading():
+            if source.optimizer_format == "fully_sharded_model_space" and "optimizer" in sharded_state:
+                from pipeline.migrate.model_space import load_model_space
+
+                return load_model_space(sharded_state, str(source.ckpt_dir), shapes)
             return dist_checkpointing.load(sharded_state, str(source.ckpt_dir))
     except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
         unsafe = find_cause(exc, lambda e: isinstance(e, UnsafeCheckpointError))
@@ -108,6 +114,51 @@ def load_source(source: Source, sharded_state: dict) -> dict:
             raise unsafe from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise CheckpointError(f"cannot load {source.ckpt_dir}: {type(exc).__name__}: {first}") from exc
+
+
+def check_buckets(source: Source, optimizer_state: dict) -> None:
+    """The distributed optimizer's buckets built here are those the source's dp_reshardable state
+    was saved from: the same bucket tensors with the same sizes (megatron's loader would stop at an
+    assertion, or at a shape mismatch, instead)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from pipeline.migrate.source import tensor_shapes
+
+    stored = {k: v[0] for k, v in tensor_shapes(source.ckpt_dir).items() if k.startswith("optimizer.distributed.")}
+    built = {v.key: tuple(v.global_shape) for v in nested_values(optimizer_state)
+             if isinstance(v, ShardedTensor) and v.key.startswith("optimizer.distributed.")}
+    for key in sorted(set(stored) | set(built)):
+        if stored.get(key) != built.get(key):
+            raise ConversionError(
+                f"{source.ckpt_dir}: the dp_reshardable optimizer bucket {key} holds {stored.get(key)} elements in the "
+                f"source and {built.get(key)} here: its DDP buckets were laid out otherwise (bucket size, "
+                f"parameter order, padding); import it with --weights-only")
+
+
+def check_main_params(source: Source, optimizer, chunks: list, weights: list) -> None:
+    """After loading a dp_reshardable state: each parameter's main copy, placed by bucket position,
+    is the weight the checkpoint stores under its name (`weights`, before the optimizer state was
+    loaded). A bucket laid out in another parameter order would put one parameter's Adam state on
+    another; this finds it."""
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    before = dict(zip([p for chunk in chunks for p in chunk.parameters()], weights, strict=True))
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub, DistributedOptimizer):
+            continue
+        for ranges in sub.gbuf_ranges:
+            for buckets in ranges.values():
+                for bucket in buckets:
+                    for param, where in bucket["param_map"].items():
+                        main = sub._get_main_param_and_optimizer_states(param)["param"]
+                        stored = before[param].view(-1)[where["param"].start:where["param"].end]
+                        if not torch.equal(main.to(stored.dtype), stored):
+                            raise ConversionError(
+                                f"{source.ckpt_dir}: the dp_reshardable optimizer state does not line up with the "
+                                f"weights (the source's buckets hold its parameters in another order); import it "
+                                f"with --weights-only")
 
 
 def save_imported(run, source: Source, tmp_root: Path, with_optimizer: bool, tokenizer: str | None) -> None:
@@ -136,16 +187,29 @@ def save_imported(run, source: Source, tmp_root: Path, with_optimizer: bool, tok
             ckpt.save_checkpoint(tmp_root / "checkpoints", source.iteration, ckpt.model_sharded_state(chunks),
                                  meta, run_yaml)
             return
-        chunks = build_training_chunks(run.model, run.parallel, run.precision, run.train, world.device)
+        buckets = source.optimizer_format == "dp_reshardable"
+        # A dp_reshardable state is the source's DDP buckets: build them with its bucket settings (the
+        # checkpoint written here is fully_reshardable, whatever they were).
+        parallel = dataclasses.replace(run.parallel, **source.ddp) if buckets else run.parallel
+        chunks = build_training_chunks(run.model, parallel, run.precision, run.train, world.device)
         optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
         scheduler = build_scheduler(optimizer, run.optim, run.train.iters)
         model_state = ckpt.model_sharded_state(chunks)
+        # A model-space source is read into the fully_reshardable layout (pipeline/migrate/model_space.py).
+        metadata = dict(source.optimizer_metadata)
+        if buckets:
+            metadata["distrib_optim_sharding_type"] = "dp_reshardable"
         wanted = {**model_state, "optimizer": ckpt.optimizer_sharded_state(
-            optimizer, model_state, loading=True, metadata=source.optimizer_metadata)}
+            optimizer, model_state, loading=True, metadata=metadata)}
+        if buckets:
+            check_buckets(source, wanted["optimizer"])
         loaded = load_source(source, wanted)
         ckpt.apply_model_state(chunks, loaded)
+        weights = [p.detach().clone() for chunk in chunks for p in chunk.parameters()] if buckets else None
         _adopt_configured_schedule(loaded["optimizer"], optimizer)
         ckpt.load_optimizer_state(optimizer, loaded["optimizer"])
+        if buckets:
+            check_main_params(source, optimizer, chunks, weights)
         # The schedule continues where the source's left off, in steps (Megatron-LM counts samples).
         scheduler.step(increment=source.iteration)
         gather_params(chunks)
@@ -161,8 +225,11 @@ def import_megatron(
     weights_only: bool = False,
     overwrite: bool = False,
     name: str | None = None,
+    with_optimizer: bool = False,
 ) -> MigrationResult:
-    """Import SRC into OUT_DIR (module docstring). Every check runs before anything is written; on
+    """Import SRC into OUT_DIR (module docstring). The optimizer state comes along where it can
+    (`Source.optimizer_refused`), else the weights alone with a note; `weights_only` leaves it behind,
+    `with_optimizer` refuses to do without it. Every check runs before anything is written; on
     failure OUT_DIR is untouched."""
     from pipeline.hf.export import check_out_dir
     from pipeline.hf.import_ import copy_tokenizer, default_name, launch_import_workers
@@ -172,11 +239,15 @@ def import_megatron(
     out_dir = check_out_dir(Path(out_dir), overwrite, src)
     run = import_run_config(source, list(overrides), out_dir)
     notes = []
-    with_optimizer = source.resumable and not weights_only
-    if not weights_only and not source.resumable:
-        what = ("no optimizer state" if source.optimizer_format is None else
-                f"optimizer state in the {source.optimizer_format} format, which loads only at its own layout")
-        notes.append(f"{src} has {what}: imported the weights only; start from them with checkpoint.init_from")
+    if weights_only and with_optimizer:
+        raise ConversionError("--weights-only and --with-optimizer contradict each other; give one of them")
+    refused = None if weights_only else source.optimizer_refused(run.parallel)
+    if refused and with_optimizer:
+        raise ConversionError(f"--with-optimizer: {src} has {refused}; import it at that layout, or without "
+                              f"--with-optimizer for the weights only")
+    if refused:
+        notes.append(f"{src} has {refused}: imported the weights only; start from them with checkpoint.init_from")
+    with_optimizer = not weights_only and refused is None
     if with_optimizer and source.training:
         # The import saves with the pipeline's defaults; the resumed run takes optim.* and train.* from
         # its own command line, so say what continues the source's optimisation.
