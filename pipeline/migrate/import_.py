@@ -128,33 +128,46 @@ def check_buckets(source: Source, optimizer_state: dict) -> None:
     stored = {k: v[0] for k, v in tensor_shapes(source.ckpt_dir).items() if k.startswith("optimizer.distributed.")}
     built = {v.key: tuple(v.global_shape) for v in nested_values(optimizer_state)
              if isinstance(v, ShardedTensor) and v.key.startswith("optimizer.distributed.")}
+    def size(shape) -> str:
+        return "no such bucket" if shape is None else f"{shape[0]} elements"
+
     for key in sorted(set(stored) | set(built)):
         if stored.get(key) != built.get(key):
             raise ConversionError(
-                f"{source.ckpt_dir}: the dp_reshardable optimizer bucket {key} holds {stored.get(key)} elements in the "
-                f"source and {built.get(key)} here: its DDP buckets were laid out otherwise (bucket size, "
-                f"parameter order, padding); import it with --weights-only")
+                f"{source.ckpt_dir}: dp_reshardable optimizer bucket {key}: the source's has {size(stored.get(key))}, "
+                f"this import's {size(built.get(key))}: its DDP buckets were laid out otherwise (bucket size, "
+                f"parameters, padding); import it with --weights-only")
 
 
-def check_main_params(source: Source, optimizer, chunks: list, weights: list) -> None:
-    """After loading a dp_reshardable state: each parameter's main copy, placed by bucket position,
-    is the weight the checkpoint stores under its name (`weights`, before the optimizer state was
-    loaded). A bucket laid out in another parameter order would put one parameter's Adam state on
-    another; this finds it."""
+def unalias_bucket_params(optimizer_state: dict) -> None:
+    """Give the dp_reshardable template's main-parameter entries memory of their own: with fp32
+    weights they are views of the parameters, which the model's weights (loaded by name) would
+    overwrite or be overwritten by, and `check_bucket_params` compares the two."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    for sh in nested_values(optimizer_state):
+        if isinstance(sh, ShardedTensor) and sh.key.startswith("optimizer.distributed.") and sh.key.endswith(".param"):
+            sh.data = sh.data.clone()
+
+
+def check_bucket_params(source: Source, optimizer, saved: dict) -> None:
+    """A loaded dp_reshardable state's main parameters, placed by bucket position as megatron's loader
+    places them, are the weights the checkpoint stores under the parameters' names (already loaded
+    into the model). Buckets that hold the parameters in another order would put one parameter's
+    Adam state on another; this finds it."""
     import torch
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    before = dict(zip([p for chunk in chunks for p in chunk.parameters()], weights, strict=True))
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(sub, DistributedOptimizer):
-            continue
-        for ranges in sub.gbuf_ranges:
-            for buckets in ranges.values():
-                for bucket in buckets:
-                    for param, where in bucket["param_map"].items():
-                        main = sub._get_main_param_and_optimizer_states(param)["param"]
-                        stored = before[param].view(-1)[where["param"].start:where["param"].end]
-                        if not torch.equal(main.to(stored.dtype), stored):
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [saved] if len(subs) == 1 else [saved[i] for i in range(len(subs))]
+    for sub, state in zip(subs, states, strict=True):
+        for gbuf_idx, ranges in enumerate(sub.gbuf_ranges):
+            for dtype, buckets in ranges.items():
+                for bucket_idx, bucket in enumerate(buckets):
+                    entries = [e for e in state["param_state"][gbuf_idx][dtype][bucket_idx] if not e["padding"]]
+                    for entry, (param, where) in zip(entries, bucket["param_map"].items(), strict=True):
+                        weight = param.detach().view(-1)[where["param"].start:where["param"].end]
+                        if not torch.equal(entry["param"].to(weight.dtype), weight):
                             raise ConversionError(
                                 f"{source.ckpt_dir}: the dp_reshardable optimizer state does not line up with the "
                                 f"weights (the source's buckets hold its parameters in another order); import it "
@@ -203,13 +216,13 @@ def save_imported(run, source: Source, tmp_root: Path, with_optimizer: bool, tok
             optimizer, model_state, loading=True, metadata=metadata)}
         if buckets:
             check_buckets(source, wanted["optimizer"])
+            unalias_bucket_params(wanted["optimizer"])
         loaded = load_source(source, wanted)
         ckpt.apply_model_state(chunks, loaded)
-        weights = [p.detach().clone() for chunk in chunks for p in chunk.parameters()] if buckets else None
+        if buckets:
+            check_bucket_params(source, optimizer, loaded["optimizer"])
         _adopt_configured_schedule(loaded["optimizer"], optimizer)
         ckpt.load_optimizer_state(optimizer, loaded["optimizer"])
-        if buckets:
-            check_main_params(source, optimizer, chunks, weights)
         # The schedule continues where the source's left off, in steps (Megatron-LM counts samples).
         scheduler.step(increment=source.iteration)
         gather_params(chunks)

@@ -454,13 +454,13 @@ def _optimizer_format(common: dict) -> str | None:
     return optimizer.get("param_state_sharding_type") or found or "unknown"
 
 
-def _saved_layout(args) -> tuple[dict, dict]:
-    """(saved_layout, ddp) of a Megatron-LM run from its args (Source fields); empty without args."""
-    if args is None:
+def _saved_layout(a: dict) -> tuple[dict, dict]:
+    """(saved_layout, ddp) of a run (Source fields) from its Megatron-LM args (`vars(args)`); empty
+    if they do not say."""
+    if not a:
         return {}, {}
-    a = vars(args)
-    layout = {"tp": a.get("tensor_model_parallel_size", 1), "pp": a.get("pipeline_model_parallel_size", 1),
-              "ep": a.get("expert_model_parallel_size", 1), "vpp": a.get("virtual_pipeline_model_parallel_size") or 1}
+    layout = {"tp": a.get("tensor_model_parallel_size") or 1, "pp": a.get("pipeline_model_parallel_size") or 1,
+              "ep": a.get("expert_model_parallel_size") or 1, "vpp": a.get("virtual_pipeline_model_parallel_size") or 1}
     overlap = bool(a.get("overlap_grad_reduce", False))
     # megatron's DDP: the bucket size given, else max(40M, 1M x DP); one bucket without overlap.
     bucket = (a.get("ddp_bucket_size") or max(40_000_000, 1_000_000 * (a.get("data_parallel_size") or 1))) \
@@ -468,6 +468,20 @@ def _saved_layout(args) -> tuple[dict, dict]:
     fp32_grads = a.get("accumulate_allreduce_grads_in_fp32", False) or not (a.get("bf16") or a.get("fp16"))
     return layout, {"overlap_grad_reduce": overlap, "bucket_size": bucket,
                     "grad_reduce_dtype": "fp32" if fp32_grads else "bf16"}
+
+
+def _bridge_args(run_config: Path) -> dict:
+    """Megatron-LM's names for a Bridge run's layout and DDP settings (run_config.yaml `model:` and
+    `ddp:`, TransformerConfig and DistributedDataParallelConfig names)."""
+    import yaml
+
+    data = yaml.safe_load(run_config.read_text()) or {}
+    model, ddp = data.get("model") or {}, data.get("ddp") or {}
+    names = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+             "virtual_pipeline_model_parallel_size", "bf16", "fp16")
+    return {**{k: model.get(k) for k in names}, "overlap_grad_reduce": ddp.get("overlap_grad_reduce", False),
+            "ddp_bucket_size": ddp.get("bucket_size"),
+            "accumulate_allreduce_grads_in_fp32": ddp.get("grad_reduce_in_fp32", False)}
 
 
 def open_source(path: str | Path, kind: str | None = None, name: str = "imported") -> Source:
@@ -519,7 +533,8 @@ def open_source(path: str | Path, kind: str | None = None, name: str = "imported
     model = model_from_fields(fields, shapes[embedding][0][0], name, where)
     renamed = check_weights(model, shapes, prefix, ckpt_dir)
     precision = "bf16" if fields.get("bf16") else "fp32"
-    saved_layout, ddp = _saved_layout(common.get("args") if kind == "megatron-lm" else None)
+    run_args = {"megatron-lm": lambda: vars(common["args"]), "bridge": lambda: _bridge_args(config_file)}
+    saved_layout, ddp = _saved_layout(run_args[kind]() if kind in run_args else {})
     tokenizers = [ckpt_dir / "tokenizer", path / "context" / "nemo_tokenizer"]
     return Source(
         tokenizer_dir=next((d for d in tokenizers if d.is_dir()), None),

@@ -10,7 +10,7 @@ tests/distributed/test_import_megatron.py as the source to import.
     python tests/distributed/worker_megatron_lm.py check IMPORTED REFERENCE RESULT [overrides...]
 
 Writes OUT_DIR/ckpt (the Megatron-LM save dir), the same weights as NeMo 2 stores them (NEMO_DIR/weights)
-and OUT_DIR/reference.pt (rank 0): the batch that
+and OUT_DIR/reference.pt (rank 0): the (global) batch that
 follows the saved iteration and the loss megatron's forward gives on it at the saved weights, and the
 loss after one more step on it (the optimizer continuing).
 
@@ -55,11 +55,12 @@ MICRO = 2
 """Optimizer steps before the save (the Adam moments are then not trivial)."""
 
 
-def batch(step: int, args, rank_of_dp: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed batch for `step` (this data-parallel rank's micro-batch): tokens, labels."""
+def batch(step: int, args, rank_of_dp: int, dp: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch for `step` (data-parallel rank `rank_of_dp`'s part of it among `dp`, default the
+    run's DP): tokens, labels."""
     g = torch.Generator().manual_seed(1000 + step)
     full = torch.randint(0, args.vocab_size, (args.global_batch_size, args.seq_length + 1), generator=g)
-    mine = full.chunk(args.data_parallel_size)[rank_of_dp]
+    mine = full.chunk(dp or args.data_parallel_size)[rank_of_dp]
     return mine[:, :-1].contiguous(), mine[:, 1:].contiguous()
 
 
@@ -138,7 +139,7 @@ def main(out: Path, flags: list[str]) -> None:
                   and parallel_state.get_tensor_model_parallel_rank() == 0)
         if writer:  # the losses are known on the last stage
             torch.save({"loss": next_loss, "loss_after_step": after, "step": STEPS,
-                        "batches": [batch(s, args, 0) for s in (STEPS, STEPS + 1)]}, out / "reference.pt")
+                        "batches": [batch(s, args, 0, dp=1) for s in (STEPS, STEPS + 1)]}, out / "reference.pt")
 
 
 MODEL_SPACE_FLAG = "--model-space-optimizer"
