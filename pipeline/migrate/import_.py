@@ -38,7 +38,7 @@ from pipeline.errors import (
     find_cause,
 )
 from pipeline.fs import replace_dir, temporary_sibling
-from pipeline.migrate.source import Source, open_source
+from pipeline.migrate.source import BUCKETS, Source, open_source
 from pipeline.model.config import ModelConfig, write_model_option
 
 
@@ -82,7 +82,7 @@ def source_keys(sharded_state: dict, prefix: str, renamed: dict[str, str]) -> di
         if value.key.startswith("optimizer.state."):
             kind, _, key = value.key[len("optimizer.state."):].partition(".")
             head = f"optimizer.state.{kind}."
-        elif value.key.startswith("optimizer."):  # dp_reshardable buckets: no model key in them
+        elif BUCKETS.match(value.key):  # dp_reshardable buckets: no model key in them
             continue
         else:
             key = value.key
@@ -125,9 +125,9 @@ def check_buckets(source: Source, optimizer_state: dict) -> None:
 
     from pipeline.migrate.source import tensor_shapes
 
-    stored = {k: v[0] for k, v in tensor_shapes(source.ckpt_dir).items() if k.startswith("optimizer.distributed.")}
+    stored = {k: v[0] for k, v in tensor_shapes(source.ckpt_dir).items() if BUCKETS.match(k)}
     built = {v.key: tuple(v.global_shape) for v in nested_values(optimizer_state)
-             if isinstance(v, ShardedTensor) and v.key.startswith("optimizer.distributed.")}
+             if isinstance(v, ShardedTensor) and BUCKETS.match(v.key)}
     def size(shape) -> str:
         return "no such bucket" if shape is None else f"{shape[0]} elements"
 
@@ -147,7 +147,7 @@ def unalias_bucket_params(optimizer_state: dict) -> None:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     for sh in nested_values(optimizer_state):
-        if isinstance(sh, ShardedTensor) and sh.key.startswith("optimizer.distributed.") and sh.key.endswith(".param"):
+        if isinstance(sh, ShardedTensor) and BUCKETS.match(sh.key) and sh.key.endswith(".param"):
             sh.data = sh.data.clone()
 
 

@@ -41,6 +41,9 @@ MAMBA_EXPAND = 2
 MAMBA_CHUNK = 128
 """megatron-core's MambaMixer chunk size (not configurable there)."""
 EMBEDDING = "embedding.word_embeddings.weight"
+BUCKETS = re.compile(r"(chained_\d+\.)?optimizer\.distributed\.")
+"""A dp_reshardable optimizer bucket's key (`chained_N.` before it for the Nth of several optimizers,
+e.g. a MoE model's dense and expert ones)."""
 
 # Megatron-LM's parse_args defaults (megatron-core 0.19.2) for the flags read here: what an older
 # Megatron-LM's Namespace without the attribute meant.
@@ -252,7 +255,8 @@ def check_weights(model: ModelConfig, shapes: dict, prefix: str, ckpt_dir: Path)
     the keys the source names differently (ALIASES): {ours: theirs}, without the prefix."""
     from pipeline.model.params import checkpoint_shapes
 
-    stored = {k: v[0] for k, v in shapes.items() if k.startswith(prefix) and not k.startswith("optimizer.")}
+    stored = {k: v[0] for k, v in shapes.items() if k.startswith(prefix) and not BUCKETS.match(k)
+              and not k.startswith("optimizer.")}
     ours = dict(checkpoint_shapes(model))
     if model.moe.expert_bias:  # a buffer, not a parameter: saved with the weights, absent from params.py
         ours.update({f"decoder.layers.{i}.mlp.router.expert_bias": (model.moe.num_experts,)
