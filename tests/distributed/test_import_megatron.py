@@ -120,11 +120,13 @@ MOE_FLAGS = [  # tiny_moe's routing (conf/model/tiny_moe.yaml) with 4 experts, a
 ]
 
 
-def test_bf16_moe_continues_the_megatron_run(tmp_path):
+@pytest.mark.parametrize("optimizer_format", ["--dist-ckpt-optim-fully-reshardable", "dp_reshardable"])
+def test_bf16_moe_continues_the_megatron_run(tmp_path, optimizer_format):
     """A bf16 run with `E` layers: the routed and shared experts, router and expert bias, and Megatron-LM's
-    two optimizers (dense and expert, keys without `chained_N.`) come along."""
-    run_cpu([sys.executable, WORKER, str(tmp_path / "source"), "--dist-ckpt-optim-fully-reshardable", "--bf16",
-             *MOE_FLAGS])
+    two optimizers (dense and expert; fully_reshardable keys without `chained_N.`, dp_reshardable
+    buckets with it) come along."""
+    flags = [optimizer_format] if optimizer_format.startswith("--") else []  # dp_reshardable: the default
+    run_cpu([sys.executable, WORKER, str(tmp_path / "source"), *flags, "--bf16", *MOE_FLAGS])
     import_cli(tmp_path / "source" / "ckpt", tmp_path / "imported", "--name", "moe")
     step = tmp_path / "imported" / "checkpoints" / "step_0000002"
     model = CheckpointMeta.read(step).model
