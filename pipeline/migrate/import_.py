@@ -1,6 +1,7 @@
 """Import a Megatron-LM, NeMo 2 or Megatron-Bridge checkpoint as a pipeline checkpoint.
 
-    python pipeline/convert.py import-megatron SRC OUT_DIR [--source-kind K] [--weights-only] [parallel.tp=2 ...]
+    python pipeline/convert.py import-megatron SRC OUT_DIR [--source-kind K] [--weights-only | --with-optimizer]
+        [parallel.tp=2 ...]
 
 writes
     OUT_DIR/checkpoints/step_N/   N = the source's iteration; meta.json records the source
@@ -8,17 +9,21 @@ writes
     OUT_DIR/tokenizer/            the tokenizer files a Bridge (tokenizer/) or NeMo 2 (context/nemo_tokenizer/)
                                   checkpoint carries
 
-With the optimizer state (a `fully_reshardable` distributed-optimizer state, and no --weights-only)
-OUT_DIR is a run directory that training resumes like one of its own, at any layout:
+With the optimizer state (no --weights-only, and a distributed-optimizer state that loads at the
+requested layout: `Source.optimizer_refused`) OUT_DIR is a run directory that training resumes like
+one of its own, at any layout:
     python -m pipeline.train hydra.searchpath=[file://OUT_DIR] model=NAME run_dir=OUT_DIR
 otherwise it holds weights only, to start from:
     python -m pipeline.train hydra.searchpath=[file://OUT_DIR] model=NAME checkpoint.init_from=OUT_DIR
 
 The pipeline's checkpoints use megatron-core's sharded keys, as the sources do (NeMo 2 adds
 `module.`), so each rank builds its part of the model (and optimizer) at the requested TP/PP, asks
-`dist_checkpointing.load` for the source's keys, and saves. The scheduler continues at the source's
-iteration counted in steps (Megatron-LM counts samples); the data position is the step, as in the
-pipeline's own runs; RNG states are not carried over.
+`dist_checkpointing.load` for the source's keys, and saves (fully_reshardable). The optimizer
+state is loaded in the source's format: fully_reshardable as it is; fully_sharded_model_space
+through pipeline/migrate/model_space.py; dp_reshardable into buckets built with the source's DDP
+settings, checked against the stored ones (`check_buckets`, `check_bucket_params`). The scheduler
+continues at the source's iteration counted in steps (Megatron-LM counts samples); the data position
+is the step, as in the pipeline's own runs; RNG states are not carried over.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Read a `fully_sharded_model_space` distributed-optimizer state (Megatron-LM up to megatron-core
-0.14 with --ckpt-fully-parallel-save, NeMo 2 recipes) into the `fully_reshardable` layout the import
-builds its optimizer from.
+0.14 with --ckpt-fully-parallel-save) into the `fully_reshardable` layout the import builds its
+optimizer from.
 
 Both formats key each parameter's state by the parameter's sharded key
 (`optimizer.state.<exp_avg|exp_avg_sq>.<model key>`; the main copy is `fp32_param` there and `param`
