@@ -17,17 +17,20 @@ that layout nor flattened ranges, so the rows are read here and put back into th
 from __future__ import annotations
 
 import math
+import re
 from itertools import product
 
 from pipeline.errors import ConversionError
 
-STATE = "optimizer.state."
+STATE = re.compile(r"((?:chained_\d+\.)?optimizer\.state\.)([^.]+)\.")
+"""An optimizer key: `chained_N.` for the Nth of several optimizers where the checkpoint keeps it,
+`optimizer.state.`, the state's kind, then the parameter's key."""
 
 
 def stored_key(key: str) -> str:
     """The old format's key for a `fully_reshardable` optimizer key (the main copy is `fp32_param`)."""
-    kind, _, rest = key[len(STATE):].partition(".")
-    return f"{STATE}{'fp32_param' if kind == 'param' else kind}.{rest}"
+    head, kind = STATE.match(key).groups()
+    return f"{head}{'fp32_param' if kind == 'param' else kind}.{key[len(head) + len(kind) + 1:]}"
 
 
 def chunk_requests(sh, stored_shape: tuple[int, ...]) -> list:
@@ -81,7 +84,7 @@ def load_model_space(sharded_state: dict, ckpt_dir: str, shapes: dict) -> dict:
     )
 
     optimizer, rest = extract_matching_values(
-        sharded_state, lambda v: isinstance(v, (ShardedTensor, ShardedTensorFactory)) and v.key.startswith(STATE))
+        sharded_state, lambda v: isinstance(v, (ShardedTensor, ShardedTensorFactory)) and STATE.match(v.key))
     loaded = dist_checkpointing.load(rest, ckpt_dir)
     # The factories (the Mamba in_proj's split into z, x, B, C, dt) name the stored tensors: apply them
     # here, read, and merge their parts as dist_checkpointing.load would.
@@ -109,10 +112,15 @@ def load_model_space(sharded_state: dict, ckpt_dir: str, shapes: dict) -> dict:
             else:
                 _copy_overlap(sh, got[f"{i}.{j}"], row.global_offset[:-1], chunk)
     values = apply_factory_merges(dict_list_map_inplace(lambda sh: sh.data, optimizer), factories)
-    # What the common state keeps of the old per-parameter state (torch Adam's `step`, in the old
-    # format's parameter order) is not the template's: the loaded tensors replace it.
-    loaded["optimizer"]["param_state"] = {}
+    # One state per optimizer (a MoE model's dense and expert ones: {0: ..., 1: ...}).
+    top = loaded["optimizer"]
+    states = [top] if "param_state_sharding_type" in top else [top[i] for i in sorted(top)]
+    for state in states:
+        # What the common state keeps of the old per-parameter state (torch Adam's `step`, in the old
+        # format's parameter order) is not the template's: the loaded tensors replace it.
+        state["param_state"] = {}
     merge(loaded, values)
-    # The tensors now have the fully_reshardable layout; megatron loads them as such.
-    loaded["optimizer"]["param_state_sharding_type"] = "fully_reshardable"
+    for state in states:
+        # The tensors now have the fully_reshardable layout; megatron loads them as such.
+        state["param_state_sharding_type"] = "fully_reshardable"
     return loaded

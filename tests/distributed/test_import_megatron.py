@@ -11,6 +11,7 @@ import torch
 
 from pipeline.checkpoint import CheckpointMeta, CheckpointTensors, safe_checkpoint_loading
 from tests.distributed.training import REPO, run_cpu
+from tests.distributed.worker_megatron_lm import MODEL_SPACE_FLAG
 
 WORKER = str(REPO / "tests" / "distributed" / "worker_megatron_lm.py")
 
@@ -120,11 +121,12 @@ MOE_FLAGS = [  # tiny_moe's routing (conf/model/tiny_moe.yaml) with 4 experts, a
 ]
 
 
-@pytest.mark.parametrize("optimizer_format", ["--dist-ckpt-optim-fully-reshardable", "dp_reshardable"])
+@pytest.mark.parametrize("optimizer_format", ["--dist-ckpt-optim-fully-reshardable", "dp_reshardable",
+                                              MODEL_SPACE_FLAG])
 def test_bf16_moe_continues_the_megatron_run(tmp_path, optimizer_format):
     """A bf16 run with `E` layers: the routed and shared experts, router and expert bias, and Megatron-LM's
-    two optimizers (dense and expert; fully_reshardable keys without `chained_N.`, dp_reshardable
-    buckets with it) come along."""
+    two optimizers (dense and expert; fully_reshardable and model-space keys without `chained_N.`,
+    dp_reshardable buckets with it) come along."""
     flags = [optimizer_format] if optimizer_format.startswith("--") else []  # dp_reshardable: the default
     run_cpu([sys.executable, WORKER, str(tmp_path / "source"), *flags, "--bf16", *MOE_FLAGS])
     import_cli(tmp_path / "source" / "ckpt", tmp_path / "imported", "--name", "moe")
