@@ -136,7 +136,9 @@ def check_buckets(source: Source, optimizer_state: dict) -> None:
     def size(shape) -> str:
         return "no such bucket" if shape is None else f"{shape[0]} elements"
 
-    for key in sorted(set(stored) | set(built)):
+    # This rank's buckets (its model-parallel rank's, `dp_group_idx_N`), and none of its stored ones missing.
+    groups = {key.partition(".gbuf_idx_")[0] for key in built}
+    for key in sorted(set(built) | {k for k in stored if k.partition(".gbuf_idx_")[0] in groups}):
         if stored.get(key) != built.get(key):
             raise ConversionError(
                 f"{source.ckpt_dir}: dp_reshardable optimizer bucket {key}: the source's has {size(stored.get(key))}, "
