@@ -133,6 +133,7 @@ def check_buckets(source: Source, optimizer_state: dict) -> None:
     stored = {k: v[0] for k, v in tensor_shapes(source.ckpt_dir).items() if BUCKETS.match(k)}
     built = {v.key: tuple(v.global_shape) for v in nested_values(optimizer_state)
              if isinstance(v, ShardedTensor) and BUCKETS.match(v.key)}
+
     def size(shape) -> str:
         return "no such bucket" if shape is None else f"{shape[0]} elements"
 

@@ -41,9 +41,11 @@ MAMBA_EXPAND = 2
 MAMBA_CHUNK = 128
 """megatron-core's MambaMixer chunk size (not configurable there)."""
 EMBEDDING = "embedding.word_embeddings.weight"
+OPTIMIZER_KEY = re.compile(r"(chained_\d+\.)?optimizer\.")
+"""An optimizer state's key (`chained_N.` before it for the Nth of several optimizers, e.g. a MoE
+model's dense and expert ones, where the format keeps it)."""
 BUCKETS = re.compile(r"(chained_\d+\.)?optimizer\.distributed\.")
-"""A dp_reshardable optimizer bucket's key (`chained_N.` before it for the Nth of several optimizers,
-e.g. a MoE model's dense and expert ones)."""
+"""A dp_reshardable optimizer bucket's key."""
 
 # Megatron-LM's parse_args defaults (megatron-core 0.19.2) for the flags read here: what an older
 # Megatron-LM's Namespace without the attribute meant.
@@ -255,8 +257,7 @@ def check_weights(model: ModelConfig, shapes: dict, prefix: str, ckpt_dir: Path)
     the keys the source names differently (ALIASES): {ours: theirs}, without the prefix."""
     from pipeline.model.params import checkpoint_shapes
 
-    stored = {k: v[0] for k, v in shapes.items() if k.startswith(prefix) and not BUCKETS.match(k)
-              and not k.startswith("optimizer.")}
+    stored = {k: v[0] for k, v in shapes.items() if k.startswith(prefix) and not OPTIMIZER_KEY.match(k)}
     ours = dict(checkpoint_shapes(model))
     if model.moe.expert_bias:  # a buffer, not a parameter: saved with the weights, absent from params.py
         ours.update({f"decoder.layers.{i}.mlp.router.expert_bias": (model.moe.num_experts,)
