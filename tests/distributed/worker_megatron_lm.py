@@ -1,7 +1,7 @@
 """Write a genuine Megatron-LM checkpoint with the megatron-core wheel's own `megatron/training` (its
 `parse_args`, `validate_args` and `save_checkpoint`), on CPU, as `pretrain_hybrid.py` would at the end
 of a run: a tiny hybrid model, a few AdamW steps on fixed batches, then the save. Used by
-tests/distributed/test_import_megatron.py as the source to import.
+tests/distributed/test_import_megatron*.py as the source to import.
 
     python tests/distributed/worker_megatron_lm.py OUT_DIR [megatron flags...]          # TP1/PP1
     torchrun --nproc_per_node=4 tests/distributed/worker_megatron_lm.py OUT_DIR --tensor-model-parallel-size 2 \
