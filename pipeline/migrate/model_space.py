@@ -114,7 +114,7 @@ def load_model_space(sharded_state: dict, ckpt_dir: str, shapes: dict) -> dict:
     values = apply_factory_merges(dict_list_map_inplace(lambda sh: sh.data, optimizer), factories)
     # One state per optimizer (a MoE model's dense and expert ones: {0: ..., 1: ...}).
     top = loaded["optimizer"]
-    states = [top] if "param_state_sharding_type" in top else [top[i] for i in sorted(top)]
+    states = [top[i] for i in sorted(top)] if top and all(isinstance(k, int) for k in top) else [top]
     for state in states:
         # What the common state keeps of the old per-parameter state (torch Adam's `step`, in the old
         # format's parameter order) is not the template's: the loaded tensors replace it.

@@ -95,10 +95,14 @@ def test_format_of_a_checkpoint_without_content_metadata(model_space, tmp_path, 
     from pipeline.distributed import ParallelConfig
     from pipeline.migrate.source import open_source
 
-    source = open_source(older_common_state(model_space, tmp_path, **args))
+    ckpt = older_common_state(model_space, tmp_path, **args)
+    source = open_source(ckpt)
     assert source.optimizer_format == expected
     refused_why = source.optimizer_refused(ParallelConfig(tp=2))
     assert refused_why is None if expected == "fully_sharded_model_space" else "cannot read" in refused_why
+    if not args:  # as such a checkpoint is: its state loads without the content metadata
+        cli(ckpt, tmp_path / "imported", "--with-optimizer")
+        assert not CheckpointMeta.read(tmp_path / "imported" / "checkpoints" / STEP).weights_only
 
 
 def test_dp_reshardable_state_continues_at_its_own_layout(dp_reshardable, tmp_path, capsys):
