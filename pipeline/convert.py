@@ -5,7 +5,7 @@ Usage (CPU is enough; either spelling works):
     python pipeline/convert.py export CHECKPOINT OUT_DIR [--dtype bf16|fp32] [--overwrite] [--tokenizer PATH]
     python -m pipeline.convert import HF_DIR OUT_DIR [--name NAME] [--overwrite] [parallel.tp=2 parallel.pp=2 ...]
     python pipeline/convert.py import-megatron SRC OUT_DIR [--source-kind megatron-lm|nemo2|bridge]
-        [--weights-only] [--name NAME] [--overwrite] [parallel.tp=2 parallel.pp=2 ...]
+        [--weights-only | --with-optimizer] [--name NAME] [--overwrite] [parallel.tp=2 parallel.pp=2 ...]
 
 export: CHECKPOINT is a run dir, its checkpoints/ dir or one step dir (the newest complete checkpoint
 is used); any TP/PP/DP/EP layout, MoE (`E`) layers included. OUT_DIR loads offline with
@@ -15,9 +15,10 @@ OUT_DIR/tokenizer; the overrides choose the layout it is written at (torchrun pr
 or parallel.ep>1) and the precision (default: the HF weights' dtype).
 import-megatron: SRC is a Megatron-LM or Megatron-Bridge save directory (or one iter_NNNNNNN/ in it)
 or a NeMo 2 checkpoint (weights/ + context/); writes OUT_DIR/checkpoints/step_N (N: the source's
-iteration) and OUT_DIR/model/NAME.yaml. With a fully_reshardable optimizer state (and no
---weights-only) training resumes OUT_DIR as its run_dir; otherwise start from it with
-checkpoint.init_from. What the pipeline's model cannot represent is refused naming the field.
+iteration) and OUT_DIR/model/NAME.yaml. With the optimizer state (fully_reshardable or
+fully_sharded_model_space at any layout, dp_reshardable at the source's TP/PP; no --weights-only)
+training resumes OUT_DIR as its run_dir; otherwise start from it with checkpoint.init_from
+(--with-optimizer: refuse instead). What the pipeline's model cannot represent is refused naming the field.
 
 A bad input (or command line) exits with status 2 and one line `error: <message>`; nothing is
 written (docs/cli.md).
@@ -71,7 +72,8 @@ def _import_megatron(args: argparse.Namespace) -> None:
     from pipeline.migrate.import_ import import_megatron
 
     result = import_megatron(args.src, args.out_dir, args.overrides, source_kind=args.source_kind,
-                             weights_only=args.weights_only, overwrite=args.overwrite, name=args.name)
+                             weights_only=args.weights_only, overwrite=args.overwrite, name=args.name,
+                             with_optimizer=args.with_optimizer)
     for note in result.notes:
         print(f"note: {note}")
     what = "weights and optimizer state" if result.with_optimizer else "weights only"
@@ -118,7 +120,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     meg.add_argument("out_dir", help="output directory (checkpoints/, model/NAME.yaml)")
     meg.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.tp=2 parallel.pp=2 precision=fp32")
     meg.add_argument("--source-kind", choices=("megatron-lm", "nemo2", "bridge"), help="default: detected")
-    meg.add_argument("--weights-only", action="store_true", help="leave the optimizer state behind")
+    optim = meg.add_mutually_exclusive_group()
+    optim.add_argument("--weights-only", action="store_true", help="leave the optimizer state behind")
+    optim.add_argument("--with-optimizer", action="store_true",
+                       help="refuse (exit 2) instead of importing the weights only when the optimizer state cannot "
+                            "come along at this layout")
     meg.add_argument("--name", help="model name (default: from SRC's name)")
     meg.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     meg.set_defaults(run=_import_megatron)

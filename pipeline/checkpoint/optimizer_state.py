@@ -146,19 +146,22 @@ def optimizer_sharded_state(optimizer, model_sharded_state: dict, loading: bool,
     """The optimizer's sharded state in the "fully_reshardable" format (resumes at any TP/PP/DP; the
     default format relies on flattened ranges, unsupported in 0.19): to save, or as the template a
     load fills in. `metadata` adds megatron's other content-metadata flags (e.g. Megatron-LM's
-    `chained_optim_avoid_prefix`, for a checkpoint it wrote)."""
+    `chained_optim_avoid_prefix`, for a checkpoint it wrote; an import of Megatron-LM's
+    `dp_reshardable` state names that format to load it)."""
     if loading:
         prime_optimizer_for_loading(optimizer)
     with fast_optimizer_state_saving():  # saving only; loading stays megatron's
         return optimizer.sharded_state_dict(
             model_sharded_state, is_loading=loading,
-            metadata={**(metadata or {}), "distrib_optim_sharding_type": "fully_reshardable"},
+            metadata={"distrib_optim_sharding_type": "fully_reshardable", **(metadata or {})},
         )
 
 
 def load_optimizer_state(optimizer, saved: dict) -> None:
     """Restore a loaded optimizer state (from `optimizer_sharded_state(..., loading=True)`)."""
-    with _adam_step_not_stored():
+    # megatron's dp_reshardable loader (a Megatron-LM state imported) copies into fp32 main params,
+    # views of the model's leaf parameters, outside no_grad (its other loaders are decorated).
+    with _adam_step_not_stored(), torch.no_grad():
         optimizer.load_state_dict(saved)
     untie_adam_steps(optimizer)
 
@@ -194,8 +197,9 @@ def untie_adam_steps(optimizer) -> None:
 def _adam_step_not_stored():
     """`DistributedOptimizer._set_main_param_and_optimizer_states` copies one stored tensor per
     optimizer state key; the checkpoint's per-parameter tensors never include torch Adam's `step`
-    (restored from param_groups), so the copy raised KeyError. A None entry makes it skip `step`
-    (it skips non-tensors); with fused Adam there is no `step` and the entry changes nothing."""
+    (restored from param_groups), so the copy raised KeyError, or (dp_reshardable) hold the fresh
+    optimizer's own `step`, not the checkpoint's. A None entry makes it skip `step` (it skips
+    non-tensors); with fused Adam there is no `step` and the entry changes nothing."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     original = DistributedOptimizer._set_main_param_and_optimizer_states
@@ -204,7 +208,7 @@ def _adam_step_not_stored():
         return
 
     def set_states(self, model_param, tensors):
-        return original(self, model_param, {"step": None, **tensors})
+        return original(self, model_param, {**tensors, "step": None})
 
     set_states._skips_adam_step = True
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states

@@ -1,6 +1,7 @@
 """Import a Megatron-LM, NeMo 2 or Megatron-Bridge checkpoint as a pipeline checkpoint.
 
-    python pipeline/convert.py import-megatron SRC OUT_DIR [--source-kind K] [--weights-only] [parallel.tp=2 ...]
+    python pipeline/convert.py import-megatron SRC OUT_DIR [--source-kind K] [--weights-only | --with-optimizer]
+        [parallel.tp=2 ...]
 
 writes
     OUT_DIR/checkpoints/step_N/   N = the source's iteration; meta.json records the source
@@ -8,17 +9,21 @@ writes
     OUT_DIR/tokenizer/            the tokenizer files a Bridge (tokenizer/) or NeMo 2 (context/nemo_tokenizer/)
                                   checkpoint carries
 
-With the optimizer state (a `fully_reshardable` distributed-optimizer state, and no --weights-only)
-OUT_DIR is a run directory that training resumes like one of its own, at any layout:
+With the optimizer state (no --weights-only, and a distributed-optimizer state that loads at the
+requested layout: `Source.optimizer_refused`) OUT_DIR is a run directory that training resumes like
+one of its own, at any layout:
     python -m pipeline.train hydra.searchpath=[file://OUT_DIR] model=NAME run_dir=OUT_DIR
 otherwise it holds weights only, to start from:
     python -m pipeline.train hydra.searchpath=[file://OUT_DIR] model=NAME checkpoint.init_from=OUT_DIR
 
 The pipeline's checkpoints use megatron-core's sharded keys, as the sources do (NeMo 2 adds
 `module.`), so each rank builds its part of the model (and optimizer) at the requested TP/PP, asks
-`dist_checkpointing.load` for the source's keys, and saves. The scheduler continues at the source's
-iteration counted in steps (Megatron-LM counts samples); the data position is the step, as in the
-pipeline's own runs; RNG states are not carried over.
+`dist_checkpointing.load` for the source's keys, and saves (fully_reshardable). The optimizer
+state is loaded in the source's format: fully_reshardable as it is; fully_sharded_model_space
+through pipeline/migrate/model_space.py; dp_reshardable into buckets built with the source's DDP
+settings, checked against the stored ones (`check_buckets`, `check_bucket_params`). The scheduler
+continues at the source's iteration counted in steps (Megatron-LM counts samples); the data position
+is the step, as in the pipeline's own runs; RNG states are not carried over.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from pipeline.errors import (
     find_cause,
 )
 from pipeline.fs import replace_dir, temporary_sibling
-from pipeline.migrate.source import Source, open_source
+from pipeline.migrate.source import BUCKETS, Source, open_source
 from pipeline.model.config import ModelConfig, write_model_option
 
 
@@ -82,6 +87,8 @@ def source_keys(sharded_state: dict, prefix: str, renamed: dict[str, str]) -> di
         if value.key.startswith("optimizer.state."):
             kind, _, key = value.key[len("optimizer.state."):].partition(".")
             head = f"optimizer.state.{kind}."
+        elif BUCKETS.match(value.key):  # dp_reshardable buckets: no model key in them
+            continue
         else:
             key = value.key
         value.key = head + prefix + renamed.get(key, key)
@@ -97,10 +104,14 @@ def load_source(source: Source, sharded_state: dict) -> dict:
     from pipeline.checkpoint.load import drop_missing_extra_state
     from pipeline.migrate.source import tensor_shapes
 
-    keys = set(tensor_shapes(source.ckpt_dir))
-    sharded_state = drop_missing_extra_state(source_keys(sharded_state, source.prefix, source.renamed), keys)
+    shapes = tensor_shapes(source.ckpt_dir)
+    sharded_state = drop_missing_extra_state(source_keys(sharded_state, source.prefix, source.renamed), set(shapes))
     try:
         with safe_checkpoint_loading():
+            if source.optimizer_format == "fully_sharded_model_space" and "optimizer" in sharded_state:
+                from pipeline.migrate.model_space import load_model_space
+
+                return load_model_space(sharded_state, str(source.ckpt_dir), shapes)
             return dist_checkpointing.load(sharded_state, str(source.ckpt_dir))
     except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
         unsafe = find_cause(exc, lambda e: isinstance(e, UnsafeCheckpointError))
@@ -108,6 +119,67 @@ def load_source(source: Source, sharded_state: dict) -> dict:
             raise unsafe from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise CheckpointError(f"cannot load {source.ckpt_dir}: {type(exc).__name__}: {first}") from exc
+
+
+def check_buckets(source: Source, optimizer_state: dict) -> None:
+    """The distributed optimizer's buckets built here are those the source's dp_reshardable state
+    was saved from: the same bucket tensors with the same sizes (megatron's loader would stop at an
+    assertion, or at a shape mismatch, instead)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from pipeline.migrate.source import tensor_shapes
+
+    stored = {k: v[0] for k, v in tensor_shapes(source.ckpt_dir).items() if BUCKETS.match(k)}
+    built = {v.key: tuple(v.global_shape) for v in nested_values(optimizer_state)
+             if isinstance(v, ShardedTensor) and BUCKETS.match(v.key)}
+
+    def size(shape) -> str:
+        return "no such bucket" if shape is None else f"{shape[0]} elements"
+
+    # This rank's buckets (its model-parallel rank's, `dp_group_idx_N`), and none of its stored ones missing.
+    groups = {key.partition(".gbuf_idx_")[0] for key in built}
+    for key in sorted(set(built) | {k for k in stored if k.partition(".gbuf_idx_")[0] in groups}):
+        if stored.get(key) != built.get(key):
+            raise ConversionError(
+                f"{source.ckpt_dir}: dp_reshardable optimizer bucket {key}: the source's has {size(stored.get(key))}, "
+                f"this import's {size(built.get(key))}: its DDP buckets were laid out otherwise (bucket size, "
+                f"parameters, padding); import it with --weights-only")
+
+
+def unalias_bucket_params(optimizer_state: dict) -> None:
+    """Give the dp_reshardable template's main-parameter entries memory of their own: with fp32
+    weights they are views of the parameters, which the model's weights (loaded by name) would
+    overwrite or be overwritten by, and `check_bucket_params` compares the two."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    for sh in nested_values(optimizer_state):
+        if isinstance(sh, ShardedTensor) and BUCKETS.match(sh.key) and sh.key.endswith(".param"):
+            sh.data = sh.data.clone()
+
+
+def check_bucket_params(source: Source, optimizer, saved: dict) -> None:
+    """A loaded dp_reshardable state's main parameters, placed by bucket position as megatron's loader
+    places them, are the weights the checkpoint stores under the parameters' names (already loaded
+    into the model). Buckets that hold the parameters in another order would put one parameter's
+    Adam state on another; this finds it."""
+    import torch
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [saved] if len(subs) == 1 else [saved[i] for i in range(len(subs))]
+    for sub, state in zip(subs, states, strict=True):
+        for gbuf_idx, ranges in enumerate(sub.gbuf_ranges):
+            for dtype, buckets in ranges.items():
+                for bucket_idx, bucket in enumerate(buckets):
+                    entries = [e for e in state["param_state"][gbuf_idx][dtype][bucket_idx] if not e["padding"]]
+                    for entry, (param, where) in zip(entries, bucket["param_map"].items(), strict=True):
+                        weight = param.detach().view(-1)[where["param"].start:where["param"].end]
+                        if not torch.equal(entry["param"].to(weight.dtype), weight):
+                            raise ConversionError(
+                                f"{source.ckpt_dir}: the dp_reshardable optimizer state does not line up with the "
+                                f"weights (the source's buckets hold its parameters in another order); import it "
+                                f"with --weights-only")
 
 
 def save_imported(run, source: Source, tmp_root: Path, with_optimizer: bool, tokenizer: str | None) -> None:
@@ -136,14 +208,27 @@ def save_imported(run, source: Source, tmp_root: Path, with_optimizer: bool, tok
             ckpt.save_checkpoint(tmp_root / "checkpoints", source.iteration, ckpt.model_sharded_state(chunks),
                                  meta, run_yaml)
             return
-        chunks = build_training_chunks(run.model, run.parallel, run.precision, run.train, world.device)
+        buckets = source.optimizer_format == "dp_reshardable"
+        # A dp_reshardable state is the source's DDP buckets: build them with its bucket settings (the
+        # checkpoint written here is fully_reshardable, whatever they were).
+        parallel = dataclasses.replace(run.parallel, **source.ddp) if buckets else run.parallel
+        chunks = build_training_chunks(run.model, parallel, run.precision, run.train, world.device)
         optimizer = build_optimizer(chunks, run.optim, chunks[0].config, run.parallel.distributed_optimizer)
         scheduler = build_scheduler(optimizer, run.optim, run.train.iters)
         model_state = ckpt.model_sharded_state(chunks)
+        # A model-space source is read into the fully_reshardable layout (pipeline/migrate/model_space.py).
+        metadata = dict(source.optimizer_metadata)
+        if buckets:
+            metadata["distrib_optim_sharding_type"] = "dp_reshardable"
         wanted = {**model_state, "optimizer": ckpt.optimizer_sharded_state(
-            optimizer, model_state, loading=True, metadata=source.optimizer_metadata)}
+            optimizer, model_state, loading=True, metadata=metadata)}
+        if buckets:
+            check_buckets(source, wanted["optimizer"])
+            unalias_bucket_params(wanted["optimizer"])
         loaded = load_source(source, wanted)
         ckpt.apply_model_state(chunks, loaded)
+        if buckets:
+            check_bucket_params(source, optimizer, loaded["optimizer"])
         _adopt_configured_schedule(loaded["optimizer"], optimizer)
         ckpt.load_optimizer_state(optimizer, loaded["optimizer"])
         # The schedule continues where the source's left off, in steps (Megatron-LM counts samples).
@@ -161,8 +246,11 @@ def import_megatron(
     weights_only: bool = False,
     overwrite: bool = False,
     name: str | None = None,
+    with_optimizer: bool = False,
 ) -> MigrationResult:
-    """Import SRC into OUT_DIR (module docstring). Every check runs before anything is written; on
+    """Import SRC into OUT_DIR (module docstring). The optimizer state comes along where it can
+    (`Source.optimizer_refused`), else the weights alone with a note; `weights_only` leaves it behind,
+    `with_optimizer` refuses to do without it. Every check runs before anything is written; on
     failure OUT_DIR is untouched."""
     from pipeline.hf.export import check_out_dir
     from pipeline.hf.import_ import copy_tokenizer, default_name, launch_import_workers
@@ -172,11 +260,15 @@ def import_megatron(
     out_dir = check_out_dir(Path(out_dir), overwrite, src)
     run = import_run_config(source, list(overrides), out_dir)
     notes = []
-    with_optimizer = source.resumable and not weights_only
-    if not weights_only and not source.resumable:
-        what = ("no optimizer state" if source.optimizer_format is None else
-                f"optimizer state in the {source.optimizer_format} format, which loads only at its own layout")
-        notes.append(f"{src} has {what}: imported the weights only; start from them with checkpoint.init_from")
+    if weights_only and with_optimizer:
+        raise ConversionError("--weights-only and --with-optimizer contradict each other; give one of them")
+    refused = None if weights_only else source.optimizer_refused(run.parallel)
+    if refused and with_optimizer:
+        raise ConversionError(f"--with-optimizer: {src} has {refused}; import it at that layout, or without "
+                              f"--with-optimizer for the weights only")
+    if refused:
+        notes.append(f"{src} has {refused}: imported the weights only; start from them with checkpoint.init_from")
+    with_optimizer = not weights_only and refused is None
     if with_optimizer and source.training:
         # The import saves with the pipeline's defaults; the resumed run takes optim.* and train.* from
         # its own command line, so say what continues the source's optimisation.

@@ -3,6 +3,7 @@ they hold (a `ModelConfig`) and what else can be carried over.
 
     src = open_source(path, kind=None)      # kind detected; ConversionError naming the field it refuses
     src.model, src.ckpt_dir, src.prefix, src.iteration, src.optimizer_format
+    src.optimizer_refused(parallel)         # why its optimizer state cannot come along at that layout
 
 The three layouts (facts checked against megatron-core 0.19.2 and the NeMo 2 / Bridge writers):
 
@@ -32,12 +33,19 @@ from pipeline.errors import ConversionError
 from pipeline.model.config import ModelConfig, MoEConfig
 
 KINDS = ("megatron-lm", "nemo2", "bridge")
+MODEL_SPACE = ("fully_reshardable", "fully_sharded_model_space")
+"""Distributed-optimizer formats whose tensors are shaped like the parameters: they load at any layout."""
 TRACKER = "latest_checkpointed_iteration.txt"
 MAMBA_EXPAND = 2
 """megatron-core's MambaMixer: d_inner = 2 x hidden when mamba_num_heads is not given."""
 MAMBA_CHUNK = 128
 """megatron-core's MambaMixer chunk size (not configurable there)."""
 EMBEDDING = "embedding.word_embeddings.weight"
+OPTIMIZER_KEY = re.compile(r"(chained_\d+\.)?optimizer\.")
+"""An optimizer state's key (`chained_N.` before it for the Nth of several optimizers, e.g. a MoE
+model's dense and expert ones, where the format keeps it)."""
+BUCKETS = re.compile(r"(chained_\d+\.)?optimizer\.distributed\.")
+"""A dp_reshardable optimizer bucket's key."""
 
 # Megatron-LM's parse_args defaults (megatron-core 0.19.2) for the flags read here: what an older
 # Megatron-LM's Namespace without the attribute meant.
@@ -136,10 +144,36 @@ class Source:
     renamed: dict[str, str] = field(default_factory=dict)
     """The pipeline's sharded key -> the source's, where the source names a tensor differently (ALIASES)."""
 
-    @property
-    def resumable(self) -> bool:
-        """True if the optimizer state loads at any layout (`fully_reshardable`)."""
-        return self.optimizer_format == "fully_reshardable"
+    saved_layout: dict = field(default_factory=dict)
+    """The layout the source ran at ({tp, pp, ep, vpp}; empty where unknown): a `dp_reshardable`
+    optimizer state loads only at the same one."""
+    ddp: dict = field(default_factory=dict)
+    """The source's DDP bucket settings as `parallel.*` values (overlap_grad_reduce, bucket_size,
+    grad_reduce_dtype): the buckets a `dp_reshardable` state is stored in follow from them."""
+
+    def optimizer_refused(self, parallel) -> str | None:
+        """Why the optimizer state cannot be imported at `parallel` (a ParallelConfig); None if it can.
+
+        The model-space formats (MODEL_SPACE) load at any layout. `dp_reshardable` stores the
+        distributed optimizer's buckets, whose contents follow from the layout (TP, PP, EP, virtual
+        stages; the import runs at DP 1, which the format may change) and the DDP bucket settings
+        (taken from the source, `ddp`); the buckets' sizes and contents are checked again on load.
+        """
+        fmt = self.optimizer_format
+        if fmt is None:
+            return "no optimizer state"
+        if fmt in MODEL_SPACE:
+            return None
+        if fmt != "dp_reshardable":
+            return f"optimizer state in the {fmt} format, which import-megatron cannot read"
+        if not self.saved_layout:
+            return "optimizer state in the dp_reshardable format, which loads only at its own layout (not recorded)"
+        wanted = {"tp": parallel.tp, "pp": parallel.pp, "ep": 1, "vpp": 1}
+        if {k: self.saved_layout.get(k) for k in wanted} == wanted:
+            return None
+        saved = " ".join(f"{k}={v}" for k, v in self.saved_layout.items())
+        return (f"optimizer state in the dp_reshardable format, which loads only at its own layout ({saved}; "
+                f"this import: tp={parallel.tp} pp={parallel.pp} ep=1 vpp=1)")
 
     def record(self) -> dict:
         """What meta.json records about the source."""
@@ -223,7 +257,7 @@ def check_weights(model: ModelConfig, shapes: dict, prefix: str, ckpt_dir: Path)
     the keys the source names differently (ALIASES): {ours: theirs}, without the prefix."""
     from pipeline.model.params import checkpoint_shapes
 
-    stored = {k: v[0] for k, v in shapes.items() if k.startswith(prefix) and not k.startswith("optimizer.")}
+    stored = {k: v[0] for k, v in shapes.items() if k.startswith(prefix) and not OPTIMIZER_KEY.match(k)}
     ours = dict(checkpoint_shapes(model))
     if model.moe.expert_bias:  # a buffer, not a parameter: saved with the weights, absent from params.py
         ours.update({f"decoder.layers.{i}.mlp.router.expert_bias": (model.moe.num_experts,)
@@ -410,12 +444,49 @@ TRAINING_ARGS = {"lr": "optim.lr", "min_lr": "optim.min_lr", "adam_beta1": "opti
 
 
 def _optimizer_format(common: dict) -> str | None:
-    """The distributed optimizer's sharding type recorded in the common state (None: no optimizer)."""
+    """The distributed optimizer's sharding type (None: no optimizer state), by megatron.training's
+    rule (load_checkpoint): the type stored with the state, else the content metadata (core 0.13+),
+    else, for an older Megatron-LM, `fully_sharded_model_space` if it saved with
+    --ckpt-fully-parallel-save and `dp_zero_gather_scatter` if not."""
     optimizer = common.get("optimizer")
     if not isinstance(optimizer, dict):
         return None
     found = (common.get("content_metadata") or {}).get("distrib_optim_sharding_type")
+    args = common.get("args")
+    if found is None and getattr(args, "use_distributed_optimizer", False):
+        found = "fully_sharded_model_space" if getattr(args, "ckpt_fully_parallel_save", False) else \
+            "dp_zero_gather_scatter"
     return optimizer.get("param_state_sharding_type") or found or "unknown"
+
+
+def _saved_layout(a: dict) -> tuple[dict, dict]:
+    """(saved_layout, ddp) of a run (Source fields) from its Megatron-LM args (`vars(args)`); empty
+    if they do not say."""
+    if not a:
+        return {}, {}
+    layout = {"tp": a.get("tensor_model_parallel_size") or 1, "pp": a.get("pipeline_model_parallel_size") or 1,
+              "ep": a.get("expert_model_parallel_size") or 1, "vpp": a.get("virtual_pipeline_model_parallel_size") or 1}
+    overlap = bool(a.get("overlap_grad_reduce", False))
+    # megatron's DDP: the bucket size given, else max(40M, 1M x DP); one bucket without overlap.
+    bucket = (a.get("ddp_bucket_size") or max(40_000_000, 1_000_000 * (a.get("data_parallel_size") or 1))) \
+        if overlap else None
+    fp32_grads = a.get("accumulate_allreduce_grads_in_fp32", False) or not (a.get("bf16") or a.get("fp16"))
+    return layout, {"overlap_grad_reduce": overlap, "bucket_size": bucket,
+                    "grad_reduce_dtype": "fp32" if fp32_grads else "bf16"}
+
+
+def _bridge_args(run_config: Path) -> dict:
+    """Megatron-LM's names for a Bridge run's layout and DDP settings (run_config.yaml `model:` and
+    `ddp:`, TransformerConfig and DistributedDataParallelConfig names)."""
+    import yaml
+
+    data = yaml.safe_load(run_config.read_text()) or {}
+    model, ddp = data.get("model") or {}, data.get("ddp") or {}
+    names = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+             "virtual_pipeline_model_parallel_size", "bf16", "fp16")
+    return {**{k: model.get(k) for k in names}, "overlap_grad_reduce": ddp.get("overlap_grad_reduce", False),
+            "ddp_bucket_size": ddp.get("bucket_size"),
+            "accumulate_allreduce_grads_in_fp32": ddp.get("grad_reduce_in_fp32", False)}
 
 
 def open_source(path: str | Path, kind: str | None = None, name: str = "imported") -> Source:
@@ -467,12 +538,14 @@ def open_source(path: str | Path, kind: str | None = None, name: str = "imported
     model = model_from_fields(fields, shapes[embedding][0][0], name, where)
     renamed = check_weights(model, shapes, prefix, ckpt_dir)
     precision = "bf16" if fields.get("bf16") else "fp32"
+    run_args = {"megatron-lm": lambda: vars(common["args"]), "bridge": lambda: _bridge_args(config_file)}
+    saved_layout, ddp = _saved_layout(run_args[kind]() if kind in run_args else {})
     tokenizers = [ckpt_dir / "tokenizer", path / "context" / "nemo_tokenizer"]
     return Source(
         tokenizer_dir=next((d for d in tokenizers if d.is_dir()), None),
         kind=kind, path=path, ckpt_dir=ckpt_dir, iteration=int(iteration), model=model, precision=precision,
         prefix=prefix, optimizer_format=_optimizer_format(common),
-        renamed=renamed, training=training,
+        renamed=renamed, training=training, saved_layout=saved_layout, ddp=ddp,
         optimizer_metadata={k: v for k, v in (common.get("content_metadata") or {}).items()
                             if k in ("chained_optim_avoid_prefix", "singleton_local_shards")},
     )

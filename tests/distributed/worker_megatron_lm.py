@@ -1,15 +1,16 @@
 """Write a genuine Megatron-LM checkpoint with the megatron-core wheel's own `megatron/training` (its
 `parse_args`, `validate_args` and `save_checkpoint`), on CPU, as `pretrain_hybrid.py` would at the end
 of a run: a tiny hybrid model, a few AdamW steps on fixed batches, then the save. Used by
-tests/distributed/test_import_megatron.py as the source to import.
+tests/distributed/test_import_megatron*.py as the source to import.
 
     python tests/distributed/worker_megatron_lm.py OUT_DIR [megatron flags...]          # TP1/PP1
     torchrun --nproc_per_node=4 tests/distributed/worker_megatron_lm.py OUT_DIR --tensor-model-parallel-size 2 \
         --pipeline-model-parallel-size 2 --hybrid-layer-pattern "M-M*|-M-"
+    python tests/distributed/worker_megatron_lm.py OUT_DIR --model-space-optimizer      # core <= 0.14's format
     python tests/distributed/worker_megatron_lm.py check IMPORTED REFERENCE RESULT [overrides...]
 
 Writes OUT_DIR/ckpt (the Megatron-LM save dir), the same weights as NeMo 2 stores them (NEMO_DIR/weights)
-and OUT_DIR/reference.pt (rank 0): the batch that
+and OUT_DIR/reference.pt (rank 0): the (global) batch that
 follows the saved iteration and the loss megatron's forward gives on it at the saved weights, and the
 loss after one more step on it (the optimizer continuing).
 
@@ -19,8 +20,11 @@ places the save passes: `torch.cuda.get_rng_state` (the RNG state it stores; a C
 the CUDA RNG tracker's states (empty on CPU); and validate_args asks the GPU's architecture when tp > 1.
 """
 
+import contextlib
+import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -51,11 +55,12 @@ MICRO = 2
 """Optimizer steps before the save (the Adam moments are then not trivial)."""
 
 
-def batch(step: int, args, rank_of_dp: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed batch for `step` (this data-parallel rank's micro-batch): tokens, labels."""
+def batch(step: int, args, rank_of_dp: int, dp: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch for `step` (data-parallel rank `rank_of_dp`'s part of it among `dp`, default the
+    run's DP): tokens, labels."""
     g = torch.Generator().manual_seed(1000 + step)
     full = torch.randint(0, args.vocab_size, (args.global_batch_size, args.seq_length + 1), generator=g)
-    mine = full.chunk(args.data_parallel_size)[rank_of_dp]
+    mine = full.chunk(dp or args.data_parallel_size)[rank_of_dp]
     return mine[:, :-1].contiguous(), mine[:, 1:].contiguous()
 
 
@@ -74,6 +79,8 @@ def main(out: Path, flags: list[str]) -> None:
     from pipeline.model.config import ModelConfig, MoEConfig
     from pipeline.model.precision import PrecisionConfig
 
+    model_space = MODEL_SPACE_FLAG in flags
+    flags = [f for f in flags if f != MODEL_SPACE_FLAG]
     sys.argv = ["pretrain_hybrid.py", *TINY_FLAGS, "--save", str(out / "ckpt"), *flags]
     # validate_args asks the GPU's architecture with tp > 1 (only to choose what to warn about) and its
     # compute capability with --moe-grouped-gemm.
@@ -121,7 +128,8 @@ def main(out: Path, flags: list[str]) -> None:
             loss = train_step(ddp, optimizer, batch(step, args, dp_rank), update=step < STEPS)
             if step < STEPS:
                 scheduler.step(args.global_batch_size)
-        save_checkpoint(STEPS, ddp, optimizer, scheduler, 0)
+        with model_space_format() if model_space else contextlib.nullcontext():
+            save_checkpoint(STEPS, ddp, optimizer, scheduler, 0)
         save_nemo_weights(chunks[0], out / NEMO_DIR / "weights")
         # The loss on the next batch at the saved weights, then after one more step on it.
         next_loss = loss
@@ -131,7 +139,87 @@ def main(out: Path, flags: list[str]) -> None:
                   and parallel_state.get_tensor_model_parallel_rank() == 0)
         if writer:  # the losses are known on the last stage
             torch.save({"loss": next_loss, "loss_after_step": after, "step": STEPS,
-                        "batches": [batch(s, args, 0) for s in (STEPS, STEPS + 1)]}, out / "reference.pt")
+                        "batches": [batch(s, args, 0, dp=1) for s in (STEPS, STEPS + 1)]}, out / "reference.pt")
+
+
+MODEL_SPACE_FLAG = "--model-space-optimizer"
+"""Not a Megatron-LM flag: save the optimizer state as core <= 0.14 did (`model_space_format`)."""
+
+
+@contextlib.contextmanager
+def model_space_format():
+    """Save the distributed optimizer's state as Megatron-LM did up to megatron-core 0.14 with
+    --ckpt-fully-parallel-save (`fully_sharded_model_space`, also the format of NeMo 2 recipes).
+
+    megatron-core 0.19.2 still builds that state (DistributedOptimizer.sharded_param_state_fs_model_space:
+    the keys, each rank's flattened range of each parameter, the replica ids, `fp32_param`) and
+    megatron/training still saves whatever the content metadata names, but three pieces of the old
+    save path are gone; the stand-ins below restore them as core 0.14 had them, everything else is
+    the wheel's own code:
+    - ShardedTensor accepted `flattened_range` (1-D data holding that range of the flattened chunk);
+    - `narrow` (the Mamba in_proj split into z, x, B, C, dt) cut a flattened tensor to the part of
+      its range inside the narrowed rows;
+    - the torch strategy stored a flattened tensor of global shape [X, Y] and chunk shape [x, y] as a
+      tensor of shape [X // x, Y // y, x * y], each rank's range in the row of its chunk, at the
+      range's start (core 0.14's dist_checkpointing/strategies/resharding.py).
+    Only the sharding type is changed in the content metadata Megatron-LM saves with."""
+    from unittest import mock
+
+    from megatron.core.dist_checkpointing import state_dict_utils
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.training import checkpointing
+
+    build_metadata = checkpointing._build_sharded_state_dict_metadata
+    validate, narrow = ShardedTensor.validate_metadata_integrity, ShardedTensor.narrow
+    keep_nonempty = state_dict_utils.filter_out_empty_flatten_tensor
+
+    def metadata(*args, **kwargs):
+        return {**build_metadata(*args, **kwargs), "distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+    def validate_flat(self):
+        if self.flattened_range is None:
+            return validate(self)
+        flat = self.flattened_range
+        assert self.data is None or tuple(self.data.shape) == (flat.stop - flat.start,), self
+        data, self.data, self.flattened_range = self.data, None, None
+        try:
+            validate(self)
+        finally:
+            self.data, self.flattened_range = data, flat
+
+    def narrow_flat(self, dim, start, length):
+        if self.flattened_range is None:
+            return narrow(self, dim, start, length)
+        assert dim == 0, "only the in_proj split (rows) is needed"
+        whole = torch.empty(self.local_shape, dtype=self.dtype, device="meta")
+        (rows,) = narrow(replace(self, data=whole, flattened_range=None), dim, start, length)
+        row = math.prod(self.local_shape[1:])
+        flat = self.flattened_range
+        lo, hi = max(start * row, flat.start), min((start + length) * row, flat.stop)
+        if lo >= hi:
+            return []
+        return [replace(rows, data=self.data[lo - flat.start:hi - flat.start],
+                        flattened_range=slice(lo - start * row, hi - start * row))]
+
+    def core_014_layout(sh):
+        if not isinstance(sh, ShardedTensor) or sh.flattened_range is None:
+            return sh
+        flat, rows = sh.flattened_range, sh.axis_fragmentations
+        return ShardedTensor(sh.key, sh.data.view((1,) * len(rows) + (-1,)), sh.dtype,
+                             (1,) * len(rows) + (flat.stop - flat.start,), rows + (math.prod(sh.local_shape),),
+                             sh.local_chunk_offset_in_global() + (flat.start,), None, sh.replica_id)
+
+    def nonempty_in_core_014_layout(sharded_state_dict):
+        sharded_state_dict = keep_nonempty(sharded_state_dict)
+        dict_list_map_inplace(core_014_layout, sharded_state_dict)
+        return sharded_state_dict
+
+    with mock.patch.object(checkpointing, "_build_sharded_state_dict_metadata", metadata), \
+            mock.patch.object(ShardedTensor, "validate_metadata_integrity", validate_flat), \
+            mock.patch.object(ShardedTensor, "narrow", narrow_flat), \
+            mock.patch.object(state_dict_utils, "filter_out_empty_flatten_tensor", nonempty_in_core_014_layout):
+        yield
 
 
 def save_nemo_weights(model, weights: Path) -> None:
