@@ -80,6 +80,12 @@ def validate_run(run: RunConfig) -> None:
             f"{m.mamba_in_proj_width} to be a multiple of 16; change model.mamba_num_heads or "
             f"model.mamba_state_dim, or use precision=bf16"
         )
+    if run.train.cuda_graphs and run.precision.fp8 and MOE in layers:
+        # Measured on an H100 (TE 2.20.2, 2026-12-06): the graphed bench_moe step failed at its first
+        # capture with TE's "Saved FP8 metadata does not match operation's FP8 metadata" (docs/performance.md).
+        raise ConfigError(f"train.cuda_graphs=true with FP8 (precision={run.precision.name}) and MoE ('E') layers: "
+                          f"capturing megatron-core's MoE layers under FP8 fails in Transformer Engine 2.20; "
+                          f"set train.cuda_graphs=false, or use precision=bf16 with graphs")
     if p.fp8_param_gather and not run.precision.fp8:
         raise ConfigError(f"parallel.fp8_param_gather=true needs an FP8 precision (precision={run.precision.name}); "
                           f"use precision=fp8_tensorwise or set parallel.fp8_param_gather=false")
