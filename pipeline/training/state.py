@@ -249,10 +249,13 @@ def _schedule_changes(saved: dict, scheduler) -> list[str]:
     ]
 
 
-def _init_from(run: RunConfig, chunks, log) -> None:
+def _init_from(run: RunConfig, chunks, optimizer, log) -> None:
     source = ckpt.resolve_checkpoint(run.checkpoint.init_from)
     ckpt.check_compatible(ckpt.read_meta(source), asdict(run.model), source)
     ckpt.load_model(source, chunks)  # verifies the checkpoint first (rank 0 for all)
+    # With bf16 weights the optimizer updates fp32 main copies made from the random initial weights and
+    # copies them back at its first step: they must be refreshed from the loaded ones.
+    optimizer.reload_model_params()
     log.info(f"initialised weights from {source}")
 
 
@@ -261,7 +264,7 @@ def resume(run: RunConfig, found: Path | None, chunks, optimizer, scheduler, wor
     checkpoint.init_from; the loop counters to continue from."""
     if found is None:
         if run.checkpoint.init_from:
-            _init_from(run, chunks, log)
+            _init_from(run, chunks, optimizer, log)
         return TrainState()
     meta = ckpt.read_meta(found)
     same_layout = meta.parallel.get("world_size") == world.world_size
