@@ -80,12 +80,7 @@ def validate_run(run: RunConfig) -> None:
             f"{m.mamba_in_proj_width} to be a multiple of 16; change model.mamba_num_heads or "
             f"model.mamba_state_dim, or use precision=bf16"
         )
-    if run.train.cuda_graphs and run.precision.fp8 and MOE in layers:
-        # Measured on an H100 (TE 2.20.2, 2026-12-06): the graphed bench_moe step failed at its first
-        # capture with TE's "Saved FP8 metadata does not match operation's FP8 metadata" (docs/performance.md).
-        raise ConfigError(f"train.cuda_graphs=true with FP8 (precision={run.precision.name}) and MoE ('E') layers: "
-                          f"capturing megatron-core's MoE layers under FP8 fails in Transformer Engine 2.20; "
-                          f"set train.cuda_graphs=false, or use precision=bf16 with graphs")
+    _validate_graphed_bf16_experts(run, layers)
     if p.fp8_param_gather and not run.precision.fp8:
         raise ConfigError(f"parallel.fp8_param_gather=true needs an FP8 precision (precision={run.precision.name}); "
                           f"use precision=fp8_tensorwise or set parallel.fp8_param_gather=false")
@@ -168,6 +163,25 @@ def _validate_phases(run: RunConfig) -> None:
                 f"{run.train.seq_length}, but {fixed[0]}=true fixes the shapes to one length; train the phase "
                 f"in its own run (checkpoint.init_from) or set {fixed[0]}=false"
             )
+
+
+def _validate_graphed_bf16_experts(run: RunConfig, layers: str) -> None:
+    """train.cuda_graphs under FP8 with an `E` layer among the first/last layers kept in BF16.
+
+    megatron-core 0.19.2 captures such a layer with the FP8 recipe active at capture time, which in a
+    BF16 layer is Transformer Engine's default (DelayedScaling); TE then saves recipe state for the
+    experts' te.ops that their BF16 forward does not have, and the first capture fails with "Saved
+    FP8 metadata does not match operation's FP8 metadata" (bench_moe on an H100, 2026-12-06,
+    docs/performance.md). Dense layers are TE modules, which that restore handles."""
+    pr = run.precision
+    if not (run.train.cuda_graphs and pr.fp8 and pr.first_last_layers_bf16):
+        return
+    kept = [i for i, kind in enumerate(layers) if kind == MOE
+            and (i < pr.num_layers_at_start_in_bf16 or i >= len(layers) - pr.num_layers_at_end_in_bf16)]
+    if kept:
+        raise ConfigError(f"train.cuda_graphs=true with precision={pr.name} keeps MoE ('E') layer(s) {kept} in BF16 "
+                          f"(precision.first_last_layers_bf16), whose graph capture fails in Transformer Engine 2.20; "
+                          f"set precision.first_last_layers_bf16=false or train.cuda_graphs=false")
 
 
 def _validate_experts(m: ModelConfig, p: ParallelConfig) -> None:
