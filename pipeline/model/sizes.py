@@ -227,12 +227,15 @@ def activation_bytes_per_token(
 
 
 def _output_activation_bytes_per_token(
-    model: ModelConfig, tp: int, sp: bool, dtype_bytes: int
+    model: ModelConfig, tp: int, sp: bool, dtype_bytes: int, fused_cross_entropy: bool = False
 ) -> float:
     """Final norm (input + output) plus the logits at the loss: the output layer's bf16 logits and
-    the fp32 softmax megatron's vocab-parallel cross-entropy keeps (both alive at the peak)."""
+    the fp32 softmax megatron's vocab-parallel cross-entropy keeps (both alive at the peak). With
+    train.fused_cross_entropy (TE's kernel, no fp32 copy) 2 x dtype bytes per logit, fitted to the
+    bench_1p5b peaks measured on an H100 (tests/unit/test_sizes.py)."""
     norm = 2 * model.hidden_size / (tp if sp else 1)
-    return dtype_bytes * norm + (dtype_bytes + 4) * model.padded_vocab_size / tp
+    per_logit = 2 * dtype_bytes if fused_cross_entropy else dtype_bytes + 4
+    return dtype_bytes * norm + per_logit * model.padded_vocab_size / tp
 
 
 def _micro_batches_in_flight(rank: int, pp: int, vp: int, num_micro_batches: int) -> float:
@@ -316,7 +319,7 @@ def stage_memory_estimates(
         if rank == pp - 1:
             # The last stage runs the loss and starts backward at once: one micro-batch of logits.
             activations += tokens * _output_activation_bytes_per_token(
-                model, tp, parallel.sequence_parallel, dtype_bytes
+                model, tp, parallel.sequence_parallel, dtype_bytes, train.fused_cross_entropy
             )
         estimates.append(
             MemoryEstimate(

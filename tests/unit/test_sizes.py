@@ -226,3 +226,22 @@ def test_moe_params_table_per_expert_parameters():
     assert ep2[f"{fc1}0"] == full[f"{fc1}0"] // 2 == 64 * 128 // 2
     assert params.checkpoint_shapes(m)["decoder.layers.1.mlp.experts.experts.linear_fc1.weight"] == (8, 64, 128)
     assert params.param_keys(f"{fc1}5") == ["decoder.layers.1.mlp.experts.experts.linear_fc1.weight"]
+
+
+# Peak memory (torch.cuda.max_memory_allocated, GiB) of bench_1p5b training steps on one H100 80GB,
+# BF16, micro-batch 1, fused cross entropy: `python bench/recompute.py --presets bench_1p5b --lengths
+# 16384,32768,65536 --global-batch 2 --steps 4`, 2026-12-06 (docs/performance.md "Activation recompute").
+MEASURED_PEAKS = {("none", 16384): 55.7, ("selective", 16384): 47.4, ("selective", 32768): 69.5,
+                  ("full", 16384): 35.5, ("full", 32768): 45.6, ("full", 65536): 65.9}
+
+
+@pytest.mark.parametrize("choice,seq", sorted(MEASURED_PEAKS))
+def test_memory_estimate_matches_measured_peaks_with_fused_cross_entropy(choice, seq):
+    from pipeline.config import load_run_config
+
+    run = load_run_config(["model=bench_1p5b", "device=cpu", f"train.recompute={choice}", f"train.seq_length={seq}",
+                           f"model.seq_length={seq}", "train.micro_batch_size=1", "train.global_batch_size=2",
+                           "train.fused_cross_entropy=true"])
+    estimated = sizes.memory_estimate(run.model, run.parallel, run.train, run.precision, 1).total / 2**30
+    measured = MEASURED_PEAKS[(choice, seq)]
+    assert abs(estimated - measured) <= 0.06 * measured, f"estimated {estimated:.1f} GiB, measured {measured} GiB"
