@@ -8,7 +8,7 @@ precision and CUDA graphs on/off, plus time to first step with a cold and a reus
     python bench/train.py --presets bench_1p5b --runs bf16 --set train.expandable_segments=false --out /tmp/b
     python bench/train.py --presets bench_1p5b --runs bf16 --seq 32768 --set train.recompute=full --no-bare --out /tmp/r
 
-Every run: sequence 8192 (--seq; model.seq_length follows it), micro-batch 1, global batch 8, packed
+Every run: sequence 8192 (--seq; model.seq_length follows it), micro-batch 1 (--micro-batch), global batch 8, packed
 documents on (the default), fused cross entropy (train.fused_cross_entropy), PyTorch's expandable-segments allocator
 (train.expandable_segments, the default). For each
 (preset, run) two subprocesses measure, one after the other, each with the whole GPU:
@@ -162,7 +162,7 @@ def measure(args, preset: str, run_name: str, part: str, tag: str = "") -> dict:
     name = f"{preset}-{run_name}{tag}-{part}".replace("+", "_")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", preset, run_name, "--part", part,
            "--steps", str(args.steps), "--data", str(args.data), "--out", str(args.out), "--seq", str(SEQ),
-           "--global-batch", str(GLOBAL)]
+           "--global-batch", str(GLOBAL), "--micro-batch", str(MICRO)]
     if tag:
         cmd.append(f"--tag={tag}")
     cmd += [f"--set={override}" for override in args.set]
@@ -254,7 +254,7 @@ def check_arguments(args) -> None:
 
 
 def main() -> None:
-    global SEQ, GLOBAL
+    global SEQ, MICRO, GLOBAL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO / "data" / "build")
     parser.add_argument("--presets", default=",".join(PRESETS))
@@ -264,7 +264,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=8192,
                         help="tokens per sequence (with --set train.recompute=...: the longest that fits per choice)")
     parser.add_argument("--global-batch", type=int, default=GLOBAL,
-                        help=f"sequences per step, in micro-batches of {MICRO} (default {GLOBAL})")
+                        help=f"sequences per step, in micro-batches of --micro-batch (default {GLOBAL})")
+    parser.add_argument("--micro-batch", type=int, default=MICRO,
+                        help=f"sequences per micro-batch (default {MICRO}); more tokens per expert in an MoE layer")
     parser.add_argument("--no-bare", action="store_true", help="skip bare megatron-core")
     parser.add_argument("--no-restart", action="store_true", help="skip the time-to-first-step restart")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -277,7 +279,7 @@ def main() -> None:
                         help="only print the tables of earlier benchmarks' --out directories, merged per preset "
                              "(runs split over several GPUs, one benchmark per GPU)")
     args = parser.parse_args()
-    SEQ, GLOBAL = args.seq, args.global_batch
+    SEQ, MICRO, GLOBAL = args.seq, args.micro_batch, args.global_batch
     if args.tables:
         print_merged_tables(args.tables)
         return

@@ -71,6 +71,8 @@ def test_fp8_convergence_refuses_bad_arguments_before_training(tmp_path, extra, 
     (["--runs", "bf16+grafs"], "error: unknown run bf16+grafs"),
     (["--runs", "bf16", "--set", "train.typo=1"], "error: unknown config key train.typo"),
     (["--presets", "bench_1p5x", "--runs", "bf16"], "error: In 'config': Could not find 'model/bench_1p5x'"),
+    (["--runs", "bf16", "--micro-batch", "3"], "error: train.global_batch_size=8 is not a multiple of "
+                                               "train.micro_batch_size=3"),
     (["--runs", "bf16", "--set", "train.expandable_segments=false"], "error: bench/train.py measures GPU training"),
 ])
 def test_train_bench_refuses_bad_arguments_before_any_run(tmp_path, extra, message):
@@ -78,3 +80,24 @@ def test_train_bench_refuses_bad_arguments_before_any_run(tmp_path, extra, messa
                           capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
     assert not (tmp_path / "out").exists(), "a refused benchmark must not create its --out"
+
+
+def test_train_bench_micro_batch_reaches_each_runs_process(monkeypatch, tmp_path):
+    """--micro-batch is passed to the process that measures a run, whose config (and bare step) use it."""
+    import argparse
+
+    from bench import train as train_bench
+
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, json.dumps({"step_s": 1.0}) + "\n", "")
+
+    monkeypatch.setattr(train_bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(train_bench, "MICRO", 2)
+    args = argparse.Namespace(set=[], steps=4, data=tmp_path, out=tmp_path)
+    train_bench.measure(args, "bench_moe", "fp8_tensorwise", "pipeline")
+    (cmd,) = commands
+    assert cmd[cmd.index("--micro-batch") + 1] == "2", cmd
+    assert "train.micro_batch_size=2" in train_bench.overrides("bench_moe", "bf16", tmp_path, 4, tmp_path, tmp_path)
