@@ -68,6 +68,9 @@ def check_moe_supported(model: ModelConfig, device: torch.device, backend: str) 
     if model.moe.latent_size is not None:
         raise ConfigError(f"model.moe.latent_size needs Transformer Engine (megatron-core builds the latent "
                           f"projections as TELinear; this run is on {device.type}); set model.moe.latent_size=null")
+    if model.moe.router_fusion:
+        raise ConfigError(f"model.moe.router_fusion=true needs Transformer Engine's fused router kernels (this run "
+                          f"is on {device.type}); set model.moe.router_fusion=false")
 
 
 def check_context_parallel_supported(model: ModelConfig, parallel: ParallelConfig, backend: str) -> None:
@@ -91,10 +94,10 @@ def moe_config(model: ModelConfig, parallel: ParallelConfig, on_gpu: bool, fp8: 
         return {}
     moe = model.moe
     # Transformer Engine's fused token permutation on GPU: the unfused permute is a chain of small
-    # ops that costs several % of a bench_moe step. The fused router and FP8 routing-map padding
-    # stay off, as in Megatron-Bridge's H100 Nemotron 3 Nano recipe: with FP8 they failed the
-    # backward on an H100 (an in-place write to the routing map autograd still needed).
-    fused = dict(moe_permute_fusion=True) if on_gpu else {}
+    # ops that costs several % of a bench_moe step. FP8 routing-map padding stays off, as in
+    # Megatron-Bridge's H100 Nemotron 3 Nano recipe: with FP8 it failed the backward on an H100 (an
+    # in-place write to the routing map autograd still needed).
+    fused = dict(moe_permute_fusion=True, moe_router_fusion=moe.router_fusion) if on_gpu else {}
     return dict(
         **fused,
         num_moe_experts=moe.num_experts,

@@ -61,6 +61,10 @@ class MoEConfig:
     latent_size: Optional[int] = None
     """Latent MoE (Nemotron 3 Super): experts work in this smaller width between a down and an up
     projection (`moe_latent_size`; needs Transformer Engine, so GPU only)."""
+    router_fusion: bool = False
+    """Transformer Engine's fused router kernels: scores, top-k and the aux-loss statistics in one
+    kernel each (`moe_router_fusion`; GPU only). Off by default, as in Megatron-Bridge's H100
+    Nemotron 3 Nano recipe; docs/performance.md ("Mixture of experts") measures both."""
 
     def check(self) -> None:
         """One-line ConfigError for impossible settings (called by ModelConfig with `E` layers)."""

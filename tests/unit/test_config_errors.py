@@ -145,6 +145,7 @@ def test_vocabulary_smaller_than_tokenizer_is_refused():
 @pytest.mark.parametrize("override, expected", [
     ("model.moe.token_dispatcher=flex", "model.moe.token_dispatcher=flex"),
     ("model.moe.latent_size=64", "model.moe.latent_size"),
+    ("model.moe.router_fusion=true", "model.moe.router_fusion=true needs Transformer Engine"),
 ])
 def test_gpu_only_moe_options_are_refused_on_the_portable_backend(override, expected):
     run = load_run_config(["model=tiny_moe", override])
