@@ -197,6 +197,8 @@ def main() -> None:
     parser.add_argument("--target-fraction", type=float, default=0.6,
                         help="student parameters / parent's (GPU; --tiny uses the worked example's budget; "
                              "--moe: active parameters)")
+    parser.add_argument("--eval-iters", type=int,
+                        help="validation global batches that score every model (default 4; 16 with --tiny)")
     parser.add_argument("--precisions", help="comma-separated precision presets (default: bf16,fp8_tensorwise on GPU)")
     parser.add_argument("--no-modelopt", action="store_true", help="skip the side by side with modelopt's pruning")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_compress"))
@@ -209,6 +211,7 @@ def main() -> None:
     if args.precisions:
         preset["precisions"] = args.precisions.split(",")
     args.iters = args.iters or preset["iters"]
+    preset["eval_iters"] = args.eval_iters or preset["eval_iters"]
     args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else preset["seeds"]
     args.lr_scales = [float(s) for s in args.lr_scales.split(",")] if args.lr_scales else []
     args.out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,11 @@
 # Re-running with the same run_dir resumes from its latest checkpoint.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$REPO"
-gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ "${CUDA_VISIBLE_DEVICES-unset}" = "" ]; then
+  gpus=0  # set and empty: no GPU is visible, no need to ask torch (its import takes seconds)
+else
+  gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+fi
 args=("$@")
 if [ "$gpus" -gt 0 ]; then
   nproc="${NPROC:-$gpus}"

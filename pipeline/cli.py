@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from pipeline.config import CONF_DIR, RunConfig, load_run_config, register_configs, to_run_config
 from pipeline.errors import EXIT_USER_ERROR, PipelineError
 from pipeline.fs import storage_error_of
+from pipeline.processes import skip_final_collection
 
 CONF_PATH = str(CONF_DIR)
 """`config_path` of every entry point's @hydra.main (an absolute path: entry points may run as scripts)."""
@@ -115,7 +116,10 @@ def launch(app: Callable[[], None], check_job: Callable[[RunConfig], None] | Non
     job) checked first."""
     register_configs()
     check_overrides(sys.argv[1:], check_job)
-    app()
+    try:
+        app()
+    finally:
+        skip_final_collection()
 
 
 def run_config_of(cfg: DictConfig) -> RunConfig:

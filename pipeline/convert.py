@@ -34,6 +34,7 @@ if __package__ in (None, ""):
 
 from pipeline.cli import exit_on_user_error  # noqa: E402
 from pipeline.errors import EXIT_USER_ERROR  # noqa: E402
+from pipeline.processes import skip_final_collection  # noqa: E402
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -147,4 +148,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        skip_final_collection()

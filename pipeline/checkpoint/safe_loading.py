@@ -74,8 +74,9 @@ def _safe_read_metadata(self, *args, **kwargs):
             raise UnsafeCheckpointError(
                 f"{path} is not a torch checkpoint metadata file ({type(e).__name__}: {e})"
             ) from None
-    for info in (getattr(metadata, "storage_data", None) or {}).values():
-        inside(self.path, info.relative_path, str(path))
+    # One check per file named (hundreds of items share a few files; each check resolves paths).
+    for name in sorted({info.relative_path for info in (getattr(metadata, "storage_data", None) or {}).values()}):
+        inside(self.path, name, str(path))
     if getattr(metadata, "storage_meta", None) is None:
         metadata.storage_meta = StorageMeta()
     metadata.storage_meta.load_id = self.load_id

@@ -24,6 +24,7 @@ import errno
 import mmap
 import multiprocessing
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -83,9 +84,25 @@ def _results_queue_dies_with_trainer() -> None:
     # "spawn", as megatron's own: the server must not inherit this process's threads and CUDA state.
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
     manager.start(initializer=_serve_until_trainer_ends, initargs=(os.getpid(),))
-    filesystem_async._results_queue = manager.Queue()
+    filesystem_async._results_queue = _PickledQueue(manager.Queue())
     # The queue is a proxy: the manager object must live as long as the queue does (both module-level).
     filesystem_async._results_queue_manager = manager
+
+
+class _PickledQueue:
+    """The results queue as megatron-core uses it (`put`, `get_nowait`), carrying each item as pickled
+    bytes. The server then never unpickles torch's WriteResult objects: doing so made the spawned
+    server import torch and its checkpoint modules (seconds of CPU per trainer process) while the
+    first save of every run waited for the reply to its `put`."""
+
+    def __init__(self, queue):
+        self._queue = queue
+
+    def put(self, item) -> None:
+        self._queue.put(pickle.dumps(item))
+
+    def get_nowait(self):
+        return pickle.loads(self._queue.get_nowait())
 
 
 _ERRNO_TEXT = re.compile(r"\[Errno (\d+)\]")

@@ -23,6 +23,7 @@ import sys
 from pipeline.cli import exit_on_user_error
 from pipeline.compress.config import STEPS
 from pipeline.errors import ConfigError
+from pipeline.processes import skip_final_collection
 
 
 def _run_step(name: str, run, progress, rank: int) -> None:
@@ -146,4 +147,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        code = main(sys.argv[1:])
+    finally:
+        skip_final_collection()
+    sys.exit(code)

@@ -39,6 +39,7 @@ from pipeline.hf.safetensors_io import HFTensors
 from pipeline.model.config import ModelConfig, write_model_option
 from pipeline.model.params import LAYER_PREFIX
 from pipeline.model.pattern import MOE
+from pipeline.processes import skip_final_collection
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_FILES = (
@@ -322,4 +323,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    finally:
+        skip_final_collection()

@@ -45,6 +45,7 @@ from pipeline.errors import (
 from pipeline.fs import replace_dir, temporary_sibling
 from pipeline.migrate.source import BUCKETS, Source, open_source
 from pipeline.model.config import ModelConfig, write_model_option
+from pipeline.processes import skip_final_collection
 
 
 @dataclass(frozen=True)
@@ -316,4 +317,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    finally:
+        skip_final_collection()

@@ -1,4 +1,5 @@
-"""bench/compress.py --tiny (the worked example of docs/compression.md, here shortened to a few steps):
+"""bench/compress.py --tiny (the worked example of docs/compression.md, here shortened to a few steps and
+scored on 2 validation batches, 16 windows, instead of 16):
 one table row per precision (time to score, loss before and after distillation, both throughputs);
 the quality side by side of pruned, distilled, pruned + LM-only, scratch and longer scratch at two
 seeds on the same validation windows, with paired differences; the learning-rate sweep; then the
@@ -14,7 +15,7 @@ import pytest
 from pipeline.compress.config import CompressConfig
 from tests.distributed.compress_runs import records, run_cpu
 
-SEEDS, ITERS, PARENT_ITERS = (1234, 7), 3, 4
+SEEDS, ITERS, PARENT_ITERS, EVAL_ITERS = (1234, 7), 3, 4, 2
 SCALE = CompressConfig().lr_scale
 """The table's runs are at the default compress.lr_scale; the sweep adds the full rate."""
 
@@ -23,8 +24,8 @@ SCALE = CompressConfig().lr_scale
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = run_cpu([sys.executable, "bench/compress.py", "--tiny", "--out", str(out), "--iters", str(ITERS),
-                    "--parent-iters", str(PARENT_ITERS), "--seeds", ",".join(map(str, SEEDS)),
-                    "--lr-scales", f"1,{SCALE:g}"], timeout=1200)
+                    "--parent-iters", str(PARENT_ITERS), "--eval-iters", str(EVAL_ITERS),
+                    "--seeds", ",".join(map(str, SEEDS)), "--lr-scales", f"1,{SCALE:g}"], timeout=1200)
     return proc, json.loads((out / "bench_compress.json").read_text())["runs"]["fp32"], out / "fp32" / "runs"
 
 
@@ -32,6 +33,7 @@ def test_compress_benchmark_smoke_on_cpu(bench):
     proc, row, _ = bench
     assert row["score_s"] > 0 and row["kd_tokens_per_s"] > 0 and row["plain_tokens_per_s"] > 0, row
     assert row["loss_after"] < row["loss_before"], row
+    assert row["windows"] == EVAL_ITERS * 8, "--eval-iters global batches of 8 windows score every model"
     assert "KD tok/s" in proc.stdout and "bench/compress.py took" in proc.stdout
 
 
@@ -91,8 +93,8 @@ def test_moe_parent_is_pruned_to_a_fraction_of_its_active_parameters(tmp_path):
     from pipeline.model.sizes import active_param_count
 
     proc = run_cpu([sys.executable, "bench/compress.py", "--tiny", "--moe", "--out", str(tmp_path), "--iters", "1",
-                    "--parent-iters", "2", "--seeds", "1234", "--target-fraction", "0.8", "--no-modelopt"],
-                   timeout=1200)
+                    "--parent-iters", "2", "--eval-iters", str(EVAL_ITERS), "--seeds", "1234",
+                    "--target-fraction", "0.8", "--no-modelopt"], timeout=1200)
     row = json.loads((tmp_path / "bench_compress.json").read_text())["runs"]["fp32"]
     parent = model_of(tmp_path / "parent" / "checkpoints" / "step_0000002")
     student = model_of(tmp_path / "fp32" / "student" / "checkpoints" / "step_0000000")

@@ -17,11 +17,9 @@ WORKER = str(REPO / "tests" / "distributed" / "worker_megatron_lm.py")
 
 
 @pytest.fixture(scope="module")
-def megatron_tp1(tmp_path_factory):
-    """A Megatron-LM save dir at TP1/PP1 after 2 steps, and megatron's losses on the next batches."""
-    root = tmp_path_factory.mktemp("megatron_tp1")
-    run_cpu([sys.executable, WORKER, str(root), "--dist-ckpt-optim-fully-reshardable"])
-    return root
+def megatron_tp1(megatron_lm_tp1):
+    """A Megatron-LM save dir at TP1/PP1 after 2 steps, and megatron's losses on the next batches (read only)."""
+    return megatron_lm_tp1
 
 
 def import_cli(src, out, *args):

@@ -6,7 +6,6 @@ crafted pickle refused without being run."""
 import json
 import pickle
 import shutil
-import sys
 
 import pytest
 import torch
@@ -14,10 +13,9 @@ import yaml
 
 from pipeline.checkpoint import CheckpointMeta, CheckpointTensors
 from pipeline.convert import main
-from tests.distributed.training import REPO, run_cpu
+from tests.distributed.training import REPO
 from tests.distributed.worker_megatron_lm import NEMO_DIR
 
-WORKER = str(REPO / "tests" / "distributed" / "worker_megatron_lm.py")
 ITER = "iter_0000002"
 MODEL_CONFIG = {  # the fixture's model as megatron TransformerConfig fields (NeMo 2 / Bridge configs)
     "hybrid_layer_pattern": "M-M*-M-", "num_layers": 7, "hidden_size": 128, "ffn_hidden_size": 512,
@@ -31,10 +29,11 @@ MODEL_CONFIG = {  # the fixture's model as megatron TransformerConfig fields (Ne
 
 
 @pytest.fixture(scope="module")
-def fixture(tmp_path_factory):
-    """The genuine Megatron-LM save dir, its weights NeMo-2-style, and a Bridge-shaped copy."""
+def fixture(tmp_path_factory, megatron_lm_tp1):
+    """The genuine Megatron-LM save dir (a copy of the session's), its weights NeMo-2-style, and a
+    Bridge-shaped copy."""
     root = tmp_path_factory.mktemp("sources")
-    run_cpu([sys.executable, WORKER, str(root), "--dist-ckpt-optim-fully-reshardable"])
+    shutil.copytree(megatron_lm_tp1, root, dirs_exist_ok=True)
     nemo = root / NEMO_DIR
     (nemo / "context").mkdir()
     (nemo / "context" / "model.yaml").write_text(yaml.safe_dump(

@@ -7,6 +7,7 @@ Not covered on CPU: EP2 x ETP2 (gloo's all_gather cannot gather the uneven token
 can)."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -68,8 +69,16 @@ def test_expert_layout_matches_single_process(layout, reference, reference_dir, 
         assert ours[step] == pytest.approx(single[step], rel=1e-4, abs=1e-6), (layout, step)
 
 
-def test_checkpoint_from_ep2_resumes_at_etp2(reference, tmp_path):
-    train(tmp_path, 2, *STEPS, "parallel.ep=2", "train.exit_after_steps=3")
+@pytest.fixture(scope="module")
+def stopped_at_ep2(tmp_path_factory):
+    """A run dir stopped after 3 of its steps at EP2 (its checkpoint at step 3); each test resumes a copy."""
+    run_dir = tmp_path_factory.mktemp("ep2_stopped")
+    train(run_dir, 2, *STEPS, "parallel.ep=2", "train.exit_after_steps=3")
+    return run_dir
+
+
+def test_checkpoint_from_ep2_resumes_at_etp2(reference, stopped_at_ep2, tmp_path):
+    shutil.copytree(stopped_at_ep2, tmp_path, dirs_exist_ok=True)
     second = train(tmp_path, 2, *STEPS, "parallel.etp=2")
     assert "at step 3" in second.stdout, second.stdout[-2000:]
     resumed = {s: v for s, v in losses(tmp_path).items() if s > 3}
@@ -77,9 +86,9 @@ def test_checkpoint_from_ep2_resumes_at_etp2(reference, tmp_path):
     assert diff <= 1e-5, f"EP=2 -> ETP=2 resume drifts from the EP=1 run by {diff:.2e}: {resumed} vs {reference}"
 
 
-def test_checkpoint_from_ep2_resumes_at_ep1(reference, tmp_path):
+def test_checkpoint_from_ep2_resumes_at_ep1(reference, stopped_at_ep2, tmp_path):
     """The optimizer is a dense + expert pair at every layout (build.py), so its state loads across EP."""
-    train(tmp_path, 2, *STEPS, "parallel.ep=2", "train.exit_after_steps=3")
+    shutil.copytree(stopped_at_ep2, tmp_path, dirs_exist_ok=True)
     second = train(tmp_path, 1, *STEPS)
     assert "at step 3" in second.stdout, second.stdout[-2000:]
     resumed = {s: v for s, v in losses(tmp_path).items() if s > 3}

@@ -25,18 +25,25 @@ BASE = [
 
 def train(run_dir: Path, nproc: int, *overrides: str, env: dict | None = None, check: bool = True,
           timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the training entry point on `nproc` CPU processes with BASE + overrides."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "pipeline.train", *BASE, f"run_dir={run_dir}", *overrides,
-    ]
+    """Run the training entry point on `nproc` CPU processes with BASE + overrides: under torchrun, or
+    for one process `python -m pipeline.train` itself (the README's one-process command; torchrun's
+    launcher would add about 2 s of start-up to each such run)."""
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, "-m", "pipeline.train", *BASE, f"run_dir={run_dir}", *overrides]
     return run_cpu(cmd, env=env, check=check, timeout=timeout)
+
+
+def _own_world() -> dict:
+    """This environment without the world variables of one that a test process may have set up in-process
+    (pipeline.distributed): a child started without torchrun would join it."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
 
 
 def run_cpu(cmd: list[str], env: dict | None = None, check: bool = True,
             timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `cmd` in the repository on CPU (one thread per process); with `check`, fail with its output."""
-    full_env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    full_env = dict(_own_world(), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     full_env.update(env or {})
     # Output to files and a process group of its own: a rank killed on purpose leaves megatron's
     # checkpoint-writer processes orphaned; they would hold pipes open and linger after the test.
@@ -84,10 +91,7 @@ class Trainer:
     def __init__(self, run_dir: Path, logs: Path, *overrides: str, env: dict | None = None,
                  command: tuple[str, ...] = ("-m", "pipeline.train", *BASE)):
         cmd = [sys.executable, *command, f"run_dir={run_dir}", *overrides]
-        # A world of its own: not the one a test process may have set up in-process (pipeline.distributed).
-        inherited = {k: v for k, v in os.environ.items()
-                     if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        full_env = dict(inherited, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        full_env = dict(_own_world(), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
         full_env.update(env or {})
         self.run_dir, self._out, self._err = Path(run_dir), logs.with_suffix(".out"), logs.with_suffix(".err")
         with open(self._out, "w") as out, open(self._err, "w") as err:
