@@ -11,7 +11,7 @@ import torch
 
 from pipeline.checkpoint import CheckpointMeta, CheckpointTensors, safe_checkpoint_loading
 from tests.distributed.training import REPO, run_cpu
-from tests.distributed.worker_megatron_lm import MODEL_SPACE_FLAG
+from tests.distributed.worker_megatron_lm import SAVE_FORMATS_FLAG
 
 WORKER = str(REPO / "tests" / "distributed" / "worker_megatron_lm.py")
 
@@ -133,21 +133,34 @@ MOE_FLAGS = [  # tiny_moe's routing (conf/model/tiny_moe.yaml) with 4 experts, a
 ]
 
 
-@pytest.mark.parametrize("optimizer_format", ["--dist-ckpt-optim-fully-reshardable", "dp_reshardable",
-                                              MODEL_SPACE_FLAG])
-def test_bf16_moe_continues_the_megatron_run(tmp_path, optimizer_format):
+# Worker format name -> the optimizer format the import reads from the source's metadata.
+BF16_MOE_FORMATS = {"fully_reshardable": "fully_reshardable", "dp_reshardable": "dp_reshardable",
+                    "model_space": "fully_sharded_model_space"}
+
+
+@pytest.fixture(scope="module")
+def bf16_moe_source(tmp_path_factory):
+    """One bf16 MoE Megatron-LM run saved once per optimizer format (OUT/ckpt_FORMAT), and reference.pt."""
+    root = tmp_path_factory.mktemp("bf16_moe_source")
+    run_cpu([sys.executable, WORKER, str(root), SAVE_FORMATS_FLAG, ",".join(BF16_MOE_FORMATS), "--bf16",
+             *MOE_FLAGS])
+    return root
+
+
+@pytest.mark.parametrize("optimizer_format", sorted(BF16_MOE_FORMATS))
+def test_bf16_moe_continues_the_megatron_run(bf16_moe_source, tmp_path, optimizer_format):
     """A bf16 run with `E` layers: the routed and shared experts, router and expert bias, and Megatron-LM's
     two optimizers (dense and expert; fully_reshardable and model-space keys without `chained_N.`,
     dp_reshardable buckets with it) come along."""
-    flags = [optimizer_format] if optimizer_format.startswith("--") else []  # dp_reshardable: the default
-    run_cpu([sys.executable, WORKER, str(tmp_path / "source"), *flags, "--bf16", *MOE_FLAGS])
-    import_cli(tmp_path / "source" / "ckpt", tmp_path / "imported", "--name", "moe")
+    import_cli(bf16_moe_source / f"ckpt_{optimizer_format}", tmp_path / "imported", "--name", "moe")
     step = tmp_path / "imported" / "checkpoints" / "step_0000002"
-    model = CheckpointMeta.read(step).model
+    meta = CheckpointMeta.read(step)
+    assert meta.imported_from["optimizer"] == BF16_MOE_FORMATS[optimizer_format], meta.imported_from
+    model = meta.model
     assert model["pattern"] == "MEM*EME" and model["moe"]["num_experts"] == 4 and model["moe"]["expert_bias"]
     assert "precision:\n  name: bf16\n" in (step / "run_config.yaml").read_text()  # the source's --bf16
-    ref = torch.load(tmp_path / "source" / "reference.pt")
-    got = step_after_import(tmp_path / "imported", tmp_path / "source" / "reference.pt", tmp_path / "r.json", 1,
+    ref = torch.load(bf16_moe_source / "reference.pt")
+    got = step_after_import(tmp_path / "imported", bf16_moe_source / "reference.pt", tmp_path / "r.json", 1,
                             "precision=bf16")
     # bf16 logits, summed per token here and averaged per micro-batch there: 6e-8 apart (measured). The
     # step after it with fresh Adam moments instead of the imported ones lands 1.4e-3 away.

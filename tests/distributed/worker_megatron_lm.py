@@ -7,10 +7,12 @@ tests/distributed/test_import_megatron*.py as the source to import.
     torchrun --nproc_per_node=4 tests/distributed/worker_megatron_lm.py OUT_DIR --tensor-model-parallel-size 2 \
         --pipeline-model-parallel-size 2 --hybrid-layer-pattern "M-M*|-M-"
     python tests/distributed/worker_megatron_lm.py OUT_DIR --model-space-optimizer      # core <= 0.14's format
+    python tests/distributed/worker_megatron_lm.py OUT_DIR --save-formats fully_reshardable,dp_reshardable
     python tests/distributed/worker_megatron_lm.py check IMPORTED REFERENCE RESULT [overrides...]
 
-Writes OUT_DIR/ckpt (the Megatron-LM save dir), the same weights as NeMo 2 stores them (NEMO_DIR/weights)
-and OUT_DIR/reference.pt (rank 0): the (global) batch that
+Writes OUT_DIR/ckpt (the Megatron-LM save dir; with --save-formats, the same state once per optimizer
+format named (fully_reshardable, dp_reshardable, model_space) as OUT_DIR/ckpt_FORMAT instead), the same
+weights as NeMo 2 stores them (NEMO_DIR/weights) and OUT_DIR/reference.pt (rank 0): the (global) batch that
 follows the saved iteration and the loss megatron's forward gives on it at the saved weights, and the
 loss after one more step on it (the optimizer continuing).
 
@@ -81,6 +83,10 @@ def main(out: Path, flags: list[str]) -> None:
 
     model_space = MODEL_SPACE_FLAG in flags
     flags = [f for f in flags if f != MODEL_SPACE_FLAG]
+    formats = []
+    if SAVE_FORMATS_FLAG in flags:
+        at = flags.index(SAVE_FORMATS_FLAG)
+        formats, flags = flags[at + 1].split(","), flags[:at] + flags[at + 2:]
     sys.argv = ["pretrain_hybrid.py", *TINY_FLAGS, "--save", str(out / "ckpt"), *flags]
     # validate_args asks the GPU's architecture with tp > 1 (only to choose what to warn about) and its
     # compute capability with --moe-grouped-gemm.
@@ -128,8 +134,14 @@ def main(out: Path, flags: list[str]) -> None:
             loss = train_step(ddp, optimizer, batch(step, args, dp_rank), update=step < STEPS)
             if step < STEPS:
                 scheduler.step(args.global_batch_size)
-        with model_space_format() if model_space else contextlib.nullcontext():
-            save_checkpoint(STEPS, ddp, optimizer, scheduler, 0)
+        # One save per format from the same state: each source costs one training run less.
+        for name in formats or [None]:
+            if name is not None:
+                assert name in ("fully_reshardable", "dp_reshardable", "model_space"), name
+                args.save = str(out / f"ckpt_{name}")
+                args.dist_ckpt_optim_fully_reshardable = name == "fully_reshardable"
+            with model_space_format() if model_space or name == "model_space" else contextlib.nullcontext():
+                save_checkpoint(STEPS, ddp, optimizer, scheduler, 0)
         save_nemo_weights(chunks[0], out / NEMO_DIR / "weights")
         # The loss on the next batch at the saved weights, then after one more step on it.
         next_loss = loss
@@ -144,6 +156,8 @@ def main(out: Path, flags: list[str]) -> None:
 
 MODEL_SPACE_FLAG = "--model-space-optimizer"
 """Not a Megatron-LM flag: save the optimizer state as core <= 0.14 did (`model_space_format`)."""
+SAVE_FORMATS_FLAG = "--save-formats"
+"""Not a Megatron-LM flag: save once per optimizer format listed after it (comma-separated)."""
 
 
 @contextlib.contextmanager
