@@ -140,7 +140,7 @@ BF16_MOE_FORMATS = {"fully_reshardable": "fully_reshardable", "dp_reshardable": 
 
 @pytest.fixture(scope="module")
 def bf16_moe_source(tmp_path_factory):
-    """One bf16 MoE Megatron-LM run saved once per optimizer format (OUT/ckpt_FORMAT), and reference.pt."""
+    """One bf16 MoE Megatron-LM run saved once per optimizer format: a source dir per format."""
     root = tmp_path_factory.mktemp("bf16_moe_source")
     run_cpu([sys.executable, WORKER, str(root), SAVE_FORMATS_FLAG, ",".join(BF16_MOE_FORMATS), "--bf16",
              *MOE_FLAGS])
@@ -152,15 +152,16 @@ def test_bf16_moe_continues_the_megatron_run(bf16_moe_source, tmp_path, optimize
     """A bf16 run with `E` layers: the routed and shared experts, router and expert bias, and Megatron-LM's
     two optimizers (dense and expert; fully_reshardable and model-space keys without `chained_N.`,
     dp_reshardable buckets with it) come along."""
-    import_cli(bf16_moe_source / f"ckpt_{optimizer_format}", tmp_path / "imported", "--name", "moe")
+    source = bf16_moe_source / optimizer_format
+    import_cli(source / "ckpt", tmp_path / "imported", "--name", "moe")
     step = tmp_path / "imported" / "checkpoints" / "step_0000002"
     meta = CheckpointMeta.read(step)
     assert meta.imported_from["optimizer"] == BF16_MOE_FORMATS[optimizer_format], meta.imported_from
     model = meta.model
     assert model["pattern"] == "MEM*EME" and model["moe"]["num_experts"] == 4 and model["moe"]["expert_bias"]
     assert "precision:\n  name: bf16\n" in (step / "run_config.yaml").read_text()  # the source's --bf16
-    ref = torch.load(bf16_moe_source / "reference.pt")
-    got = step_after_import(tmp_path / "imported", bf16_moe_source / "reference.pt", tmp_path / "r.json", 1,
+    ref = torch.load(source / "reference.pt")
+    got = step_after_import(tmp_path / "imported", source / "reference.pt", tmp_path / "r.json", 1,
                             "precision=bf16")
     # bf16 logits, summed per token here and averaged per micro-batch there: 6e-8 apart (measured). The
     # step after it with fresh Adam moments instead of the imported ones lands 1.4e-3 away.

@@ -24,7 +24,7 @@ from tests.distributed.test_import_megatron_sources import (
     write_run_config,
 )
 from tests.distributed.training import run_cpu
-from tests.distributed.worker_megatron_lm import MODEL_SPACE_FLAG
+from tests.distributed.worker_megatron_lm import SAVE_FORMATS_FLAG
 
 STEP = "step_0000002"
 
@@ -38,13 +38,19 @@ def megatron_dp2(root, *flags):
 
 
 @pytest.fixture(scope="module")
-def model_space(tmp_path_factory):
-    return megatron_dp2(tmp_path_factory.mktemp("model_space"), MODEL_SPACE_FLAG)
+def sources(tmp_path_factory):
+    """One DP2 run saved in both formats (a source dir each): one 2-process launch instead of two."""
+    return megatron_dp2(tmp_path_factory.mktemp("dp2"), SAVE_FORMATS_FLAG, "model_space,dp_reshardable")
 
 
 @pytest.fixture(scope="module")
-def dp_reshardable(tmp_path_factory):
-    return megatron_dp2(tmp_path_factory.mktemp("dp_reshardable"))
+def model_space(sources):
+    return sources / "model_space"
+
+
+@pytest.fixture(scope="module")
+def dp_reshardable(sources):
+    return sources / "dp_reshardable"
 
 
 def assert_continues(imported, source, tmp_path, nproc: int = 1, *overrides) -> None:

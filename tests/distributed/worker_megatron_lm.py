@@ -6,13 +6,11 @@ tests/distributed/test_import_megatron*.py as the source to import.
     python tests/distributed/worker_megatron_lm.py OUT_DIR [megatron flags...]          # TP1/PP1
     torchrun --nproc_per_node=4 tests/distributed/worker_megatron_lm.py OUT_DIR --tensor-model-parallel-size 2 \
         --pipeline-model-parallel-size 2 --hybrid-layer-pattern "M-M*|-M-"
-    python tests/distributed/worker_megatron_lm.py OUT_DIR --model-space-optimizer      # core <= 0.14's format
-    python tests/distributed/worker_megatron_lm.py OUT_DIR --save-formats fully_reshardable,dp_reshardable
+    python tests/distributed/worker_megatron_lm.py OUT_DIR --save-formats model_space,dp_reshardable  # one each
     python tests/distributed/worker_megatron_lm.py check IMPORTED REFERENCE RESULT [overrides...]
 
-Writes OUT_DIR/ckpt (the Megatron-LM save dir; with --save-formats, the same state once per optimizer
-format named (fully_reshardable, dp_reshardable, model_space) as OUT_DIR/ckpt_FORMAT instead), the same
-weights as NeMo 2 stores them (NEMO_DIR/weights) and OUT_DIR/reference.pt (rank 0): the (global) batch that
+Writes OUT_DIR/ckpt (the Megatron-LM save dir), the same weights as NeMo 2 stores them (NEMO_DIR/weights)
+and OUT_DIR/reference.pt (rank 0): the (global) batch that
 follows the saved iteration and the loss megatron's forward gives on it at the saved weights, and the
 loss after one more step on it (the optimizer continuing).
 
@@ -20,6 +18,11 @@ The model is the pipeline's portable HybridModel (same parameter names and check
 megatron's TE spec), built at the layout the flags name. megatron/training assumes a GPU in two
 places the save passes: `torch.cuda.get_rng_state` (the RNG state it stores; a CPU stand-in here) and
 the CUDA RNG tracker's states (empty on CPU); and validate_args asks the GPU's architecture when tp > 1.
+
+With --save-formats, the same state is saved once per optimizer format named (fully_reshardable;
+dp_reshardable, Megatron-LM's default; model_space, core <= 0.14's): OUT_DIR/FORMAT/ckpt, and
+OUT_DIR/FORMAT/reference.pt, so that each OUT_DIR/FORMAT is what a run saving in that format alone
+writes (one training run instead of several).
 """
 
 import contextlib
@@ -81,8 +84,6 @@ def main(out: Path, flags: list[str]) -> None:
     from pipeline.model.config import ModelConfig, MoEConfig
     from pipeline.model.precision import PrecisionConfig
 
-    model_space = MODEL_SPACE_FLAG in flags
-    flags = [f for f in flags if f != MODEL_SPACE_FLAG]
     formats = []
     if SAVE_FORMATS_FLAG in flags:
         at = flags.index(SAVE_FORMATS_FLAG)
@@ -138,9 +139,9 @@ def main(out: Path, flags: list[str]) -> None:
         for name in formats or [None]:
             if name is not None:
                 assert name in ("fully_reshardable", "dp_reshardable", "model_space"), name
-                args.save = str(out / f"ckpt_{name}")
+                args.save = str(out / name / "ckpt")
                 args.dist_ckpt_optim_fully_reshardable = name == "fully_reshardable"
-            with model_space_format() if model_space or name == "model_space" else contextlib.nullcontext():
+            with model_space_format() if name == "model_space" else contextlib.nullcontext():
                 save_checkpoint(STEPS, ddp, optimizer, scheduler, 0)
         save_nemo_weights(chunks[0], out / NEMO_DIR / "weights")
         # The loss on the next batch at the saved weights, then after one more step on it.
@@ -150,14 +151,15 @@ def main(out: Path, flags: list[str]) -> None:
         writer = (parallel_state.is_pipeline_last_stage(ignore_virtual=True) and dp_rank == 0
                   and parallel_state.get_tensor_model_parallel_rank() == 0)
         if writer:  # the losses are known on the last stage
-            torch.save({"loss": next_loss, "loss_after_step": after, "step": STEPS,
-                        "batches": [batch(s, args, 0, dp=1) for s in (STEPS, STEPS + 1)]}, out / "reference.pt")
+            reference = {"loss": next_loss, "loss_after_step": after, "step": STEPS,
+                         "batches": [batch(s, args, 0, dp=1) for s in (STEPS, STEPS + 1)]}
+            for name in formats or [None]:
+                torch.save(reference, out / name / "reference.pt" if name else out / "reference.pt")
 
 
-MODEL_SPACE_FLAG = "--model-space-optimizer"
-"""Not a Megatron-LM flag: save the optimizer state as core <= 0.14 did (`model_space_format`)."""
 SAVE_FORMATS_FLAG = "--save-formats"
-"""Not a Megatron-LM flag: save once per optimizer format listed after it (comma-separated)."""
+"""Not a Megatron-LM flag: save once per optimizer format listed after it (comma-separated); model_space
+is the format core <= 0.14 saved (`model_space_format`)."""
 
 
 @contextlib.contextmanager
