@@ -253,7 +253,10 @@ def save_nemo_weights(model, weights: Path) -> None:
 
 def train_step(ddp, optimizer, tokens_labels, update: bool) -> float | None:
     """Megatron's forward (and, with `update`, backward and optimizer step) on one batch; the mean loss
-    over the global batch on the last pipeline stage (None elsewhere)."""
+    over the global batch on the last pipeline stage (None elsewhere), reduced as the pipeline reports
+    it: per-micro-batch fp32 token sums added in fp64, over data-parallel ranks, divided by the token
+    count. A mean of fp32 means differs from that in the last bit on some CPUs, which is not a
+    difference between the two forwards."""
     from functools import partial
 
     from megatron.core import parallel_state
@@ -268,7 +271,8 @@ def train_step(ddp, optimizer, tokens_labels, update: bool) -> float | None:
         out = model(t, position_ids, None, labels=lab)
 
         def loss_func(per_token):
-            return per_token.float().mean(), {"loss": per_token.float().mean().detach()}
+            flat = per_token.float().reshape(-1)
+            return flat.mean(), {"loss": torch.stack([flat.sum(), torch.tensor(float(flat.numel()))]).detach()}
 
         return out, partial(loss_func)
 
@@ -283,9 +287,11 @@ def train_step(ddp, optimizer, tokens_labels, update: bool) -> float | None:
         optimizer.step()
     loss = None
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        local = torch.stack([r["loss"] for r in results]).mean()
+        local = torch.zeros(2, dtype=torch.float64)
+        for r in results:
+            local += r["loss"].double()
         torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
-        loss = (local / parallel_state.get_data_parallel_world_size()).item()
+        loss = (local[0] / local[1]).item()
     return loss if module is not None else None
 
 
