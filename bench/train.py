@@ -210,11 +210,11 @@ def table(preset: str, results: list[dict]) -> str:
         tflops = r["flops_per_step"] / r["step_s"] / 1e12
         mfu = tflops / r["peak_tflops"] if r["peak_tflops"] else float("nan")
         b = base(r["run"])
-        speedup = b["step_s"] / r["step_s"] if b else float("nan")
+        speedup = f"{b['step_s'] / r['step_s']:>8.2f}x" if b else f"{'-':>9}"
         bare = r.get("bare_s")
         bare_cells = (f"{GLOBAL * seq / bare:>12,.0f}{r['flops_per_step'] / bare / 1e12 / r['peak_tflops']:>10.1%}"
                       f"{r['step_s'] / bare:>11.3f}") if bare else f"{'-':>12}{'-':>10}{'-':>11}"
-        lines.append(f"{r['run']:<24}{GLOBAL * seq / r['step_s']:>10,.0f}{tflops:>9.1f}{mfu:>7.1%}{speedup:>8.2f}x"
+        lines.append(f"{r['run']:<24}{GLOBAL * seq / r['step_s']:>10,.0f}{tflops:>9.1f}{mfu:>7.1%}{speedup}"
                      f"{r['mem_gib']:>9.1f}{bare_cells}")
         if "bare_error" in r:
             lines.append(f"{'':<24}bare megatron-core failed: {r['bare_error'][:100]}")
@@ -226,10 +226,10 @@ def print_merged_tables(outs: list[Path]) -> None:
     merged: dict[str, list[dict]] = {}
     for out in outs:
         for path in sorted(out.glob("*.json")):
-            if path.stem in PRESETS:
+            if (REPO / "conf" / "model" / f"{path.stem}.yaml").exists():  # {preset}.json, any model preset
                 merged.setdefault(path.stem, []).extend(json.loads(path.read_text()))
     if not merged:
-        raise SystemExit(f"error: no {{preset}}.json of {', '.join(PRESETS)} in {', '.join(map(str, outs))}")
+        raise SystemExit(f"error: no {{preset}}.json (a preset of conf/model) in {', '.join(map(str, outs))}")
     print("\n".join(table(preset, results) for preset, results in merged.items()))
 
 

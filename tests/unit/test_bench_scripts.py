@@ -54,6 +54,18 @@ def test_train_bench_merges_tables_of_benchmarks_run_side_by_side(tmp_path):
     assert lines["bf16"][3] == "33.3%", proc.stdout  # 1e15 FLOP / 3.0 s against a 1000 TFLOP/s peak
 
 
+def test_train_bench_leaves_the_fp8_speed_up_blank_without_a_bf16_row(tmp_path):
+    row = {"preset": "bench_moe", "flops_per_step": 1e15, "peak_tflops": 1000.0, "mem_gib": 60.0}
+    (tmp_path / "gpu0").mkdir()
+    (tmp_path / "gpu0" / "bench_moe.json").write_text(json.dumps([{**row, "run": "fp8_tensorwise+graphs",
+                                                                    "step_s": 2.0}]))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train.py"), "--tables", str(tmp_path / "gpu0")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [line.split() for line in proc.stdout.splitlines() if line.startswith("fp8")]
+    assert line[4] == "-" and "nan" not in proc.stdout, proc.stdout  # no BF16 row with graphs to compare with
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--runs", "bf16,fp8_typo"], "unknown run fp8_typo"),
     (["--parallel", "--runs", "bf16"], "none is visible"),
