@@ -131,7 +131,8 @@ def one(preset: str, run_name: str, data: Path, steps: int, out: Path, tag: str 
     steps_rows = [r for r in rows if r["kind"] == "train"][SKIP_STEPS:]
     timing = next(r for r in rows if r["kind"] == "timing")
     return {
-        "preset": preset, "run": run_name, "seq": SEQ, "flops_per_step": flops_per_step(run.model, SEQ, GLOBAL),
+        "preset": preset, "run": run_name, "seq": SEQ, "micro": MICRO, "global": GLOBAL,
+        "flops_per_step": flops_per_step(run.model, SEQ, GLOBAL),
         "peak_tflops": bf16_peak_tflops(torch.cuda.get_device_name()),
         "step_s": statistics.median(GLOBAL * SEQ / r["tokens_per_s"] for r in steps_rows),
         "steps_s": [GLOBAL * SEQ / r["tokens_per_s"] for r in steps_rows],
@@ -199,8 +200,10 @@ def table(preset: str, results: list[dict]) -> str:
         return next((r for r in results if r["run"] == ("bf16+graphs" if run.endswith("+graphs") else "bf16")
                      and "error" not in r), None)
 
-    seq = results[0].get("seq", SEQ) if results else SEQ
-    lines = [f"\n{preset} (seq {seq}, micro-batch {MICRO}, global batch {GLOBAL}, packed documents)",
+    # A merged table (--tables) shows each benchmark's own shape, not this process's defaults.
+    first = results[0] if results else {}
+    seq, micro, global_ = (first.get(k, d) for k, d in (("seq", SEQ), ("micro", MICRO), ("global", GLOBAL)))
+    lines = [f"\n{preset} (seq {seq}, micro-batch {micro}, global batch {global_}, packed documents)",
              f"{'run':<24}{'tokens/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'vs BF16':>9}{'mem GiB':>9}"
              f"{'bare tok/s':>12}{'bare MFU':>10}{'step/bare':>11}"]
     for r in results:
@@ -212,9 +215,10 @@ def table(preset: str, results: list[dict]) -> str:
         b = base(r["run"])
         speedup = f"{b['step_s'] / r['step_s']:>8.2f}x" if b else f"{'-':>9}"
         bare = r.get("bare_s")
-        bare_cells = (f"{GLOBAL * seq / bare:>12,.0f}{r['flops_per_step'] / bare / 1e12 / r['peak_tflops']:>10.1%}"
+        tokens = r.get("global", GLOBAL) * r.get("seq", SEQ)
+        bare_cells = (f"{tokens / bare:>12,.0f}{r['flops_per_step'] / bare / 1e12 / r['peak_tflops']:>10.1%}"
                       f"{r['step_s'] / bare:>11.3f}") if bare else f"{'-':>12}{'-':>10}{'-':>11}"
-        lines.append(f"{r['run']:<24}{GLOBAL * seq / r['step_s']:>10,.0f}{tflops:>9.1f}{mfu:>7.1%}{speedup}"
+        lines.append(f"{r['run']:<24}{tokens / r['step_s']:>10,.0f}{tflops:>9.1f}{mfu:>7.1%}{speedup}"
                      f"{r['mem_gib']:>9.1f}{bare_cells}")
         if "bare_error" in r:
             lines.append(f"{'':<24}bare megatron-core failed: {r['bare_error'][:100]}")

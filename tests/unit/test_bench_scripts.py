@@ -66,6 +66,19 @@ def test_train_bench_leaves_the_fp8_speed_up_blank_without_a_bf16_row(tmp_path):
     assert line[4] == "-" and "nan" not in proc.stdout, proc.stdout  # no BF16 row with graphs to compare with
 
 
+def test_train_bench_merged_table_uses_each_benchmarks_batch_shape(tmp_path):
+    row = {"preset": "bench_moe", "run": "fp8_tensorwise", "flops_per_step": 1e15, "peak_tflops": 1000.0,
+           "mem_gib": 60.0, "seq": 8192, "micro": 2, "global": 4, "step_s": 2.0}
+    (tmp_path / "gpu0").mkdir()
+    (tmp_path / "gpu0" / "bench_moe.json").write_text(json.dumps([row]))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train.py"), "--tables", str(tmp_path / "gpu0")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "micro-batch 2, global batch 4" in proc.stdout, proc.stdout
+    (line,) = [line.split() for line in proc.stdout.splitlines() if line.startswith("fp8")]
+    assert line[1] == "16,384", proc.stdout  # 4 x 8192 tokens in 2.0 s, not this process's default batch of 8
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--runs", "bf16,fp8_typo"], "unknown run fp8_typo"),
     (["--parallel", "--runs", "bf16"], "none is visible"),
