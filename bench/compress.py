@@ -2,6 +2,7 @@
 and the distilled student against the baselines, on the same validation windows and seeds.
 
     python bench/compress.py   # one GPU: bench_125m parent (trained here unless --parent), BF16 and FP8
+    python bench/compress.py --data /tmp/big --precisions bf16 --seeds 1234,1 --parent-iters 1000 --no-modelopt
     python bench/compress.py --data /tmp/big --precisions bf16 --lr-scales 0.3,0.1 --no-modelopt
     python bench/compress.py --parent runs/125m --parent-iters 300 --iters 100 --out /tmp/bench_compress
     python bench/compress.py --tiny --lr-scales 1,0.3,0.1,0.03,0.01   # CPU: the worked example of docs/compression.md
@@ -23,7 +24,7 @@ as ours (a row saying why not where modelopt or a GPU is missing). Everything it
 runs, so adding seeds or scales trains only the new ones; modelopt's log: <out>/<precision>/modelopt.log).
 --data names a directory holding `tokenizer/` and `corpus_text_document` (default: the embedded corpus
 of data/build, 2.9M tokens, which a 125M parent memorises within a few hundred steps; docs/compression.md
-"Benchmark" builds a 160M-token one from installed Python packages with `pipeline.data preprocess`).
+"Benchmark" builds a 150M-token one from installed Python packages with `pipeline.data preprocess`).
 --moe runs all of it on an MoE parent (`tiny_moe`, MOE below) with the student searched at
 --target-fraction of the parent's active parameters; modelopt then prunes experts and expert widths too.
 """
@@ -190,8 +191,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO / "data" / "build")
     parser.add_argument("--iters", type=int, help="distillation steps (default 100; 40 with --tiny)")
     parser.add_argument("--parent-iters", type=int,
-                        help="training steps of the parent made here (default 150; 100 with --tiny); with --parent, "
-                             "the steps it was trained for (scratch's longer run trains these + --iters)")
+                        help="training steps of the parent made here (default 150, quick but a weak teacher: "
+                             "docs/compression.md's GPU comparison uses 1000 with --data; 100 with --tiny); with "
+                             "--parent, the steps it was trained for (scratch's longer run trains these + --iters)")
     parser.add_argument("--seeds", help="comma-separated training seeds of the quality side by side (default 1234,1,2)")
     parser.add_argument("--lr-scales", help="comma-separated compress.lr_scale values to sweep (default: no sweep)")
     parser.add_argument("--target-fraction", type=float, default=0.6,

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.compress.config import CompressConfig
 from tests.distributed.compress_runs import records, run_cpu
+from tests.distributed.training import REPO
 
 SEEDS, ITERS, PARENT_ITERS, EVAL_ITERS = (1234, 7), 3, 4, 2
 SCALE = CompressConfig().lr_scale
@@ -88,19 +89,30 @@ def test_side_by_side_evaluates_ours_on_the_distillation_validation_batches(benc
 
 def test_moe_parent_is_pruned_to_a_fraction_of_its_active_parameters(tmp_path):
     """--moe: the same benchmark on a tiny_moe parent, the student searched at --target-fraction of
-    the parent's active parameters; with --no-modelopt no side by side, the quality table printed once."""
+    the parent's active parameters; with --no-modelopt no side by side, the quality table printed once.
+    The corpus is --data, made the way docs/compression.md "Benchmark" makes its (`pipeline.data
+    preprocess` of .py files, the tokenizer linked beside), and --precisions names the preset."""
+    from omegaconf import OmegaConf
+
     from pipeline.compress.distill import model_of
     from pipeline.model.sizes import active_param_count
 
-    proc = run_cpu([sys.executable, "bench/compress.py", "--tiny", "--moe", "--out", str(tmp_path), "--iters", "1",
-                    "--parent-iters", "2", "--eval-iters", str(EVAL_ITERS), "--seeds", "1234",
-                    "--target-fraction", "0.8", "--no-modelopt"], timeout=1200)
-    row = json.loads((tmp_path / "bench_compress.json").read_text())["runs"]["fp32"]
-    parent = model_of(tmp_path / "parent" / "checkpoints" / "step_0000002")
-    student = model_of(tmp_path / "fp32" / "student" / "checkpoints" / "step_0000000")
+    data = tmp_path / "big"
+    run_cpu([sys.executable, "-m", "pipeline.data", "preprocess", "--input", "pipeline/**/*.py", "--format", "text",
+             "--workers", "1", "--tokenizer", "data/build/tokenizer", "--output", str(data / "corpus_text_document")],
+            timeout=600)
+    (data / "tokenizer").symlink_to(REPO / "data" / "build" / "tokenizer")
+    out = tmp_path / "out"
+    proc = run_cpu([sys.executable, "bench/compress.py", "--tiny", "--moe", "--data", str(data), "--precisions",
+                    "fp32", "--out", str(out), "--iters", "1", "--parent-iters", "2", "--eval-iters", str(EVAL_ITERS),
+                    "--seeds", "1234", "--target-fraction", "0.8", "--no-modelopt"], timeout=1200)
+    row = json.loads((out / "bench_compress.json").read_text())["runs"]["fp32"]
+    parent = model_of(out / "parent" / "checkpoints" / "step_0000002")
+    student = model_of(out / "fp32" / "student" / "checkpoints" / "step_0000000")
     assert parent.name == "tiny_moe" and "E" in student.pattern, (parent, student)
     assert active_param_count(student) <= 0.8 * active_param_count(parent), row["label"]
     assert "side_by_side" not in row and "side by side at" not in proc.stdout, proc.stdout[-2000:]
     assert proc.stdout.count("quality at fp32") == 1, proc.stdout[-2000:]
     assert "80% of its active parameters" in proc.stdout
-
+    parent_data = OmegaConf.load(out / "parent" / "config.yaml").data.paths
+    assert parent_data == [str(data / "corpus_text_document")], f"the parent trained on {parent_data}, not --data"
