@@ -220,6 +220,9 @@ def table(preset: str, results: list[dict]) -> str:
                       f"{r['step_s'] / bare:>11.3f}") if bare else f"{'-':>12}{'-':>10}{'-':>11}"
         lines.append(f"{r['run']:<24}{tokens / r['step_s']:>10,.0f}{tflops:>9.1f}{mfu:>7.1%}{speedup}"
                      f"{r['mem_gib']:>9.1f}{bare_cells}")
+        shape = (r.get("micro", micro), r.get("global", global_))
+        if shape != (micro, global_):
+            lines.append(f"{'':<24}micro-batch {shape[0]}, global batch {shape[1]} (not the header's)")
         if "bare_error" in r:
             lines.append(f"{'':<24}bare megatron-core failed: {r['bare_error'][:100]}")
     return "\n".join(lines)

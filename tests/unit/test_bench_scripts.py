@@ -41,42 +41,45 @@ def test_preprocess_bench_runs_as_a_script():
     assert proc.returncode == 0 and "--megatron-lm" in proc.stdout, proc.stderr[-3000:]
 
 
+def merged_tables(tmp_path: Path, preset: str, runs: dict[str, list[dict]]) -> str:
+    """`bench/train.py --tables` over one results directory per entry of `runs`; its stdout."""
+    for name, rows in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{preset}.json").write_text(json.dumps(rows))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train.py"), "--tables",
+                           *(str(tmp_path / name) for name in runs)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def rows_of(stdout: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split() for line in stdout.splitlines() if line.startswith(("bf16", "fp8"))}
+
+
 def test_train_bench_merges_tables_of_benchmarks_run_side_by_side(tmp_path):
     row = {"preset": "bench_8b_width", "flops_per_step": 1e15, "peak_tflops": 1000.0, "mem_gib": 100.0}
-    for name, run, step_s in (("gpu0", "bf16", 3.0), ("gpu1", "fp8_delayed", 2.0)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "bench_8b_width.json").write_text(json.dumps([{**row, "run": run, "step_s": step_s}]))
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train.py"), "--tables", str(tmp_path / "gpu0"),
-                           str(tmp_path / "gpu1")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith(("bf16", "fp8"))}
-    assert lines["fp8_delayed"][4] == "1.50x", proc.stdout  # 3.0 s / 2.0 s, against the other GPU's BF16 row
-    assert lines["bf16"][3] == "33.3%", proc.stdout  # 1e15 FLOP / 3.0 s against a 1000 TFLOP/s peak
+    out = merged_tables(tmp_path, "bench_8b_width", {"gpu0": [{**row, "run": "bf16", "step_s": 3.0}],
+                                                     "gpu1": [{**row, "run": "fp8_delayed", "step_s": 2.0}]})
+    lines = rows_of(out)
+    assert lines["fp8_delayed"][4] == "1.50x", out  # 3.0 s / 2.0 s, against the other GPU's BF16 row
+    assert lines["bf16"][3] == "33.3%", out  # 1e15 FLOP / 3.0 s against a 1000 TFLOP/s peak
 
 
 def test_train_bench_leaves_the_fp8_speed_up_blank_without_a_bf16_row(tmp_path):
     row = {"preset": "bench_moe", "flops_per_step": 1e15, "peak_tflops": 1000.0, "mem_gib": 60.0}
-    (tmp_path / "gpu0").mkdir()
-    (tmp_path / "gpu0" / "bench_moe.json").write_text(json.dumps([{**row, "run": "fp8_tensorwise+graphs",
-                                                                    "step_s": 2.0}]))
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train.py"), "--tables", str(tmp_path / "gpu0")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (line,) = [line.split() for line in proc.stdout.splitlines() if line.startswith("fp8")]
-    assert line[4] == "-" and "nan" not in proc.stdout, proc.stdout  # no BF16 row with graphs to compare with
+    out = merged_tables(tmp_path, "bench_moe", {"gpu0": [{**row, "run": "fp8_tensorwise+graphs", "step_s": 2.0}]})
+    assert rows_of(out)["fp8_tensorwise+graphs"][4] == "-" and "nan" not in out, out  # no BF16 row with graphs
 
 
 def test_train_bench_merged_table_uses_each_benchmarks_batch_shape(tmp_path):
     row = {"preset": "bench_moe", "run": "fp8_tensorwise", "flops_per_step": 1e15, "peak_tflops": 1000.0,
-           "mem_gib": 60.0, "seq": 8192, "micro": 2, "global": 4, "step_s": 2.0}
-    (tmp_path / "gpu0").mkdir()
-    (tmp_path / "gpu0" / "bench_moe.json").write_text(json.dumps([row]))
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train.py"), "--tables", str(tmp_path / "gpu0")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "micro-batch 2, global batch 4" in proc.stdout, proc.stdout
-    (line,) = [line.split() for line in proc.stdout.splitlines() if line.startswith("fp8")]
-    assert line[1] == "16,384", proc.stdout  # 4 x 8192 tokens in 2.0 s, not this process's default batch of 8
+           "mem_gib": 60.0, "seq": 8192, "step_s": 2.0}
+    out = merged_tables(tmp_path, "bench_moe", {"gpu0": [{**row, "micro": 2, "global": 4}],
+                                                "gpu1": [{**row, "run": "bf16", "micro": 1, "global": 8}]})
+    assert "micro-batch 2, global batch 4" in out, out
+    assert rows_of(out)["fp8_tensorwise"][1] == "16,384", out  # 4 x 8192 tokens in 2.0 s, not a batch of 8
+    assert rows_of(out)["bf16"][1] == "32,768", out  # its own 8 x 8192 tokens in 2.0 s
+    assert "  micro-batch 1, global batch 8" in out, out  # a row of another shape says its own
 
 
 @pytest.mark.parametrize("extra, message", [
