@@ -215,12 +215,12 @@ def table(preset: str, results: list[dict]) -> str:
         b = base(r["run"])
         speedup = f"{b['step_s'] / r['step_s']:>8.2f}x" if b else f"{'-':>9}"
         bare = r.get("bare_s")
-        tokens = r.get("global", GLOBAL) * r.get("seq", SEQ)
+        shape = (r.get("micro", micro), r.get("global", global_))
+        tokens = shape[1] * r.get("seq", seq)
         bare_cells = (f"{tokens / bare:>12,.0f}{r['flops_per_step'] / bare / 1e12 / r['peak_tflops']:>10.1%}"
                       f"{r['step_s'] / bare:>11.3f}") if bare else f"{'-':>12}{'-':>10}{'-':>11}"
         lines.append(f"{r['run']:<24}{tokens / r['step_s']:>10,.0f}{tflops:>9.1f}{mfu:>7.1%}{speedup}"
                      f"{r['mem_gib']:>9.1f}{bare_cells}")
-        shape = (r.get("micro", micro), r.get("global", global_))
         if shape != (micro, global_):
             lines.append(f"{'':<24}micro-batch {shape[0]}, global batch {shape[1]} (not the header's)")
         if "bare_error" in r:
