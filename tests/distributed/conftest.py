@@ -1,8 +1,7 @@
-"""Every test here trains on the embedded default corpus: build it once per session (a no-op when built),
-so no test depends on another having run first (a fresh clone has no data/build/). Runs that several
-test files start from are made once per session here."""
+"""Every test here trains on the embedded default corpus (tests/conftest.py builds it once per session),
+so no test depends on another having run first. Runs that several test files start from are made once
+per session here."""
 
-import subprocess
 import sys
 
 import pytest
@@ -11,8 +10,8 @@ from tests.distributed.training import REPO, run_cpu
 
 
 @pytest.fixture(scope="session", autouse=True)
-def default_corpus():
-    subprocess.run([sys.executable, "-m", "pipeline.data", "corpus"], cwd=REPO, check=True, capture_output=True)
+def _every_test_has_the_corpus(default_corpus):
+    """tests/conftest.py builds it."""
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.usefixtures("default_corpus"),
+]
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_AND_REPORT = """
@@ -25,11 +28,6 @@ train(load_run_config(sys.argv[1:]))
 segments = torch.cuda.memory_snapshot()
 print(json.dumps({"segments": len(segments), "expandable": sum(s["is_expandable"] for s in segments)}))
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def corpus():
-    subprocess.run([sys.executable, "-m", "pipeline.data", "corpus"], cwd=REPO, check=True, capture_output=True)
 
 
 def _segments(run_dir: Path, *overrides: str) -> dict:

@@ -9,22 +9,17 @@ leak into it. Skipped without CUDA.
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.usefixtures("default_corpus"),
+]
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS, SAVED = 8, 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def corpus():
-    subprocess.run([sys.executable, "-m", "pipeline.data", "corpus"], cwd=REPO, check=True, capture_output=True)
 
 
 def _train(run_dir: Path) -> dict[int, float]:

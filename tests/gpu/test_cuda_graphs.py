@@ -9,24 +9,19 @@ the atomic adds in the Mamba backward kernels, which already makes two eager run
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.usefixtures("default_corpus"),
+]
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 20
 LOSS_BOUND = 0.02
 EOD = 0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def corpus():
-    subprocess.run([sys.executable, "-m", "pipeline.data", "corpus"], cwd=REPO, check=True, capture_output=True)
 
 
 def _train_losses(run_dir: Path, *overrides: str) -> tuple[list[float], dict]:

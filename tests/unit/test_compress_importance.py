@@ -16,6 +16,8 @@ from pipeline.errors import CheckpointError, ConfigError
 from pipeline.model.build import build_model
 from pipeline.model.init import global_param_names
 
+pytestmark = pytest.mark.usefixtures("default_corpus")  # calibration reads the default tokenizer and data
+
 MODEL = [
     "model.name=parent", "model.pattern=M*-M-*", "model.hidden_size=32", "model.ffn_hidden_size=48",
     "model.num_attention_heads=4", "model.num_query_groups=2", "model.kv_channels=8", "model.mamba_num_heads=4",
