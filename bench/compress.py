@@ -11,15 +11,16 @@ and the distilled student against the baselines, on the same validation windows 
 For each precision preset: time to score the parent (`importance`), the best searched student at
 --target-fraction of the parent's parameters (--tiny: the worked example's budget) pruned from it,
 its validation loss before and after --iters distillation steps, and distillation tokens/s against
-plain training of the same student (the teacher's overhead). At the first preset, the quality side
-by side (bench/compress_quality.py) at every --seeds: pruned, distilled, pruned + LM-only (same steps
-and schedule, no teacher), scratch at the same steps and at the parent's + student's steps, each
-scored window by window on the same validation windows, differences to the distilled student with
-standard errors from the paired windows; with --lr-scales, distilled and LM-only at each
-compress.lr_scale. Then the side by side with nvidia-modelopt's `mcore_minitron`
-(bench/compress_modelopt.py): the same parent pruned by modelopt to the architecture our search
+plain training of the same student (the teacher's overhead). At the first preset, first the side by
+side with nvidia-modelopt's `mcore_minitron` (bench/compress_modelopt.py; it trains nothing, so it is
+printed before the long part): the same parent pruned by modelopt to the architecture our search
 picked, its time to score, parameters and validation loss before distillation on the same batches
-as ours (a row saying why not where modelopt or a GPU is missing). Everything it ran stays under
+as ours (a row saying why not where modelopt, Transformer Engine or a GPU is missing). Then the
+quality side by side (bench/compress_quality.py) at every --seeds: pruned, distilled, pruned +
+LM-only (same steps and schedule, no teacher), scratch at the same steps and at the parent's +
+student's steps, each scored window by window on the same validation windows, differences to the
+distilled student with standard errors from the paired windows; with --lr-scales, distilled and
+LM-only at each compress.lr_scale. Everything it ran stays under
 --out (each training run in <out>/<precision>/runs/; a rerun with the same --out reuses finished
 runs, so adding seeds or scales trains only the new ones; modelopt's log: <out>/<precision>/modelopt.log).
 --data names a directory holding `tokenizer/` and `corpus_text_document` (default: the embedded corpus
@@ -125,6 +126,11 @@ def bench_precision(preset: dict, data: Path, parent: Path, precision: str, args
     student = prune_checkpoint(parent, plan, run_dir / "student")
     windows = Windows.of(run, preset["eval_iters"] * preset["global"])
     cmp = Comparison(run, parent_model, parent_step, plan.student, student, windows, device, run_dir / "runs")
+    side = None
+    if first and not args.no_modelopt:  # first: it needs no training, so a run cut at a time limit still shows it
+        side = side_by_side(run, parent_step, parent_model, plan.student, student, device, run_dir, score_s,
+                            best.candidate.label(parent_model))
+        print_side_by_side(precision, preset, side)
     seeds = args.seeds if first else args.seeds[:1]
     scale = run.compress.lr_scale
     rows = table(cmp, seeds, args.iters, args.parent_iters, scale) if first else None
@@ -144,9 +150,8 @@ def bench_precision(preset: dict, data: Path, parent: Path, precision: str, args
     if first and args.lr_scales:
         row["sweep"] = sweep(cmp, seeds, args.iters, args.lr_scales)
         print_sweep(row["sweep"])
-    if first and not args.no_modelopt:
-        row["side_by_side"] = side_by_side(run, parent_step, parent_model, plan.student, student,
-                                           device, run_dir, score_s, row["label"])
+    if side is not None:
+        row["side_by_side"] = side
     return row
 
 
@@ -163,6 +168,7 @@ def print_side_by_side(precision: str, preset: dict, rows: dict) -> None:
         print(f"{names[key]:<22}{r['score_s']:>9.1f}{r['params']:>14,}{r['val_loss']:>10.4f}  {r['label']}")
         for note in r["notes"]:
             print(f"{'':<24}{note}")
+    sys.stdout.flush()
 
 
 def print_quality(preset: dict, args, r: dict) -> None:
@@ -242,9 +248,6 @@ def main() -> None:
         print(f"{name:<16}{r['score_s']:>9.1f}{'  ' + r['label']:<28}{r['student_params']:>13,}"
               f"{r['loss_before']:>13.4f}{r['loss_after']:>8.4f}{r['teacher_loss']:>9.4f}{r['kd_tokens_per_s']:>11,.0f}"
               f"{r['plain_tokens_per_s']:>13,.0f}{r['plain_tokens_per_s'] / r['kd_tokens_per_s']:>9.2f}x")
-    first = preset["precisions"][0]
-    if not args.no_modelopt:
-        print_side_by_side(first, preset, results[first]["side_by_side"])
     print(f"\nbench/compress.py took {time.perf_counter() - started:.0f} s")
 
 

@@ -166,8 +166,11 @@ def load_minitron(device: torch.device):
     """modelopt's `prune` and `get_mcore_minitron_config`, or Unavailable."""
     if importlib.util.find_spec("modelopt") is None:
         raise Unavailable("modelopt not installed")
+    if importlib.util.find_spec("transformer_engine") is None:
+        raise Unavailable("modelopt's megatron plugin imports transformer_engine, which is not installed")
     if device.type != "cuda":
-        raise Unavailable(f"mcore_minitron needs CUDA and Transformer Engine; not run on {device.type}")
+        raise Unavailable(f"mcore_minitron needs CUDA (it gathers the kept layers' counts on CUDA); "
+                          f"not run on {device.type}")
     try:
         with _scipy_stand_in():
             from modelopt.torch.prune import prune
