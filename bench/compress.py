@@ -126,10 +126,10 @@ def bench_precision(preset: dict, data: Path, parent: Path, precision: str, args
     student = prune_checkpoint(parent, plan, run_dir / "student")
     windows = Windows.of(run, preset["eval_iters"] * preset["global"])
     cmp = Comparison(run, parent_model, parent_step, plan.student, student, windows, device, run_dir / "runs")
+    label = best.candidate.label(parent_model)
     side = None
     if first and not args.no_modelopt:  # first: it needs no training, so a run cut at a time limit still shows it
-        side = side_by_side(run, parent_step, parent_model, plan.student, student, device, run_dir, score_s,
-                            best.candidate.label(parent_model))
+        side = side_by_side(run, parent_step, parent_model, plan.student, student, device, run_dir, score_s, label)
         print_side_by_side(precision, preset, side)
     seeds = args.seeds if first else args.seeds[:1]
     scale = run.compress.lr_scale
@@ -138,7 +138,7 @@ def bench_precision(preset: dict, data: Path, parent: Path, precision: str, args
         cmp.per_seed(kind, seeds[:1], args.iters, scale)
     kd_dir, lm_dir = (cmp.run_dir(kind, seeds[0], args.iters, scale) for kind in ("distilled", "lm_only"))
     row = {
-        "score_s": score_s, "student_params": best.params, "label": best.candidate.label(parent_model),
+        "score_s": score_s, "student_params": best.params, "label": label,
         "lr_scale": scale, "peak_lr": run.optim.lr * scale, "seeds": seeds, "windows": windows.count,
         "loss_before": float(cmp.losses["pruned"].mean()),
         "loss_after": float(cmp.per_seed("distilled", seeds[:1], args.iters, scale).mean()),
