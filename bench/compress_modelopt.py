@@ -15,10 +15,12 @@ mean 1 - cos(input, output) of each layer), where our search removes a number of
 type; the row says when the patterns differ.
 
 MoE parents (`E` layers): modelopt 0.47 prunes `num_moe_experts`, `moe_ffn_hidden_size` and
-`moe_shared_expert_intermediate_size`, but converts only megatron-core's SequentialMLP experts (its
-NAS registry has no TEGroupedMLP), so its parent is built with SequentialMLP experts
-(`sequential_experts_spec`; the same checkpoint layout). It ranks experts by the mean norm of their
-weighted output over the tokens routed to them; ours by that times the fraction of tokens routed.
+`moe_shared_expert_intermediate_size`. It converts both megatron-core expert kinds (SequentialMLP and
+TEGroupedMLP); its parent is built with SequentialMLP experts (`sequential_experts_spec`; the same
+checkpoint layout), the default of modelopt's own hybrid spec
+(`modelopt.torch.nas.plugins.megatron.get_te_hybrid_stack_spec(moe_grouped_gemm=False)`). It ranks
+experts by the mean norm of their weighted output over the tokens routed to them; ours by that times
+the fraction of tokens routed.
 """
 
 import contextlib
@@ -145,7 +147,7 @@ class Unavailable(Exception):
 
 def sequential_experts_spec(model, backend: str):
     """The backend's hybrid spec with the routed experts as megatron-core's SequentialMLP (one MLP per
-    expert, the shared expert's linears), the experts modelopt 0.47 can prune. SequentialMLP stores
+    expert, the shared expert's linears), the experts modelopt 0.47's own hybrid spec builds. SequentialMLP stores
     its experts under the same checkpoint keys as the grouped experts, so a parent loads unchanged."""
     from functools import partial
 

@@ -300,8 +300,8 @@ def test_a_model_of_another_depth_gets_a_fresh_moe_metrics_tracker():
 
 
 def test_modelopt_parent_with_sequential_experts_loads_the_same_checkpoint(parent):
-    """bench/compress_modelopt.py builds an MoE parent with SequentialMLP experts (what modelopt
-    prunes); it loads the grouped experts' checkpoint and computes the same logits."""
+    """bench/compress_modelopt.py builds an MoE parent with SequentialMLP experts (modelopt's
+    default); it loads the grouped experts' checkpoint and computes the same logits."""
     from bench.compress_modelopt import sequential_experts_spec
 
     run = parent["run"]
