@@ -147,8 +147,9 @@ class Unavailable(Exception):
 
 def sequential_experts_spec(model, backend: str):
     """The backend's hybrid spec with the routed experts as megatron-core's SequentialMLP (one MLP per
-    expert, the shared expert's linears), the experts modelopt 0.47's own hybrid spec builds. SequentialMLP stores
-    its experts under the same checkpoint keys as the grouped experts, so a parent loads unchanged."""
+    expert, the shared expert's linears), the experts modelopt 0.47's own hybrid spec builds.
+    SequentialMLP stores its experts under the same checkpoint keys as the grouped experts, so a
+    parent loads unchanged."""
     from functools import partial
 
     from megatron.core.transformer.moe.experts import SequentialMLP
